@@ -1,0 +1,30 @@
+"""One error hierarchy for lmforge.
+
+Every error a user can cause (a bad config, a missing file, an unsupported
+architecture) is an `LMForgeError` whose message says what went wrong and how
+to fix it, so the CLI and server can show it instead of a raw traceback.
+"""
+
+
+class LMForgeError(Exception):
+    """Base class of every error lmforge raises on purpose."""
+
+
+class ConfigError(LMForgeError, ValueError):
+    """A model configuration is inconsistent (e.g. heads do not divide the hidden size)."""
+
+
+class CheckpointError(LMForgeError):
+    """A checkpoint file is missing, truncated, corrupt or does not match the model."""
+
+
+class UnsupportedError(LMForgeError):
+    """An architecture, head, tensor type or option that lmforge does not implement."""
+
+
+class ModelNotFoundError(LMForgeError, FileNotFoundError):
+    """A model reference resolves to nothing (no embedded model, folder or file of that name)."""
+
+
+class InputError(LMForgeError, ValueError):
+    """Inputs that the model cannot process (e.g. longer than its maximum positions)."""

@@ -1,0 +1,3 @@
+"""Architectures assembled from `lmforge.nn`; importing this package registers them all."""
+
+from lmforge.models import llama  # noqa: F401

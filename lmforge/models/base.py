@@ -1,0 +1,206 @@
+"""What every lmforge model shares: construction from a config, HF-compatible
+loading and saving, tied weights, and the choice of attention kernel.
+
+A model is a backbone (embeddings + blocks, returning hidden states) or a task
+model holding that backbone as `self.model` plus a head. Names on disk follow
+Hugging Face; `hf_keymap` translates them to lmforge's canonical tree.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lmforge.checkpoint.hf import load_hf_weights, save_hf_weights
+from lmforge.checkpoint.keymap import KeyMap
+from lmforge.config import ModelConfig
+from lmforge.errors import CheckpointError
+from lmforge.nn.attention import Attention
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass returns: task logits and/or the final hidden states."""
+
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    encoder_last_hidden_state: torch.Tensor | None = None
+
+
+class PreTrainedModel(nn.Module):
+    """Base of every architecture and task head."""
+
+    config_class: ClassVar[type[ModelConfig]]
+    hf_architecture: ClassVar[str]  # the HF class name written to config.json "architectures"
+    hf_prefix: ClassVar[str] = "model"  # HF's base_model_prefix: where task models keep the backbone
+    backbone_keymap: ClassVar[KeyMap] = KeyMap()  # backbone names, ours ↔ HF's bare backbone
+    head_keymap: ClassVar[KeyMap] = KeyMap()  # head names, ours ↔ HF
+    is_backbone: ClassVar[bool] = False
+    tied_weights: ClassVar[dict[str, str]] = {}  # our name → the name it shares storage with, when tied
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+
+    # ----- construction ---------------------------------------------------------------
+
+    def post_init(self) -> None:
+        """Initialise weights (normal(0, 0.02), zero biases, unit norms) and tie shared weights.
+
+        Modules a nested backbone already initialised are skipped, so each weight is drawn once.
+        """
+        for module in self.modules():
+            if not getattr(module, "_lmforge_initialised", False):
+                self._init_module(module)
+                module._lmforge_initialised = True
+        self.tie_weights()
+
+    @staticmethod
+    def _init_module(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter) and module.weight.dim() == 1:
+            nn.init.ones_(module.weight)  # LayerNorm / RMSNorm scales
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def tie_weights(self) -> None:
+        if not getattr(self.config, "tie_word_embeddings", False):
+            return
+        for name, source in self.tied_weights.items():
+            owner, attr = self._resolve(name)
+            setattr(owner, attr, self.get_parameter(source))
+
+    def _resolve(self, name: str) -> tuple[nn.Module, str]:
+        module_name, _, attr = name.rpartition(".")
+        return self.get_submodule(module_name), attr
+
+    def set_attention_implementation(self, name: str) -> None:
+        """Switch every attention layer to the 'eager' or 'sdpa' kernel."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.set_implementation(name)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ----- name translation -------------------------------------------------------------
+
+    @classmethod
+    def hf_keymap(cls) -> KeyMap:
+        if cls.is_backbone:
+            return cls.backbone_keymap
+        return cls.head_keymap + cls.backbone_keymap.prefixed("model", cls.hf_prefix)
+
+    @classmethod
+    def from_hf_layout(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hook: rewrite HF tensors that are stored differently (fused, transposed) into HF-named unfused ones."""
+        return state
+
+    @classmethod
+    def to_hf_layout(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inverse of `from_hf_layout`."""
+        return state
+
+    def _match_backbone_nesting(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Let task models load bare-backbone checkpoints and backbones load task checkpoints."""
+        prefix = f"{self.hf_prefix}."
+        nested = any(name.startswith(prefix) for name in state)
+        if self.is_backbone and nested:
+            return {name[len(prefix):]: t for name, t in state.items() if name.startswith(prefix)}
+        if not self.is_backbone and not nested:
+            return {prefix + name: t for name, t in state.items()}
+        return state
+
+    # ----- loading and saving --------------------------------------------------------------
+
+    def load_hf_state_dict(self, hf_state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Load weights named the HF way; fail loudly on missing backbone weights or shape mismatches."""
+        hf_state = self.from_hf_layout(self._match_backbone_nesting(hf_state))
+        keymap = self.hf_keymap()
+        state = {keymap.from_hf(name): tensor for name, tensor in hf_state.items()}
+        expected = self.state_dict()
+        tied = set(self.tied_weights) if getattr(self.config, "tie_word_embeddings", False) else set()
+        missing = [name for name in expected if name not in state and name not in tied]
+        unexpected = [name for name in state if name not in expected]
+        missing_backbone = [n for n in missing if self.is_backbone or n.startswith("model.")]
+        if missing_backbone:
+            raise CheckpointError(
+                f"{source}: {len(missing_backbone)} weights of {type(self).__name__} are missing, e.g. "
+                f"{[keymap.to_hf(n) for n in missing_backbone[:5]]}; the checkpoint is for another "
+                "architecture or incomplete."
+            )
+        if missing:
+            logger.warning("%s: head weights %s are not in the checkpoint and were randomly initialised; "
+                           "train them before use.", source, missing)
+        if unexpected:
+            logger.warning("%s: ignoring weights %s that %s does not use.", source, unexpected[:10], type(self).__name__)
+        with torch.no_grad():
+            for name in expected:
+                if name not in state:
+                    continue
+                target, tensor = expected[name], state[name]
+                if target.shape != tensor.shape:
+                    raise CheckpointError(
+                        f"{source}: tensor {keymap.to_hf(name)!r} has shape {tuple(tensor.shape)} in the "
+                        f"checkpoint but the model expects {tuple(target.shape)}; the config does not match "
+                        "these weights."
+                    )
+                target.copy_(tensor)
+        self.tie_weights()
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Our weights under HF names and layout, tied copies removed."""
+        tied = set(self.tied_weights) if getattr(self.config, "tie_word_embeddings", False) else set()
+        keymap = self.hf_keymap()
+        state = {keymap.to_hf(name): t for name, t in self.state_dict().items() if name not in tied}
+        return self.to_hf_layout(state)
+
+    def save_pretrained(self, folder: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+        """Write `config.json` + `model.safetensors` (sharded above `max_shard_bytes`) that HF can load."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.architectures = [self.hf_architecture]
+        self.config.save(folder)
+        save_hf_weights(self.hf_state_dict(), folder, max_shard_bytes)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, dtype: torch.dtype = torch.float32,
+                    attn_implementation: str = "sdpa") -> "PreTrainedModel":
+        model = cls(config).to(dtype)
+        model.set_attention_implementation(attn_implementation)
+        return model
+
+    @classmethod
+    def from_hf_state_dict(cls, config_dict: dict[str, Any], hf_state: dict[str, torch.Tensor], source: str,
+                           dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+        model = cls.from_config(cls.config_class.from_dict(config_dict), dtype, attn_implementation)
+        model.load_hf_state_dict(hf_state, source)
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(cls, ref: str | Path, dtype: torch.dtype = torch.float32,
+                        attn_implementation: str = "sdpa") -> "PreTrainedModel":
+        """Load from an embedded short name, an HF folder or a GGUF file."""
+        from lmforge.sources import load_checkpoint
+
+        config_dict, hf_state, source = load_checkpoint(ref)
+        return cls.from_hf_state_dict(config_dict, hf_state, source, dtype, attn_implementation)
+

@@ -1,0 +1,119 @@
+"""Llama: a decoder-only transformer with RMSNorm, rotary positions, GQA and SwiGLU.
+
+Covers Llama 2/3, Mistral, Qwen2-style configs (attention bias) and SmolLM2
+(tied embeddings). Flow: token embedding → N pre-norm blocks (causal GQA
+attention with RoPE, SwiGLU MLP) → final RMSNorm → head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.checkpoint.keymap import KeyMap
+from lmforge.config import LlamaConfig
+from lmforge.models.base import ModelOutput, PreTrainedModel
+from lmforge.nn import Attention, GatedMLP, RMSNorm, RotaryEmbedding, TokenEmbedding, TransformerBlock
+from lmforge.nn.heads import pool
+from lmforge.nn.masks import build_attention_mask
+from lmforge.registry import register
+
+LLAMA_KEYMAP = KeyMap((
+    ("layers.*.attn_norm.", "layers.*.input_layernorm."),
+    ("layers.*.mlp_norm.", "layers.*.post_attention_layernorm."),
+))
+
+
+class LlamaPreTrainedModel(PreTrainedModel):
+    config_class = LlamaConfig
+    hf_prefix = "model"
+    backbone_keymap = LLAMA_KEYMAP
+
+
+@register("llama", "base")
+class LlamaModel(LlamaPreTrainedModel):
+    hf_architecture = "LlamaModel"
+    is_backbone = True
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+        self.embed_tokens = TokenEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(self._block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
+                                      config.rope_scaling)
+        self.post_init()
+
+    @staticmethod
+    def _block(config: LlamaConfig) -> TransformerBlock:
+        attention = Attention(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                              config.head_dim, bias=config.attention_bias, output_bias=False)
+        mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, bias=config.mlp_bias)
+        return TransformerBlock(attention, mlp, RMSNorm(config.hidden_size, config.rms_norm_eps),
+                                RMSNorm(config.hidden_size, config.rms_norm_eps), pre_norm=True)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids [B, T] (attention_mask 1 = token, 0 = padding) → hidden states [B, T, D]."""
+        hidden = self.embed_tokens(input_ids)
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids, attention_mask)
+        rotary = self.rotary(position_ids, hidden.dtype)
+        length = input_ids.shape[1]
+        mask = build_attention_mask(attention_mask, length, length, causal=True, dtype=hidden.dtype,
+                                    device=hidden.device)
+        for layer in self.layers:
+            hidden = layer(hidden, mask, rotary)
+        return ModelOutput(last_hidden_state=self.norm(hidden))
+
+
+def default_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """0, 1, 2, ... per row. With left padding, real tokens still start at position 0."""
+    if attention_mask is None:
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@register("llama", "causal-lm")
+class LlamaForCausalLM(LlamaPreTrainedModel):
+    hf_architecture = "LlamaForCausalLM"
+    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> ModelOutput:
+        hidden = self.model(input_ids, attention_mask, position_ids).last_hidden_state
+        return ModelOutput(logits=self.lm_head(hidden), last_hidden_state=hidden)
+
+
+class _LlamaScoreHead(LlamaPreTrainedModel):
+    """Backbone + a linear `score` layer (no bias), as in HF's Llama classification heads."""
+
+    pooling: str | None = None  # "last" for sequence classification, None for per-token
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+        self.model = LlamaModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ModelOutput:
+        hidden = self.model(input_ids, attention_mask).last_hidden_state
+        features = pool(hidden, attention_mask, self.pooling) if self.pooling else hidden
+        return ModelOutput(logits=self.score(features), last_hidden_state=hidden)
+
+
+@register("llama", "sequence-classification")
+class LlamaForSequenceClassification(_LlamaScoreHead):
+    hf_architecture = "LlamaForSequenceClassification"
+    pooling = "last"
+
+
+@register("llama", "token-classification")
+class LlamaForTokenClassification(_LlamaScoreHead):
+    hf_architecture = "LlamaForTokenClassification"

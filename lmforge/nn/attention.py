@@ -1,0 +1,79 @@
+"""Multi-head attention: every token gathers information from the tokens it may see.
+
+Each token's vector is projected into a query, a key and a value per head. A
+query's dot products with all keys (scaled by 1/sqrt(head_dim), masked, softmaxed)
+weight an average of the values; the heads' results are concatenated and mixed
+by `o_proj`. Grouped-query attention (GQA) lets several query heads share one
+key/value head (MHA: as many KV heads as query heads; MQA: a single KV head),
+shrinking the KV cache. Cross-attention takes keys and values from the encoder.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.errors import ConfigError
+from lmforge.nn.kernels import get_attention_kernel
+from lmforge.nn.positions import apply_rotary
+
+
+class Attention(nn.Module):
+    """Self- or cross-attention with MHA/GQA/MQA, optional rotary positions and a pluggable kernel."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        bias: bool = False,
+        output_bias: bool | None = None,
+        dropout: float = 0.0,
+        implementation: str = "sdpa",
+    ):
+        super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
+        if num_heads % num_kv_heads:
+            raise ConfigError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}.")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = head_dim or hidden_size // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.dropout = dropout
+        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias if output_bias is None else output_bias)
+        self.set_implementation(implementation)
+
+    def set_implementation(self, name: str) -> None:
+        """Switch the attention kernel ('eager' or 'sdpa'); the weights are unchanged."""
+        self.kernel = get_attention_kernel(name)
+        self.implementation = name
+
+    def _split_heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, heads, self.head_dim).transpose(1, 2)  # [B, heads, T, d]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        key_value_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_states [B, T, D] → [B, T, D]. `key_value_states` switches to cross-attention."""
+        source = hidden_states if key_value_states is None else key_value_states
+        q = self._split_heads(self.q_proj(hidden_states), self.num_heads)
+        k = self._split_heads(self.k_proj(source), self.num_kv_heads)
+        v = self._split_heads(self.v_proj(source), self.num_kv_heads)
+        if rotary is not None:
+            cos, sin = rotary
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.num_kv_heads != self.num_heads:  # GQA/MQA: each KV head serves a group of query heads
+            group = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        dropout = self.dropout if self.training else 0.0
+        out = self.kernel(q, k, v, attention_mask, self.scale, dropout)
+        batch, _, length, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))

@@ -1,0 +1,22 @@
+"""Attention kernels: interchangeable ways to compute softmax(QK^T * scale + mask) V.
+
+Every kernel takes q [B, H, Tq, d], k and v [B, H, Tk, d] (KV heads already
+expanded to H) and an optional additive mask [B, 1, Tq, Tk], and returns
+[B, H, Tq, d]. `eager` spells the maths out; `sdpa` calls PyTorch's fused
+scaled_dot_product_attention. Both must agree to float rounding.
+"""
+
+from lmforge.errors import UnsupportedError
+from lmforge.nn.kernels.eager import eager_attention
+from lmforge.nn.kernels.sdpa import sdpa_attention
+
+ATTENTION_KERNELS = {"eager": eager_attention, "sdpa": sdpa_attention}
+
+
+def get_attention_kernel(name: str):
+    try:
+        return ATTENTION_KERNELS[name]
+    except KeyError:
+        raise UnsupportedError(
+            f"attention implementation {name!r} is not available; use one of: {', '.join(ATTENTION_KERNELS)}."
+        ) from None

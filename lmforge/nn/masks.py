@@ -1,0 +1,39 @@
+"""Attention masks: which keys each query may look at.
+
+Two reasons to hide a key: it lies in the future (causal mask, decoders) or it
+is padding (attention mask from the tokenizer, batches of unequal lengths).
+Both become one additive mask of shape [batch, 1, queries, keys] holding 0 where
+attention is allowed and the most negative float where it is not — a finite
+value, so a query that may see nothing gets a uniform row instead of NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def build_attention_mask(
+    padding_mask: torch.Tensor | None,
+    query_length: int,
+    key_length: int,
+    causal: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Combine causal and padding masks into one additive mask, or None if nothing is hidden.
+
+    `padding_mask` is [batch, key_length] with 1 for real tokens and 0 for padding.
+    Queries are the last `query_length` positions of the keys (as with a KV cache).
+    """
+    allowed = None
+    if causal and query_length > 1:
+        query_positions = torch.arange(key_length - query_length, key_length, device=device)
+        key_positions = torch.arange(key_length, device=device)
+        allowed = (key_positions[None, :] <= query_positions[:, None])[None, None]  # [1, 1, Tq, Tk]
+    if padding_mask is not None and not bool(padding_mask.all()):
+        keep = padding_mask[:, None, None, :].bool()  # [B, 1, 1, Tk]
+        allowed = keep if allowed is None else allowed & keep
+    if allowed is None:
+        return None
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)

@@ -1,0 +1,115 @@
+"""Positional encodings: how a model knows where each token sits.
+
+Attention by itself is order-blind. Three classic fixes:
+- learned absolute positions (GPT-2, BERT, BART): a trainable vector per position;
+- sinusoidal positions (the original Transformer): fixed sin/cos of the position
+  at geometrically spaced frequencies;
+- rotary embeddings (RoPE, Llama): rotate each (query, key) channel pair by an
+  angle proportional to the position, so q·k depends only on relative distance.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.errors import InputError, UnsupportedError
+
+
+def check_max_positions(position_ids: torch.Tensor, max_positions: int) -> None:
+    """Raise a clear error instead of an index error when inputs are too long."""
+    if position_ids.numel() and int(position_ids.max()) >= max_positions:
+        raise InputError(
+            f"input needs position {int(position_ids.max())} but the model supports at most "
+            f"{max_positions} positions; shorten the input (truncate the prompt or history)."
+        )
+
+
+class LearnedPositionalEmbedding(nn.Embedding):
+    """A trainable vector per position. `offset` reproduces BART's 2 reserved rows."""
+
+    def __init__(self, max_positions: int, dim: int, offset: int = 0):
+        super().__init__(max_positions + offset, dim)
+        self.max_positions = max_positions
+        self.offset = offset
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        check_max_positions(position_ids, self.max_positions)
+        return super().forward(position_ids + self.offset)
+
+
+class SinusoidalPositionalEmbedding(nn.Module):
+    """PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d)). Not trained."""
+
+    def __init__(self, max_positions: int, dim: int, base: float = 10000.0):
+        super().__init__()
+        self.max_positions = max_positions
+        position = torch.arange(max_positions, dtype=torch.float32)[:, None]
+        inv_freq = torch.exp(-math.log(base) * torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        table = torch.zeros(max_positions, dim)
+        table[:, 0::2] = torch.sin(position * inv_freq)
+        table[:, 1::2] = torch.cos(position * inv_freq[: dim // 2])
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        check_max_positions(position_ids, self.max_positions)
+        return self.table[position_ids]
+
+
+def rotary_inverse_frequencies(head_dim: int, base: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Per channel-pair rotation speed theta_i = base^(-2i/d), optionally rescaled.
+
+    Scaling stretches the usable context: `linear` divides every frequency by
+    `factor` (position interpolation); `llama3` leaves high frequencies alone,
+    divides low ones by `factor` and blends smoothly in between (Llama 3.1).
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    if kind == "llama3":
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        original = float(scaling["original_max_position_embeddings"])
+        wavelength = 2 * math.pi / inv_freq
+        smooth = (original / wavelength - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+        is_medium = (wavelength >= original / high) & (wavelength <= original / low)
+        return torch.where(is_medium, blended, scaled)
+    raise UnsupportedError(f"rope scaling type {kind!r} is not supported; use one of: default, linear, llama3.")
+
+
+class RotaryEmbedding(nn.Module):
+    """Produces (cos, sin) for given positions; `apply_rotary` rotates q and k with them.
+
+    Channels are paired as (i, i + d/2) — the "rotate half" layout of HF Llama.
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, base: float = 10000.0,
+                 scaling: dict[str, Any] | None = None):
+        super().__init__()
+        self.max_positions = max_positions
+        self.register_buffer("inv_freq", rotary_inverse_frequencies(head_dim, base, scaling), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        check_max_positions(position_ids, self.max_positions)
+        angles = position_ids[..., None].float() * self.inv_freq  # [B, T, d/2]
+        angles = torch.cat([angles, angles], dim=-1)  # [B, T, d]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, heads, T, d] by the angles in cos/sin [B, T, d]."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + rotate_half(x) * sin
