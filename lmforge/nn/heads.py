@@ -1,7 +1,8 @@
 """Output heads: turn the final hidden states into what a task needs.
 
-- `LMHead`: a vocabulary-sized linear layer → next-token (or masked-token) logits,
-  often sharing its weight with the token embedding ("tied").
+- LM head: a plain vocabulary-sized `nn.Linear` (`lm_head` in each model) →
+  next-token or masked-token logits, often sharing its weight with the token
+  embedding ("tied").
 - `pool`: one vector per sequence (first token, last real token, or mean of real
   tokens) for classification and sentence embeddings.
 - `ClassificationHead`: dense → tanh → projection to labels (BERT pooler, BART).
