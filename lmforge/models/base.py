@@ -45,6 +45,7 @@ class PreTrainedModel(nn.Module):
     head_keymap: ClassVar[KeyMap] = KeyMap()  # head names, ours ↔ HF
     is_backbone: ClassVar[bool] = False
     tied_weights: ClassVar[dict[str, str]] = {}  # our name → the name it shares storage with, when tied
+    defaulted_weights: ClassVar[frozenset[str]] = frozenset()  # may be absent from a checkpoint: keep init, no warning
     optional_backbone_weights: ClassVar[tuple[str, ...]] = ()  # backbone name prefixes a checkpoint may lack
 
     def __init__(self, config: ModelConfig):
@@ -140,7 +141,8 @@ class PreTrainedModel(nn.Module):
         state = {keymap.from_hf(name): tensor for name, tensor in hf_state.items()}
         expected = self.state_dict()
         tied = set(self.tied_weights) if getattr(self.config, "tie_word_embeddings", False) else set()
-        missing = [name for name in expected if name not in state and name not in tied]
+        missing = [name for name in expected
+                   if name not in state and name not in tied and name not in self.defaulted_weights]
         unexpected = [name for name in state if name not in expected]
         missing_backbone = [n for n in missing
                             if (self.is_backbone or n.startswith("model.")) and not self._is_optional(n)]
