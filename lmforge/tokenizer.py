@@ -34,6 +34,9 @@ class Tokenizer:
     def __init__(self, backend: BackendTokenizer, special_tokens: dict[str, str | None] | None = None,
                  chat_template: str | None = None, model_max_length: int | None = None):
         self.backend = backend
+        # Padding and truncation are decided per call (see __call__), not baked into tokenizer.json.
+        backend.no_padding()
+        backend.no_truncation()
         self.special_tokens = {role: (special_tokens or {}).get(role) for role in SPECIAL_ROLES}
         self.chat_template = chat_template
         self.model_max_length = model_max_length
