@@ -82,9 +82,9 @@ def load_config(ref: str | Path) -> dict[str, Any]:
     """The HF-style config dict of a reference (GGUF metadata is translated)."""
     path = resolve(ref)
     if is_gguf(path):
-        from lmforge.checkpoint.gguf import GGUFFile, gguf_config
+        from lmforge.checkpoint.gguf_convert import gguf_config
 
-        return gguf_config(GGUFFile(path))
+        return gguf_config(path)
     from lmforge.config import read_config_json
 
     return read_config_json(path / "config.json")
@@ -94,9 +94,9 @@ def load_checkpoint(ref: str | Path) -> tuple[dict[str, Any], dict[str, torch.Te
     """Config dict, HF-named state dict and a description of the source, for any reference."""
     path = resolve(ref)
     if is_gguf(path):
-        from lmforge.checkpoint.gguf import GGUFFile, gguf_to_hf
+        from lmforge.checkpoint.gguf_convert import gguf_to_hf
 
-        config, state = gguf_to_hf(GGUFFile(path))
+        config, state = gguf_to_hf(path)
         return config, state, str(path)
     from lmforge.checkpoint.hf import load_hf_weights
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lmforge.checkpoint.hf import load_hf_weights, save_hf_weights
+from lmforge.checkpoint.hf import save_hf_weights
 from lmforge.checkpoint.keymap import KeyMap
 from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointError

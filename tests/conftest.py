@@ -1,0 +1,45 @@
+"""Session-scoped real models: each is loaded once per test run, however many tests use it."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.sources import resolve
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return resolve("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """lmforge's SmolLM2-135M-Instruct (from the embedded Q4_1 GGUF, dequantized to fp32)."""
+    from lmforge import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from lmforge import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path):
+    """The reference: HF transformers loading the same GGUF file (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_tokenizer(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
