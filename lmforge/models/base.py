@@ -9,6 +9,7 @@ Hugging Face; `hf_keymap` translates them to lmforge's canonical tree.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,6 +34,27 @@ class ModelOutput:
     last_hidden_state: torch.Tensor | None = None
     pooler_output: torch.Tensor | None = None  # one vector per sequence, for encoders with a pooler (BERT)
     encoder_last_hidden_state: torch.Tensor | None = None
+
+
+_INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                   "xavier_normal_", "trunc_normal_", "zeros_", "ones_", "constant_")
+
+
+@contextmanager
+def skip_weight_init():
+    """Build modules without filling their weights (torch.nn.init becomes a no-op).
+
+    Drawing 135M random numbers takes seconds and is wasted when a checkpoint
+    overwrites them; weights the checkpoint lacks are initialised after loading.
+    """
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    for name in _INIT_FUNCTIONS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
 
 
 class PreTrainedModel(nn.Module):
@@ -153,7 +175,9 @@ class PreTrainedModel(nn.Module):
                 "architecture or incomplete."
             )
         if missing:
-            logger.warning("%s: head weights %s are not in the checkpoint and were randomly initialised; "
+            for name in missing:
+                self._init_module(self._resolve(name)[0])
+            logger.warning("%s: weights %s are not in the checkpoint and were randomly initialised; "
                            "train them before use.", source, missing)
         if unexpected:
             logger.warning("%s: ignoring weights %s that %s does not use.", source, unexpected[:10], type(self).__name__)
@@ -201,7 +225,8 @@ class PreTrainedModel(nn.Module):
     @classmethod
     def from_hf_state_dict(cls, config_dict: dict[str, Any], hf_state: dict[str, torch.Tensor], source: str,
                            dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
-        model = cls.from_config(cls.config_class.from_dict(config_dict), dtype, attn_implementation)
+        with skip_weight_init():  # every weight is about to be overwritten: do not draw random ones first
+            model = cls.from_config(cls.config_class.from_dict(config_dict), dtype, attn_implementation)
         model.load_hf_state_dict(hf_state, source)
         return model.eval()
 

@@ -1,0 +1,52 @@
+"""Write one named section of docs/benchmarks.md, leaving every other section as it is.
+
+Each benchmark script owns a section delimited by HTML comments, so scripts can
+be re-run in any order and the page always shows the latest table of each.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+TITLE = "# Benchmarks\n\nEach section is written by the script named in it; re-run a script to refresh its table.\n"
+
+
+def machine_line() -> str:
+    """CPU model, cores, torch threads and library versions, for the table's caption."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = re.findall(r"model name\s*:\s*(.+)", cpuinfo.read_text())
+        cpu = names[0].strip() if names else cpu
+    versions = [f"torch {torch.__version__}"]
+    try:
+        import transformers
+
+        versions.append(f"transformers {transformers.__version__}")
+    except ImportError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+            f"Python {platform.python_version()}, {', '.join(versions)}")
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section `name` of docs/benchmarks.md with `body`."""
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    text = PAGE.read_text() if PAGE.is_file() else TITLE
+    block = f"{begin}\n{body.strip()}\n{end}"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    PAGE.parent.mkdir(parents=True, exist_ok=True)
+    PAGE.write_text(text)
