@@ -4,6 +4,7 @@ import pytest
 import torch
 import transformers
 
+from lmforge import AutoModelForCausalLM
 from tests.parity import max_abs_diff, ours_from_hf, padded_batch
 
 TINY = dict(vocab_size=101, n_embd=48, n_layer=2, n_head=4, n_positions=32, bos_token_id=1, eos_token_id=2,
@@ -71,3 +72,5 @@ def test_save_loads_in_hf_with_same_logits(tmp_path):
     with torch.no_grad():
         assert max_abs_diff(reloaded(ids).logits, ours(ids).logits) <= 1e-5
     assert set(ours.hf_state_dict()) == set(hf.state_dict()) - {"lm_head.weight"}
+    ours_again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), ours_again.state_dict().values()))
