@@ -28,3 +28,7 @@ class ModelNotFoundError(LMForgeError, FileNotFoundError):
 
 class InputError(LMForgeError, ValueError):
     """Inputs that the model cannot process (e.g. longer than its maximum positions)."""
+
+
+class ValidationError(InputError):
+    """A request or parameter has an invalid value; the message names the field."""

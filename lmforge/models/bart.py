@@ -17,8 +17,17 @@ from lmforge.checkpoint.keymap import KeyMap
 from lmforge.config import BartConfig
 from lmforge.errors import ConfigError, InputError
 from lmforge.models.base import ModelOutput, PreTrainedModel
-from lmforge.nn import MLP, Attention, LayerNorm, LearnedPositionalEmbedding, TokenEmbedding, TransformerBlock
+from lmforge.nn import (
+    MLP,
+    Attention,
+    LayerNorm,
+    LearnedPositionalEmbedding,
+    TokenEmbedding,
+    TransformerBlock,
+)
+from lmforge.nn.block import number_layers
 from lmforge.nn.heads import ClassificationHead
+from lmforge.nn.kv_cache import KVCache
 from lmforge.nn.masks import build_attention_mask
 from lmforge.registry import register
 
@@ -79,6 +88,7 @@ class BartStack(nn.Module):
         self.embed_norm = LayerNorm(config.d_model)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(self._block(config, num_heads, ffn_dim, is_decoder) for _ in range(num_layers))
+        number_layers(self.layers)
 
     @staticmethod
     def _block(config: BartConfig, num_heads: int, ffn_dim: int, is_decoder: bool) -> TransformerBlock:
@@ -94,13 +104,18 @@ class BartStack(nn.Module):
         )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                encoder_states: torch.Tensor | None = None, encoder_mask: torch.Tensor | None = None) -> torch.Tensor:
+                encoder_states: torch.Tensor | None = None, encoder_mask: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
         """input_ids [B, T] → hidden states [B, T, D]; masks are additive, built by the caller."""
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # BART ignores padding here
+        past = kv_cache.length if kv_cache is not None else 0
+        positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)  # BART ignores padding
         hidden = self.embed_tokens(input_ids) + self.embed_positions(positions)
         hidden = self.dropout(self.embed_norm(hidden))
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask, encoder_states=encoder_states, encoder_mask=encoder_mask)
+            hidden = layer(hidden, attention_mask, encoder_states=encoder_states, encoder_mask=encoder_mask,
+                           kv_cache=kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(input_ids.shape[1])
         return hidden
 
 
@@ -137,20 +152,23 @@ class BartModel(BartPreTrainedModel):
         return self.encoder(input_ids, self._mask(attention_mask, length, length, causal=False))
 
     def decode(self, decoder_input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor,
-               attention_mask: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None
-               ) -> torch.Tensor:
+               attention_mask: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
+               kv_cache: KVCache | None = None) -> torch.Tensor:
         """Target ids [B, T] attending causally to themselves and to the encoder states [B, S, D] → [B, T, D].
 
         `attention_mask` is the source padding mask, hiding padded encoder positions from cross-attention.
+        With a `kv_cache`, `decoder_input_ids` are the new tokens and `decoder_attention_mask` covers
+        the cached ones too.
         """
         target, source = decoder_input_ids.shape[1], encoder_hidden_states.shape[1]
-        self_mask = self._mask(decoder_attention_mask, target, target, causal=True)
+        past = kv_cache.length if kv_cache is not None else 0
+        self_mask = self._mask(decoder_attention_mask, target, past + target, causal=True)
         cross_mask = self._mask(attention_mask, target, source, causal=False)
-        return self.decoder(decoder_input_ids, self_mask, encoder_hidden_states, cross_mask)
+        return self.decoder(decoder_input_ids, self_mask, encoder_hidden_states, cross_mask, kv_cache)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
-                encoder_hidden_states: torch.Tensor | None = None) -> ModelOutput:
+                encoder_hidden_states: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> ModelOutput:
         """Encode `input_ids` (unless `encoder_hidden_states` are given) and decode `decoder_input_ids`.
 
         Without `decoder_input_ids` the decoder reads `input_ids` shifted right, as in BART's denoising
@@ -165,7 +183,8 @@ class BartModel(BartPreTrainedModel):
             if input_ids is None:
                 raise InputError("BART needs input_ids to encode, or precomputed encoder_hidden_states.")
             encoder_hidden_states = self.encode(input_ids, attention_mask)
-        hidden = self.decode(decoder_input_ids, encoder_hidden_states, attention_mask, decoder_attention_mask)
+        hidden = self.decode(decoder_input_ids, encoder_hidden_states, attention_mask, decoder_attention_mask,
+                             kv_cache)
         return ModelOutput(last_hidden_state=hidden, encoder_last_hidden_state=encoder_hidden_states)
 
 
@@ -186,11 +205,17 @@ class BartForConditionalGeneration(BartPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
-                encoder_hidden_states: torch.Tensor | None = None) -> ModelOutput:
-        out = self.model(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_hidden_states)
-        logits = self.lm_head(out.last_hidden_state) + self.final_logits_bias
-        return ModelOutput(logits=logits, last_hidden_state=out.last_hidden_state,
+                encoder_hidden_states: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                logits_to_keep: int | None = None) -> ModelOutput:
+        out = self.model(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_hidden_states,
+                         kv_cache)
+        hidden = out.last_hidden_state
+        sampled = hidden if logits_to_keep is None else hidden[:, -logits_to_keep:]
+        return ModelOutput(logits=self.lm_head(sampled) + self.final_logits_bias, last_hidden_state=hidden,
                            encoder_last_hidden_state=out.encoder_last_hidden_state)
+
+    def decoder_attention_layers(self) -> list[Attention]:
+        return [layer.self_attn for layer in self.model.decoder.layers]
 
 
 @register("bart", "sequence-classification")

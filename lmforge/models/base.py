@@ -22,6 +22,7 @@ from lmforge.checkpoint.keymap import KeyMap
 from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointError
 from lmforge.nn.attention import Attention
+from lmforge.nn.kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
 
@@ -239,3 +240,25 @@ class PreTrainedModel(nn.Module):
         config_dict, hf_state, source = load_checkpoint(ref)
         return cls.from_hf_state_dict(config_dict, hf_state, source, dtype, attn_implementation)
 
+
+
+class DecoderLM(PreTrainedModel):
+    """A decoder-only backbone (`self.model`) with a next-token head (`self.lm_head`), tied when configured."""
+
+    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                logits_to_keep: int | None = None) -> ModelOutput:
+        """Logits [B, T, V]; only for the last `logits_to_keep` positions when given.
+
+        Generation samples from the last position only: skipping the vocabulary
+        projection elsewhere saves most of the prefill cost of a large LM head.
+        """
+        hidden = self.model(input_ids, attention_mask, position_ids, kv_cache).last_hidden_state
+        sampled = hidden if logits_to_keep is None else hidden[:, -logits_to_keep:]
+        return ModelOutput(logits=self.lm_head(sampled), last_hidden_state=hidden)
+
+    def decoder_attention_layers(self) -> list[Attention]:
+        """The self-attention modules a KV cache serves, in layer order."""
+        return [layer.self_attn for layer in self.model.layers]

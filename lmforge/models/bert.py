@@ -16,7 +16,14 @@ from torch import nn
 from lmforge.checkpoint.keymap import KeyMap
 from lmforge.config import BertConfig
 from lmforge.models.base import ModelOutput, PreTrainedModel
-from lmforge.nn import MLP, Attention, LayerNorm, LearnedPositionalEmbedding, TokenEmbedding, TransformerBlock
+from lmforge.nn import (
+    MLP,
+    Attention,
+    LayerNorm,
+    LearnedPositionalEmbedding,
+    TokenEmbedding,
+    TransformerBlock,
+)
 from lmforge.nn.feedforward import activation
 from lmforge.nn.heads import pool, sentence_embedding
 from lmforge.nn.masks import build_attention_mask

@@ -15,9 +15,18 @@ from torch import nn
 
 from lmforge.checkpoint.keymap import KeyMap
 from lmforge.config import GPT2Config
-from lmforge.models.base import ModelOutput, PreTrainedModel
-from lmforge.nn import MLP, Attention, LayerNorm, LearnedPositionalEmbedding, TokenEmbedding, TransformerBlock
+from lmforge.models.base import DecoderLM, ModelOutput, PreTrainedModel
+from lmforge.nn import (
+    MLP,
+    Attention,
+    LayerNorm,
+    LearnedPositionalEmbedding,
+    TokenEmbedding,
+    TransformerBlock,
+)
+from lmforge.nn.block import number_layers
 from lmforge.nn.heads import pool
+from lmforge.nn.kv_cache import KVCache
 from lmforge.nn.masks import build_attention_mask
 from lmforge.nn.positions import default_position_ids
 from lmforge.registry import register
@@ -95,36 +104,34 @@ class GPT2Model(GPT2PreTrainedModel):
             for _ in range(config.n_layer)
         )
         self.norm = LayerNorm(dim, eps=config.layer_norm_epsilon)
+        number_layers(self.layers)
         self.post_init()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> ModelOutput:
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> ModelOutput:
+        past = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
-            position_ids = default_position_ids(input_ids, attention_mask)
+            position_ids = default_position_ids(input_ids, attention_mask, past)
         hidden = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(position_ids))
         length = input_ids.shape[1]
-        mask = build_attention_mask(attention_mask, length, length, causal=True, dtype=hidden.dtype,
+        mask = build_attention_mask(attention_mask, length, past + length, causal=True, dtype=hidden.dtype,
                                     device=hidden.device)
         for layer in self.layers:
-            hidden = layer(hidden, mask)
+            hidden = layer(hidden, mask, kv_cache=kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(length)
         return ModelOutput(last_hidden_state=self.norm(hidden))
 
 
 @register("gpt2", "causal-lm")
-class GPT2LMHeadModel(GPT2PreTrainedModel):
+class GPT2LMHeadModel(GPT2PreTrainedModel, DecoderLM):
     hf_architecture = "GPT2LMHeadModel"
-    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: GPT2Config):
         super().__init__(config)
         self.model = GPT2Model(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> ModelOutput:
-        hidden = self.model(input_ids, attention_mask, position_ids).last_hidden_state
-        return ModelOutput(logits=self.lm_head(hidden), last_hidden_state=hidden)
 
 
 @register("gpt2", "sequence-classification")

@@ -12,9 +12,18 @@ from torch import nn
 
 from lmforge.checkpoint.keymap import KeyMap
 from lmforge.config import LlamaConfig
-from lmforge.models.base import ModelOutput, PreTrainedModel
-from lmforge.nn import Attention, GatedMLP, RMSNorm, RotaryEmbedding, TokenEmbedding, TransformerBlock
+from lmforge.models.base import DecoderLM, ModelOutput, PreTrainedModel
+from lmforge.nn import (
+    Attention,
+    GatedMLP,
+    RMSNorm,
+    RotaryEmbedding,
+    TokenEmbedding,
+    TransformerBlock,
+)
+from lmforge.nn.block import number_layers
 from lmforge.nn.heads import pool
+from lmforge.nn.kv_cache import KVCache
 from lmforge.nn.masks import build_attention_mask
 from lmforge.nn.positions import default_position_ids
 from lmforge.registry import register
@@ -43,6 +52,7 @@ class LlamaModel(LlamaPreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
                                       config.rope_scaling)
+        number_layers(self.layers)
         self.post_init()
 
     @staticmethod
@@ -54,35 +64,36 @@ class LlamaModel(LlamaPreTrainedModel):
                                 RMSNorm(config.hidden_size, config.rms_norm_eps), pre_norm=True)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> ModelOutput:
-        """input_ids [B, T] (attention_mask 1 = token, 0 = padding) → hidden states [B, T, D]."""
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> ModelOutput:
+        """input_ids [B, T] (attention_mask 1 = token, 0 = padding) → hidden states [B, T, D].
+
+        With a `kv_cache`, `input_ids` are the new tokens only and `attention_mask` covers the
+        cached positions too ([B, past + T]).
+        """
+        past = kv_cache.length if kv_cache is not None else 0
         hidden = self.embed_tokens(input_ids)
         if position_ids is None:
-            position_ids = default_position_ids(input_ids, attention_mask)
+            position_ids = default_position_ids(input_ids, attention_mask, past)
         rotary = self.rotary(position_ids, hidden.dtype)
         length = input_ids.shape[1]
-        mask = build_attention_mask(attention_mask, length, length, causal=True, dtype=hidden.dtype,
+        mask = build_attention_mask(attention_mask, length, past + length, causal=True, dtype=hidden.dtype,
                                     device=hidden.device)
         for layer in self.layers:
-            hidden = layer(hidden, mask, rotary)
+            hidden = layer(hidden, mask, rotary, kv_cache=kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(length)
         return ModelOutput(last_hidden_state=self.norm(hidden))
 
 
 @register("llama", "causal-lm")
-class LlamaForCausalLM(LlamaPreTrainedModel):
+class LlamaForCausalLM(LlamaPreTrainedModel, DecoderLM):
     hf_architecture = "LlamaForCausalLM"
-    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> ModelOutput:
-        hidden = self.model(input_ids, attention_mask, position_ids).last_hidden_state
-        return ModelOutput(logits=self.lm_head(hidden), last_hidden_state=hidden)
 
 
 class _LlamaScoreHead(LlamaPreTrainedModel):

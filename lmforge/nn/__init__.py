@@ -6,7 +6,11 @@ from lmforge.nn.embedding import TokenEmbedding
 from lmforge.nn.feedforward import MLP, GatedMLP
 from lmforge.nn.masks import build_attention_mask
 from lmforge.nn.norm import LayerNorm, RMSNorm
-from lmforge.nn.positions import LearnedPositionalEmbedding, RotaryEmbedding, SinusoidalPositionalEmbedding
+from lmforge.nn.positions import (
+    LearnedPositionalEmbedding,
+    RotaryEmbedding,
+    SinusoidalPositionalEmbedding,
+)
 
 __all__ = [
     "Attention", "TransformerBlock", "TokenEmbedding", "MLP", "GatedMLP", "build_attention_mask",

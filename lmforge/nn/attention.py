@@ -15,6 +15,7 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.nn.kernels import get_attention_kernel
+from lmforge.nn.kv_cache import KVCache
 from lmforge.nn.positions import apply_rotary
 
 
@@ -44,6 +45,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias if output_bias is None else output_bias)
+        self.layer_idx = 0  # position in the stack: which KV-cache slot is ours (set by the model)
         self.set_implementation(implementation)
 
     def set_implementation(self, name: str) -> None:
@@ -61,19 +63,34 @@ class Attention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         key_value_states: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """hidden_states [B, T, D] → [B, T, D]. `key_value_states` switches to cross-attention."""
-        source = hidden_states if key_value_states is None else key_value_states
+        """hidden_states [B, T, D] → [B, T, D]. `key_value_states` switches to cross-attention.
+
+        With a `kv_cache`, self-attention appends this step's keys/values and attends over all
+        cached positions; cross-attention computes the encoder's keys/values once and reuses them.
+        """
         q = self._split_heads(self.q_proj(hidden_states), self.num_heads)
-        k = self._split_heads(self.k_proj(source), self.num_kv_heads)
-        v = self._split_heads(self.v_proj(source), self.num_kv_heads)
-        if rotary is not None:
-            cos, sin = rotary
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.num_kv_heads != self.num_heads:  # GQA/MQA: each KV head serves a group of query heads
-            group = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        if key_value_states is not None:
+            k, v = self._cross_keys_values(key_value_states, kv_cache)
+        else:
+            k = self._split_heads(self.k_proj(hidden_states), self.num_kv_heads)
+            v = self._split_heads(self.v_proj(hidden_states), self.num_kv_heads)
+            if rotary is not None:
+                cos, sin = rotary
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if kv_cache is not None:
+                k, v = kv_cache.update(self.layer_idx, k, v)
         dropout = self.dropout if self.training else 0.0
         out = self.kernel(q, k, v, attention_mask, self.scale, dropout)
         batch, _, length, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+
+    def _cross_keys_values(self, encoder_states: torch.Tensor, kv_cache: KVCache | None):
+        cached = kv_cache.cross[self.layer_idx] if kv_cache is not None else None
+        if cached is None:
+            cached = (self._split_heads(self.k_proj(encoder_states), self.num_kv_heads),
+                      self._split_heads(self.v_proj(encoder_states), self.num_kv_heads))
+            if kv_cache is not None:
+                kv_cache.cross[self.layer_idx] = cached
+        return cached

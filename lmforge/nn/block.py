@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lmforge.nn.attention import Attention
+from lmforge.nn.kv_cache import KVCache
 
 
 class TransformerBlock(nn.Module):
@@ -45,9 +46,18 @@ class TransformerBlock(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         encoder_states: torch.Tensor | None = None,
         encoder_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
-        x = self._residual(x, self.attn_norm, lambda h: self.self_attn(h, attention_mask, rotary))
+        x = self._residual(x, self.attn_norm, lambda h: self.self_attn(h, attention_mask, rotary, kv_cache=kv_cache))
         if self.cross_attn is not None:
-            x = self._residual(x, self.cross_attn_norm,
-                               lambda h: self.cross_attn(h, encoder_mask, key_value_states=encoder_states))
+            x = self._residual(x, self.cross_attn_norm, lambda h: self.cross_attn(
+                h, encoder_mask, key_value_states=encoder_states, kv_cache=kv_cache))
         return self._residual(x, self.mlp_norm, self.mlp)
+
+
+def number_layers(layers: nn.ModuleList) -> None:
+    """Tell each block's attention modules their layer index (their slot in a KV cache)."""
+    for index, layer in enumerate(layers):
+        layer.self_attn.layer_idx = index
+        if layer.cross_attn is not None:
+            layer.cross_attn.layer_idx = index

@@ -28,11 +28,18 @@ def check_max_positions(position_ids: torch.Tensor, max_positions: int) -> None:
         )
 
 
-def default_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """0, 1, 2, ... per row, counting real tokens only: with left padding a prompt still starts at 0."""
+def default_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         past_length: int = 0) -> torch.Tensor:
+    """Positions of the new tokens `input_ids` [B, T], counting real tokens only.
+
+    With left padding a prompt still starts at position 0. `attention_mask` covers the
+    cached past and the new tokens ([B, past_length + T]).
+    """
+    batch, length = input_ids.shape
     if attention_mask is None:
-        return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = torch.arange(past_length, past_length + length, device=input_ids.device)
+        return positions.expand(batch, -1)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
 
 
 class LearnedPositionalEmbedding(nn.Embedding):

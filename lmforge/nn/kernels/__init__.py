@@ -1,7 +1,7 @@
 """Attention kernels: interchangeable ways to compute softmax(QK^T * scale + mask) V.
 
-Every kernel takes q [B, H, Tq, d], k and v [B, H, Tk, d] (KV heads already
-expanded to H) and an optional additive mask [B, 1, Tq, Tk], and returns
+Every kernel takes q [B, H, Tq, d], k and v [B, H_kv, Tk, d] (H_kv divides H:
+grouped-query attention) and an optional additive mask [B, 1, Tq, Tk], and returns
 [B, H, Tq, d]. `eager` spells the maths out; `sdpa` calls PyTorch's fused
 scaled_dot_product_attention. Both must agree to float rounding.
 """

@@ -7,6 +7,9 @@ import torch
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                     scale: float, dropout: float = 0.0) -> torch.Tensor:
+    if k.shape[1] != q.shape[1]:  # GQA/MQA: each key/value head serves a group of query heads
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, Tq, Tk]: how well each query matches each key
     if mask is not None:
         scores = scores + mask

@@ -8,4 +8,6 @@ import torch.nn.functional as F
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    scale: float, dropout: float = 0.0) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+    # enable_gqa lets several query heads read one key/value head without copying it.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])

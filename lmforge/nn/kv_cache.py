@@ -1,0 +1,64 @@
+"""KV cache: remember every past token's keys and values so each step runs only the new token.
+
+Without a cache, generating token t recomputes attention inputs for all t-1
+previous tokens. With one, each layer appends the new token's key/value to a
+buffer and attends over the buffer. The buffers are allocated once, at their
+final size, so decoding never re-allocates or copies the past.
+Encoder–decoder models also keep the cross-attention keys/values of the encoder
+output, computed once per request.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.errors import InputError
+
+
+class KVCache:
+    """Preallocated keys/values [batch, kv_heads, max_length, head_dim] per layer; `length` positions are filled."""
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_length: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (batch_size, num_kv_heads, max_length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        self.max_length = max_length
+        self.length = 0  # positions already stored (the same for every layer between forward passes)
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_length: int) -> "KVCache":
+        """A cache shaped for `model`'s decoder self-attention layers."""
+        attention = model.decoder_attention_layers()
+        first = attention[0]
+        return cls(len(attention), batch_size, first.num_kv_heads, first.head_dim, max_length,
+                   dtype=model.dtype, device=model.device)
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' keys/values for `layer`; return all positions so far (views, no copy)."""
+        start, new = self.length, keys.shape[2]
+        if start + new > self.max_length:
+            raise InputError(f"KV cache holds {self.max_length} positions but {start + new} are needed; "
+                             "allocate a larger cache (max_length) or generate fewer tokens.")
+        self.keys[layer][:, :, start:start + new] = keys
+        self.values[layer][:, :, start:start + new] = values
+        return self.keys[layer][:, :, :start + new], self.values[layer][:, :, :start + new]
+
+    def advance(self, new_positions: int) -> None:
+        """Called by the model after every layer has stored `new_positions` positions."""
+        self.length += new_positions
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (and reorder) batch rows: drop finished sequences, or follow beams to their parents."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self.cross = [None if kv is None else (kv[0].index_select(0, rows), kv[1].index_select(0, rows))
+                      for kv in self.cross]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k in self.keys)
