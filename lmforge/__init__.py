@@ -14,8 +14,22 @@ from lmforge.registry import (
 
 __version__ = "0.1.0"
 
+
+def generate(model, tokenizer, prompts, params=None):
+    """Complete prompts with `model` (see lmforge.generation.generate)."""
+    from lmforge.generation import generate as _generate
+
+    return _generate(model, tokenizer, prompts, params)
+
+
+def stream(model, tokenizer, prompt, params=None):
+    """Yield the completion of one prompt as text deltas (see lmforge.generation.stream)."""
+    from lmforge.generation import stream as _stream
+
+    return _stream(model, tokenizer, prompt, params)
+
 __all__ = [
     "LMForgeError", "AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM",
     "AutoModelForSeq2SeqLM", "AutoModelForSequenceClassification", "AutoModelForTokenClassification",
-    "AutoTokenizer",
+    "AutoTokenizer", "generate", "stream",
 ]

@@ -35,6 +35,11 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise ConfigError when fields are inconsistent; subclasses extend this."""
 
+    @property
+    def context_length(self) -> int:
+        """The most positions (prompt + generated tokens) the model can attend over."""
+        return self.max_position_embeddings
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         """Build from an HF-style dict, keeping unknown keys in `extra`."""
@@ -183,6 +188,10 @@ class GPT2Config(ModelConfig):
     @property
     def intermediate_size(self) -> int:
         return self.n_inner or 4 * self.n_embd
+
+    @property
+    def context_length(self) -> int:
+        return self.n_positions
 
 
 @dataclass

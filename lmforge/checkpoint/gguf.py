@@ -20,7 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.checkpoint.gguf_dequant import QUANT_FORMATS, QuantFormat, UnsupportedTensorTypeError, dequantize
+from lmforge.checkpoint.gguf_dequant import (
+    QUANT_FORMATS,
+    QuantFormat,
+    UnsupportedTensorTypeError,
+    dequantize,
+)
 from lmforge.errors import CheckpointError
 
 GGUF_MAGIC = b"GGUF"

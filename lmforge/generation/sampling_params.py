@@ -8,6 +8,7 @@ error naming the field and the allowed range.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 from lmforge.errors import ValidationError
@@ -57,7 +58,7 @@ class SamplingParams:
             return isinstance(value, int) and not isinstance(value, bool)
 
         def is_number(value) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
         for name in ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty",
                      "presence_penalty", "frequency_penalty", "length_penalty"):
@@ -88,7 +89,8 @@ class SamplingParams:
             fail("min_tokens", "must be an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             fail("min_tokens", f"must not exceed max_tokens={self.max_tokens}")
-        if self.stop is not None and (not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop)):
+        if self.stop is not None and not (isinstance(self.stop, list)
+                                          and all(isinstance(s, str) and s for s in self.stop)):
             fail("stop", "must be a non-empty string or a list of non-empty strings")
         if self.stop_token_ids is not None and not (isinstance(self.stop_token_ids, list)
                                                     and all(is_int(t) and t >= 0 for t in self.stop_token_ids)):

@@ -16,7 +16,7 @@ from torch import nn
 from lmforge.checkpoint.keymap import KeyMap
 from lmforge.config import BartConfig
 from lmforge.errors import ConfigError, InputError
-from lmforge.models.base import ModelOutput, PreTrainedModel
+from lmforge.models.base import GenerativeModel, ModelOutput, PreTrainedModel
 from lmforge.nn import (
     MLP,
     Attention,
@@ -189,7 +189,7 @@ class BartModel(BartPreTrainedModel):
 
 
 @register("bart", "seq2seq-lm")
-class BartForConditionalGeneration(BartPreTrainedModel):
+class BartForConditionalGeneration(BartPreTrainedModel, GenerativeModel):
     """BART + LM head (tied to the shared embedding) + a fixed per-token logit bias, as in fairseq."""
 
     hf_architecture = "BartForConditionalGeneration"

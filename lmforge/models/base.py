@@ -242,7 +242,27 @@ class PreTrainedModel(nn.Module):
 
 
 
-class DecoderLM(PreTrainedModel):
+class GenerativeModel(PreTrainedModel):
+    """A model with a next-token head: adds `generate` and `stream` (see lmforge.generation)."""
+
+    def decoder_attention_layers(self) -> list[Attention]:
+        """The self-attention modules a KV cache serves, in layer order."""
+        raise NotImplementedError
+
+    def generate(self, tokenizer, prompts, params=None):
+        """Complete text or token-id prompts; returns one RequestOutput per prompt."""
+        from lmforge.generation import generate
+
+        return generate(self, tokenizer, prompts, params)
+
+    def stream(self, tokenizer, prompt, params=None):
+        """Yield the completion of one prompt as text deltas."""
+        from lmforge.generation import stream
+
+        return stream(self, tokenizer, prompt, params)
+
+
+class DecoderLM(GenerativeModel):
     """A decoder-only backbone (`self.model`) with a next-token head (`self.lm_head`), tied when configured."""
 
     tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}

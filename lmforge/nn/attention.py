@@ -14,13 +14,16 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.nn.fusion import FusedProjections
 from lmforge.nn.kernels import get_attention_kernel
 from lmforge.nn.kv_cache import KVCache
 from lmforge.nn.positions import apply_rotary
 
 
-class Attention(nn.Module):
+class Attention(FusedProjections, nn.Module):
     """Self- or cross-attention with MHA/GQA/MQA, optional rotary positions and a pluggable kernel."""
+
+    fused_groups = {"qkv": ("q_proj", "k_proj", "v_proj")}
 
     def __init__(
         self,
@@ -70,12 +73,14 @@ class Attention(nn.Module):
         With a `kv_cache`, self-attention appends this step's keys/values and attends over all
         cached positions; cross-attention computes the encoder's keys/values once and reuses them.
         """
-        q = self._split_heads(self.q_proj(hidden_states), self.num_heads)
         if key_value_states is not None:
+            q = self._split_heads(self.q_proj(hidden_states), self.num_heads)
             k, v = self._cross_keys_values(key_value_states, kv_cache)
         else:
-            k = self._split_heads(self.k_proj(hidden_states), self.num_kv_heads)
-            v = self._split_heads(self.v_proj(hidden_states), self.num_kv_heads)
+            q, k, v = self.fused_outputs("qkv", hidden_states) or (
+                self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states))
+            q = self._split_heads(q, self.num_heads)
+            k, v = self._split_heads(k, self.num_kv_heads), self._split_heads(v, self.num_kv_heads)
             if rotary is not None:
                 cos, sin = rotary
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import UnsupportedError
+from lmforge.nn.fusion import FusedProjections
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -50,8 +51,10 @@ class MLP(nn.Module):
         return self.down_proj(self.dropout(self.act(self.up_proj(x))))
 
 
-class GatedMLP(nn.Module):
+class GatedMLP(FusedProjections, nn.Module):
     """Gated feed-forward (SwiGLU with act='silu'): down(act(gate(x)) * up(x))."""
+
+    fused_groups = {"gate_up": ("gate_proj", "up_proj")}
 
     def __init__(self, dim: int, hidden: int, act: str = "silu", bias: bool = False):
         super().__init__()
@@ -61,4 +64,5 @@ class GatedMLP(nn.Module):
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.fused_outputs("gate_up", x) or (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(self.act(gate) * up)

@@ -102,7 +102,8 @@ def rotary_inverse_frequencies(head_dim: int, base: float, scaling: dict[str, An
 class RotaryEmbedding(nn.Module):
     """Produces (cos, sin) for given positions; `apply_rotary` rotates q and k with them.
 
-    Channels are paired as (i, i + d/2) — the "rotate half" layout of HF Llama.
+    Channels are paired as (i, i + d/2) — the "rotate half" layout of HF Llama. The sine is
+    returned with its first half negated, so a rotation is x*cos + swap_halves(x)*sin.
     """
 
     def __init__(self, head_dim: int, max_positions: int, base: float = 10000.0,
@@ -114,16 +115,14 @@ class RotaryEmbedding(nn.Module):
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         check_max_positions(position_ids, self.max_positions)
         angles = position_ids[..., None].float() * self.inv_freq  # [B, T, d/2]
-        angles = torch.cat([angles, angles], dim=-1)  # [B, T, d]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = angles.cos(), angles.sin()
+        return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)  # [B, T, d]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, heads, T, d] by the angles of `RotaryEmbedding`: each pair (x_i, x_{i+d/2}) turns by theta.
 
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, heads, T, d] by the angles in cos/sin [B, T, d]."""
-    cos, sin = cos[:, None], sin[:, None]
-    return x * cos + rotate_half(x) * sin
+    (x1, x2) → (x1 cos - x2 sin, x2 cos + x1 sin), written as x*cos + (x2, x1)*(-sin, sin).
+    """
+    swapped = x.roll(x.shape[-1] // 2, dims=-1)  # (x2, x1)
+    return x * cos[:, None] + swapped * signed_sin[:, None]

@@ -1,0 +1,99 @@
+"""Fused projections: several Linear layers that read the same input, done as one matmul.
+
+q/k/v (and an MLP's gate/up) all multiply the same activations. One matmul over
+their concatenated weights reads the input once and replaces three small kernel
+launches by one larger, faster one — it matters most when decoding one token.
+This is an inference-time transform: the canonical modules (`q_proj`, ...) stay
+in place with their names, their weights become views into the fused matrix
+(no copy, so checkpoints, in-place updates and LoRA targeting still see them),
+and `unfuse` undoes it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FusedProjections:
+    """Mixin for modules with Linear children that share an input (`fused_groups`: fused name → children)."""
+
+    fused_groups: dict[str, tuple[str, ...]] = {}
+
+    def fuse(self) -> None:
+        """Concatenate each group's weights into one buffer; the children's weights become views of it."""
+        for fused, names in self.fused_groups.items():
+            layers = [getattr(self, name) for name in names]
+            if getattr(self, f"{fused}_weight", None) is not None:
+                continue  # already fused
+            if not all(type(layer) is nn.Linear for layer in layers):
+                continue  # wrapped (e.g. by an adapter) or quantized: leave it unfused
+            has_bias = [layer.bias is not None for layer in layers]
+            if any(has_bias) and not all(has_bias):
+                continue
+            self._fuse_group(fused, layers, all(has_bias))
+
+    def _fuse_group(self, fused: str, layers: list[nn.Linear], bias: bool) -> None:
+        with torch.no_grad():
+            weight = torch.cat([layer.weight for layer in layers])
+            biases = torch.cat([layer.bias for layer in layers]) if bias else None
+        self.register_buffer(f"{fused}_weight", weight, persistent=False)
+        self.register_buffer(f"{fused}_bias", biases, persistent=False)
+        self._point_children_at(fused, layers)
+
+    def _point_children_at(self, fused: str, layers: list[nn.Linear]) -> None:
+        weight, bias = getattr(self, f"{fused}_weight"), getattr(self, f"{fused}_bias")
+        start = 0
+        for layer in layers:
+            rows = layer.out_features
+            grad = layer.weight.requires_grad
+            layer.weight = nn.Parameter(weight[start:start + rows], requires_grad=grad)
+            if bias is not None:
+                layer.bias = nn.Parameter(bias[start:start + rows], requires_grad=layer.bias.requires_grad)
+            start += rows
+
+    def unfuse(self) -> None:
+        """Give each child its own weight again and drop the fused buffers."""
+        for fused, names in self.fused_groups.items():
+            if getattr(self, f"{fused}_weight", None) is None:
+                continue
+            for name in names:
+                layer = getattr(self, name)
+                layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
+                if layer.bias is not None:
+                    layer.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
+            delattr(self, f"{fused}_weight")
+            delattr(self, f"{fused}_bias")
+
+    def fused_outputs(self, fused: str, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """The group's outputs from one matmul, or None when the group is not fused."""
+        weight = getattr(self, f"{fused}_weight", None)
+        if weight is None:
+            return None
+        names = self.fused_groups[fused]
+        sizes = [getattr(self, name).out_features for name in names]
+        return list(F.linear(x, weight, getattr(self, f"{fused}_bias")).split(sizes, dim=-1))
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda() convert parameters and buffers separately; re-link the views afterwards.
+        module = super()._apply(fn, recurse)
+        for fused, names in self.fused_groups.items():
+            if getattr(self, f"{fused}_weight", None) is not None:
+                self._point_children_at(fused, [getattr(self, name) for name in names])
+        return module
+
+
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Fuse q/k/v and gate/up everywhere in `model` (idempotent); returns the model."""
+    for module in model.modules():
+        if isinstance(module, FusedProjections):
+            module.fuse()
+    return model
+
+
+def unfuse_projections(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, FusedProjections):
+            module.unfuse()
+    return model
