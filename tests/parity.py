@@ -30,3 +30,16 @@ def padded_batch(vocab_size: int, lengths: list[int], left: bool, seed: int = 0,
         span = slice(width - length, width) if left else slice(0, length)
         ids[row, span], mask[row, span] = tokens, 1
     return ids, mask
+
+
+def id_tokenizer(vocab_size: int):
+    """A real lmforge Tokenizer for tiny random models: each token is its id written out ("17")."""
+    from tokenizers import Tokenizer as BackendTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from lmforge.tokenizer import Tokenizer
+
+    backend = BackendTokenizer(models.WordLevel({str(i): i for i in range(vocab_size)}, unk_token="0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins pieces with spaces
+    return Tokenizer(backend, {"pad": "0"})
