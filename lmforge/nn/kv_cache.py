@@ -21,8 +21,9 @@ class KVCache:
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_length: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         shape = (batch_size, num_kv_heads, max_length, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Uninitialised on purpose: a position is always written before any query reads it.
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
         self.max_length = max_length
         self.length = 0  # positions already stored (the same for every layer between forward passes)
