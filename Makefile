@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
-	$(PY) -m lmforge.cli run "$(PROMPT)"
+	$(PY) -m lmforge.cli generate "$(PROMPT)" --temperature 0 --max-tokens 64
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,18 +1,26 @@
-"""The `lmforge` command. Each command group lives in its own module and adds a subparser."""
+"""The `lmforge` command. Each command lives in its own module and adds a subparser.
+
+Errors a user can cause (a missing model, an invalid sampling value, a prompt longer than
+the context window) are `LMForgeError`s: they end the command with one line on stderr and
+exit status 2, like argparse's own usage errors, never with a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from lmforge.cli import info, run
+from lmforge.cli import chat, generate, info
 from lmforge.errors import LMForgeError
 
-COMMANDS = (run, info)
+COMMANDS = (generate, chat, info)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description="A hackable transformer stack.")
+    parser = argparse.ArgumentParser(
+        prog="lmforge", description="A hackable transformer stack: generate text, chat, inspect models.",
+        epilog="Run `lmforge COMMAND --help` for a command's options and examples.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(subparsers)
@@ -26,3 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     except LMForgeError as exc:
         print(f"lmforge: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130  # the shell's convention for "ended by Ctrl-C"
+    except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

@@ -1,30 +1,167 @@
-"""`lmforge info`: what a model reference resolves to and how the model is built."""
+"""`lmforge info`: what a model reference resolves to and where its parameters live.
+
+A transformer's parameters sit in a few kinds of modules: the token (and position)
+embeddings, attention (q/k/v/o projections), the feed-forward MLPs, the norms, and the
+output head. Counting them per kind shows where the size of a model comes from, e.g.
+that a small model's vocabulary embedding can outweigh all its attention layers.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter, defaultdict
+from typing import Any
 
+from torch import nn
+
+from lmforge.errors import CheckpointError
+from lmforge.nn import MLP, Attention, GatedMLP, LayerNorm, RMSNorm, TransformerBlock
 from lmforge.sources import DEFAULT_MODEL
+from lmforge.tokenizer import Tokenizer
+
+# component → module types that define it; a parameter belongs to its nearest enclosing match.
+COMPONENTS: dict[str, tuple[type, ...]] = {
+    "embedding": (nn.Embedding,),
+    "attention": (Attention,),
+    "mlp": (MLP, GatedMLP),
+    "norm": (RMSNorm, LayerNorm, nn.LayerNorm),
+}
+HEAD = "head"  # everything else: LM head, pooler, classifier
+
+EXAMPLES = """examples:
+  lmforge info
+  lmforge info all-minilm-l6-v2 --json
+  lmforge info path/to/model.gguf --modules
+"""
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("info", help="show a model's source, config and parameter counts",
-                                   description=__doc__)
+    parser = subparsers.add_parser("info", help="show a model's architecture, size per component and tokenizer",
+                                   description=__doc__, epilog=EXAMPLES,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                        help=f"embedded name, HF folder or .gguf file (default: {DEFAULT_MODEL})")
+                        help=f"embedded short name, HF model folder or .gguf file (default: {DEFAULT_MODEL})")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts) instead of text")
     parser.add_argument("--modules", action="store_true", help="also print the module tree")
     parser.set_defaults(handler=handle)
 
 
 def handle(args: argparse.Namespace) -> int:
-    from lmforge import AutoModel
+    from lmforge import AutoTokenizer
     from lmforge.sources import load_config, resolve
 
-    print(f"source: {resolve(args.model)}")
-    print(json.dumps(load_config(args.model), indent=2, sort_keys=True))
-    model = AutoModel.from_pretrained(args.model)
-    print(f"{type(model).__name__}: {model.num_parameters():,} parameters")
+    source, config = resolve(args.model), load_config(args.model)
+    model = model_class_for(config).from_pretrained(args.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except CheckpointError:  # a model folder without tokenizer files still has weights worth describing
+        tokenizer = None
+    info = {"model": args.model, "source": str(source), **describe(model, tokenizer), "config": config}
+    if args.json:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+    else:
+        print_text(info)
     if args.modules:
         print(model)
     return 0
+
+
+def model_class_for(config: dict[str, Any]) -> type:
+    """The registered class named in config["architectures"] (its head included), else the bare backbone."""
+    from lmforge.registry import MODEL_REGISTRY, model_class
+
+    model_type, wanted = config.get("model_type"), config.get("architectures") or []
+    base = model_class(model_type, "base")  # an unknown architecture fails here, with the list of supported ones
+    return next((cls for cls in MODEL_REGISTRY[model_type].values() if cls.hf_architecture in wanted), base)
+
+
+def describe(model: nn.Module, tokenizer: Tokenizer | None) -> dict[str, Any]:
+    """Architecture, size per component, dtype, context and tokenizer facts, as JSON-ready values."""
+    config = model.config
+    info: dict[str, Any] = {
+        "architecture": config.model_type,
+        "class": type(model).__name__,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "context_length": config.context_length,
+        "vocab_size": getattr(config, "vocab_size", None),
+        "blocks": sum(isinstance(m, TransformerBlock) for m in model.modules()),
+        "parameters": model.num_parameters(),
+        "components": parameter_components(model),
+        "tied": tied_parameters(model),
+    }
+    if tokenizer is not None:
+        info["tokenizer"] = {
+            "vocab_size": tokenizer.vocab_size,
+            "chat_template": bool(tokenizer.chat_template),
+            "special_tokens": {role: {"token": token, "id": tokenizer.token_to_id(token)}
+                               for role, token in tokenizer.special_tokens.items() if token is not None},
+        }
+    return info
+
+
+def parameter_components(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Parameters per component (tied weights counted once) and the modules holding them.
+
+    "modules" counts modules per type (e.g. {"Attention": 30}); for the head it names them.
+    """
+    modules = dict(model.named_modules())
+    counts: Counter = Counter()
+    holders: dict[str, set[str]] = defaultdict(set)
+    for name, parameter in model.named_parameters():  # a tied weight appears once, under its first name
+        component, holder = _component_of(modules, name.rpartition(".")[0])
+        counts[component] += parameter.numel()
+        holders[component].add(holder)
+    total = sum(counts.values())
+    return {component: {"parameters": counts[component], "share": round(counts[component] / total, 4),
+                        "modules": dict(Counter(holder if component == HEAD else type(modules[holder]).__name__
+                                                for holder in sorted(holders[component])))}
+            for component in [*COMPONENTS, HEAD] if component in counts}
+
+
+def _component_of(modules: dict[str, nn.Module], path: str) -> tuple[str, str]:
+    """(component, module name) of the nearest module at or above `path` that defines a component."""
+    start = path
+    while True:
+        for component, types in COMPONENTS.items():
+            if isinstance(modules[path], types):
+                return component, path
+        if not path:
+            return HEAD, start
+        path = path.rpartition(".")[0]
+
+
+def tied_parameters(model: nn.Module) -> dict[str, str]:
+    """Parameters that share storage with an earlier one: {alias: the name counted}."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            tied[name] = first[id(parameter)]
+        else:
+            first[id(parameter)] = name
+    return tied
+
+
+def print_text(info: dict[str, Any]) -> None:
+    rows = [("model", info["model"]), ("source", info["source"]), ("architecture", info["architecture"]),
+            ("class", info["class"]), ("dtype", info["dtype"]),
+            ("context length", f"{info['context_length']:,} tokens"),
+            ("vocabulary", f"{info['vocab_size']:,} tokens" if info["vocab_size"] else "-"),
+            ("blocks", str(info["blocks"]))]
+    tokenizer = info.get("tokenizer")
+    if tokenizer is None:
+        rows.append(("tokenizer", "none (no tokenizer files next to the weights)"))
+    else:
+        rows.append(("chat template", "yes" if tokenizer["chat_template"] else "no"))
+        rows.append(("special tokens", ", ".join(f"{role} {t['token']!r} ({t['id']})"
+                                                 for role, t in tokenizer["special_tokens"].items()) or "none"))
+    rows.append(("parameters", f"{info['parameters']:,}"))
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+    for component, entry in info["components"].items():
+        modules = ", ".join(f"{name} x{count}" if count > 1 else name for name, count in entry["modules"].items())
+        print(f"  {component:<{width - 2}}  {entry['parameters']:>13,}  {entry['share']:6.1%}  {modules}")
+    for alias, name in info["tied"].items():
+        print(f"  {'tied':<{width - 2}}  {alias} shares {name} (counted once)")

@@ -1,0 +1,158 @@
+"""`lmforge chat`: a multi-turn conversation with a chat model, answers streamed as they appear.
+
+Each turn re-renders the whole history (system prompt, user and assistant messages)
+through the model's chat template and generates the assistant's next message: the model
+itself remembers nothing between turns, the prompt carries the conversation.
+Lines starting with / are commands (/help lists them); Ctrl-C stops an answer, Ctrl-D leaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from lmforge.cli.common import (
+    add_model_argument,
+    add_sampling_arguments,
+    load_generator,
+    note,
+    report,
+    sampling_params,
+    write_answer,
+)
+from lmforge.errors import InputError, LMForgeError, UnsupportedError
+from lmforge.generation.chat import ChatHistory
+from lmforge.generation.sampling_params import SamplingParams
+
+EXAMPLES = """examples:
+  lmforge chat
+  lmforge chat --system "Answer in one sentence." --temperature 0.3 --max-tokens 100
+  printf 'Hi!\\n/save chat.json\\n' | lmforge chat --temperature 0 > answers.txt
+"""
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("chat", help="chat with a model in the terminal (multi-turn, streamed)",
+                                   description=__doc__ + "\n" + COMMAND_HELP, epilog=EXAMPLES,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_argument(parser)
+    parser.add_argument("--system", metavar="TEXT", help="system prompt (change it later with /system)")
+    add_sampling_arguments(parser)
+    parser.set_defaults(handler=handle)
+
+
+# ----- commands: each takes the history and the text after the command, returns False to leave ------
+
+def _reset(history: ChatHistory, argument: str) -> bool:
+    history.reset()
+    note("conversation cleared (the system prompt stays)")
+    return True
+
+
+def _save(history: ChatHistory, argument: str) -> bool:
+    history.save(_path(argument, "/save"))
+    note(f"saved {len(history.messages)} messages to {argument}")
+    return True
+
+
+def _load(history: ChatHistory, argument: str) -> bool:
+    loaded = ChatHistory.load(_path(argument, "/load"))
+    history.system, history.messages = loaded.system, loaded.messages
+    note(f"loaded {len(history.messages)} messages from {argument}"
+         + (" (with its system prompt)" if history.system else ""))
+    return True
+
+
+def _system(history: ChatHistory, argument: str) -> bool:
+    history.set_system(argument)
+    note(f"system prompt set to {argument!r}" if argument else "system prompt removed (the template's default applies)")
+    return True
+
+
+def _help(history: ChatHistory, argument: str) -> bool:
+    print(COMMAND_HELP, file=sys.stderr)
+    return True
+
+
+def _exit(history: ChatHistory, argument: str) -> bool:
+    return False
+
+
+def _path(argument: str, command: str) -> str:
+    if not argument:
+        raise InputError(f"{command} needs a file name, e.g. {command} chat.json")
+    return argument
+
+
+COMMANDS: dict[str, tuple[Callable[[ChatHistory, str], bool], str]] = {
+    "/reset": (_reset, "forget the conversation (keeps the system prompt)"),
+    "/save": (_save, "FILE  save the conversation as JSON"),
+    "/load": (_load, "FILE  continue a saved conversation (lmforge or OpenAI-style JSON)"),
+    "/system": (_system, "TEXT  set the system prompt; without TEXT, remove it"),
+    "/help": (_help, "show these commands"),
+    "/exit": (_exit, "leave (so do Ctrl-D, and Ctrl-C at the prompt)"),
+}
+COMMAND_HELP = "commands:\n" + "\n".join(f"  {name:8} {text}" for name, (_, text) in COMMANDS.items())
+
+
+def run_command(history: ChatHistory, line: str) -> bool:
+    """Execute one /command; False means leave the chat."""
+    name, _, argument = line.partition(" ")
+    if name not in COMMANDS:
+        raise InputError(f"unknown command {name}; type /help for the list.")
+    return COMMANDS[name][0](history, argument.strip())
+
+
+# ----- the conversation loop ----------------------------------------------------------------
+
+def handle(args: argparse.Namespace) -> int:
+    params = sampling_params(args)  # bad values fail before the model loads
+    model, tokenizer = load_generator(args.model)
+    if not tokenizer.chat_template:
+        raise UnsupportedError(f"{args.model} has no chat template, so it cannot hold a conversation; use a chat "
+                               f"model, or complete plain text with: lmforge generate --raw --model {args.model} TEXT")
+    history = ChatHistory(system=args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (arrow keys and line history for input() at a terminal)
+
+        note("type a message and press Enter; /help lists the commands, Ctrl-D leaves")
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)  # the prompt marker stays off stdout
+        try:
+            line = input().strip()
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, end of piped input, or Ctrl-C at the prompt
+            if interactive:
+                print(file=sys.stderr)
+            return 0
+        if not line:
+            continue
+        try:
+            if line.startswith("/"):
+                if not run_command(history, line):
+                    return 0
+            else:
+                answer_turn(model, tokenizer, history, line, params)
+        except LMForgeError as exc:  # a bad command or a turn that cannot run: report it and keep chatting
+            print(f"lmforge: error: {exc}", file=sys.stderr)
+
+
+def answer_turn(model, tokenizer, history: ChatHistory, message: str,
+                params: SamplingParams) -> None:
+    """Add the user's message, stream the assistant's answer and add it too (even when cut by Ctrl-C)."""
+    history.add_user(message)
+    try:
+        prompt_ids = tokenizer.encode(history.to_prompt(tokenizer), add_special_tokens=False)
+        context = model.config.context_length
+        if len(prompt_ids) >= context:
+            raise InputError(f"the conversation is now {len(prompt_ids)} tokens, but the model's context window "
+                             f"is {context}; /save it if you want to keep it, then /reset to start over.")
+        answer = write_answer(model, tokenizer, prompt_ids, params, interruptible=True)
+    except LMForgeError:
+        history.messages.pop()  # the turn did not happen
+        raise
+    print(flush=True)  # answers end with a newline, one after another on stdout
+    history.add_assistant(answer.text)
+    report(answer, tokenizer)

@@ -1,0 +1,91 @@
+"""`lmforge chat`: multi-turn from piped stdin, /commands, saved histories, and Ctrl-C that stops one answer."""
+
+import io
+import json
+
+import pytest
+
+from lmforge.cli import common, main
+from lmforge.generation.chat import ChatHistory
+from tests.cli.conftest import run_lmforge
+
+GREEDY = ["--temperature", "0", "--max-tokens", "8"]
+
+
+def test_piped_chat_keeps_stdout_for_answers(tmp_path):
+    """Through the entry point: stdin is a pipe, so no prompt markers; stdout holds the answers alone."""
+    result = run_lmforge("chat", *GREEDY, stdin="hi\n/system be brief\n/save chat.json\n/exit\nnever read\n",
+                         cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    answer = "Hello there! How can I assist you"
+    assert result.stdout == answer + "\n"
+    assert "system prompt set to 'be brief'" in result.stderr and "saved 2 messages to chat.json" in result.stderr
+    assert json.loads((tmp_path / "chat.json").read_text()) == {
+        "format": "lmforge.chat/1", "system": "be brief",
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}]}
+
+
+def chat(monkeypatch, capsys, lines: str, *flags: str) -> tuple[int, str, str]:
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    status = main(["chat", *GREEDY, *flags])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_a_loaded_history_is_continued_and_reset(loaded_smollm2, monkeypatch, capsys, tmp_path):
+    saved = ChatHistory(system="You are a geography teacher.")
+    saved.add_user("What is the capital of France?")
+    saved.add_assistant("Paris.")
+    saved.save(tmp_path / "before.json")
+    lines = (f"/load {tmp_path / 'before.json'}\nAnd of Italy?\n/save {tmp_path / 'after.json'}\n"
+             f"/reset\n/save {tmp_path / 'reset.json'}\n")  # EOF after the last line ends the chat
+    status, out, err = chat(monkeypatch, capsys, lines)
+    assert status == 0 and out.count("\n") == 1
+    assert "loaded 2 messages" in err and "(with its system prompt)" in err
+    after = ChatHistory.load(tmp_path / "after.json")
+    assert after.system == "You are a geography teacher."
+    assert [m["content"] for m in after.messages] == ["What is the capital of France?", "Paris.", "And of Italy?",
+                                                      out.rstrip("\n")]
+    assert ChatHistory.load(tmp_path / "reset.json") == ChatHistory(system="You are a geography teacher.")
+
+
+def test_mistakes_are_reported_and_the_chat_goes_on(loaded_smollm2, monkeypatch, capsys, tmp_path):
+    (tmp_path / "bad.json").write_text('[{"role": "robot", "content": "beep"}]')
+    lines = f"/dance\n/save\n/load {tmp_path / 'bad.json'}\n/help\nhi\n"
+    status, out, err = chat(monkeypatch, capsys, lines)
+    assert status == 0 and out == "Hello there! How can I assist you\n"
+    assert "lmforge: error: unknown command /dance; type /help for the list." in err
+    assert "lmforge: error: /save needs a file name, e.g. /save chat.json" in err
+    assert "bad.json: message 0: role 'robot' is not one of system, user, assistant, tool" in err
+    assert "/system  TEXT  set the system prompt" in err  # /help
+
+
+def test_ctrl_c_stops_the_answer_but_not_the_chat(loaded_smollm2, monkeypatch, capsys, tmp_path):
+    written = []
+
+    def emit_then_interrupt(text: str) -> None:  # the user presses Ctrl-C once two pieces are on screen
+        written.append(text)
+        if len(written) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "_emit", emit_then_interrupt)
+    status, _, err = chat(monkeypatch, capsys, f"hi\n/save {tmp_path / 'chat.json'}\n")
+    assert status == 0 and "finish reason: interrupted" in err
+    assert ChatHistory.load(tmp_path / "chat.json").messages[-1] == {"role": "assistant", "content": "".join(written)}
+
+
+def test_ctrl_c_at_the_prompt_leaves(loaded_smollm2, monkeypatch, capsys):
+    def interrupted_input() -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("builtins.input", interrupted_input)
+    assert main(["chat"]) == 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["chat", "--min-p", "1.5"], "SamplingParams.min_p must be in [0, 1], got 1.5."),
+    (["chat", "--model", "all-minilm-l6-v2"], "is a bert model, which cannot generate text"),
+])
+def test_bad_options_end_the_chat_before_it_starts(capsys, argv, message):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
