@@ -5,7 +5,12 @@
 """
 
 from lmforge.generation.chat import ChatHistory
-from lmforge.generation.generate import CompletionOutput, RequestOutput, generate, stream
+from lmforge.generation.generate import (
+           CompletionOutput,
+           RequestOutput,
+           generate,
+           stream,
+)
 from lmforge.generation.processors import LogitsPipeline, LogitsProcessor, SequenceState
 from lmforge.generation.sampler import Sampler, TokenLogprob
 from lmforge.generation.sampling_params import SamplingParams

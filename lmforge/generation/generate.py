@@ -82,11 +82,22 @@ def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
     return ids
 
 
-def _check_context(prompts: list[list[int]], context_length: int) -> None:
+def decoder_prefixes(model, prompts: list[list[int]]) -> list[list[int]]:
+    """What the decoder has seen before its first new token, per prompt.
+
+    A decoder-only model continues the prompt itself; an encoder–decoder model reads the
+    prompt through its encoder and decodes from the start token alone. Checks the prompts
+    leave room to generate.
+    """
+    context = model.config.context_length
+    seq2seq = getattr(model.config, "is_encoder_decoder", False)
     for i, ids in enumerate(prompts):
-        if len(ids) >= context_length:
-            raise InputError(f"prompt {i} has {len(ids)} tokens but the model's context window is {context_length} "
+        if len(ids) > context or (len(ids) == context and not seq2seq):
+            raise InputError(f"prompt {i} has {len(ids)} tokens but the model's context window is {context} "
                              "tokens, leaving no room to generate; shorten the prompt.")
+    if seq2seq:
+        return [[model.config.decoder_start_token_id] for _ in prompts]
+    return prompts
 
 
 def generate_steps(model, tokenizer, prompts: Sequence[Prompt], params: SamplingParams,
@@ -98,21 +109,23 @@ def generate_steps(model, tokenizer, prompts: Sequence[Prompt], params: Sampling
     if params.num_beams > 1:
         raise InputError("beam search does not stream; call lmforge.generation.beam_search instead.")
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    prefixes = decoder_prefixes(model, prompt_ids)
     context = model.config.context_length
-    _check_context(prompt_ids, context)
-    room = context - max(len(ids) for ids in prompt_ids)
+    room = context - max(len(prefix) for prefix in prefixes)
     max_new = min(params.max_tokens or room, room)
     row_params = params if params.max_tokens == max_new else dataclasses.replace(params, max_tokens=max_new)
     eos = [] if params.ignore_eos else eos_token_ids(model, tokenizer)
     pipeline = LogitsPipeline.from_params(params, eos, tokenizer)
 
     sequences, rows = [], []
-    for request, ids in enumerate(prompt_ids):
+    for request, (ids, prefix) in enumerate(zip(prompt_ids, prefixes)):
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
             sampler = Sampler(dataclasses.replace(params, seed=seed) if seed != params.seed else params)
-            output = OutputStream(tokenizer, row_params, eos_token_ids(model, tokenizer), len(ids), context, ids)
-            sequences.append(_Sequence(request, index, ids, pipeline.new_state(ids), sampler, output,
+            context_ids = prefix if prefix is ids else None  # detokenize as a continuation of the prompt
+            output = OutputStream(tokenizer, row_params, eos_token_ids(model, tokenizer), len(prefix), context,
+                                  context_ids)
+            sequences.append(_Sequence(request, index, ids, pipeline.new_state(prefix), sampler, output,
                                        [] if params.logprobs is not None else None))
             rows.append(ids)
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 import transformers
 
-from lmforge import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModel
+from lmforge import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 from lmforge.checkpoint.hf import load_hf_weights
 from lmforge.errors import CheckpointError
-from tests.models.test_llama import hf_llama, TINY
+from tests.models.test_llama import TINY, hf_llama
 from tests.parity import max_abs_diff, ours_from_hf
 
 

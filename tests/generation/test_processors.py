@@ -8,9 +8,22 @@ import torch
 from transformers.generation import logits_process as hf
 
 from lmforge.errors import ValidationError
-from lmforge.generation.processors import (BadWords, LogitBias, LogitsPipeline, LogitsProcessor, MinP, MinTokens,
-                                           NoRepeatNGram, PresenceFrequencyPenalty, RepetitionPenalty,
-                                           SequenceState, Temperature, TopK, TopP, TypicalP)
+from lmforge.generation.processors import (
+    BadWords,
+    LogitBias,
+    LogitsPipeline,
+    LogitsProcessor,
+    MinP,
+    MinTokens,
+    NoRepeatNGram,
+    PresenceFrequencyPenalty,
+    RepetitionPenalty,
+    SequenceState,
+    Temperature,
+    TopK,
+    TopP,
+    TypicalP,
+)
 from lmforge.generation.sampling_params import SamplingParams
 
 INF = float("inf")

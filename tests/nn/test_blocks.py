@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from lmforge.errors import InputError, UnsupportedError
-from lmforge.nn import Attention, GatedMLP, RMSNorm, RotaryEmbedding, SinusoidalPositionalEmbedding, build_attention_mask
+from lmforge.nn import (
+    Attention,
+    GatedMLP,
+    RMSNorm,
+    RotaryEmbedding,
+    SinusoidalPositionalEmbedding,
+    build_attention_mask,
+)
 from lmforge.nn.feedforward import gelu_tanh
 from lmforge.nn.heads import pool, sentence_embedding
 from lmforge.nn.kernels import get_attention_kernel
