@@ -34,10 +34,15 @@ class TransformerBlock(nn.Module):
         self.pre_norm = pre_norm
         self.dropout = nn.Dropout(dropout)
 
-    def _residual(self, x: torch.Tensor, norm: nn.Module, sublayer) -> torch.Tensor:
-        if self.pre_norm:
-            return x + self.dropout(sublayer(norm(x)))
-        return norm(x + self.dropout(sublayer(x)))
+    def _input(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """What a sublayer reads: the normalised stream (pre-norm) or the stream itself (post-norm)."""
+        return norm(x) if self.pre_norm else x
+
+    def _merge(self, x: torch.Tensor, out: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """Add a sublayer's output back to the residual stream (then normalise, for post-norm)."""
+        if self.training and self.dropout.p:
+            out = self.dropout(out)
+        return x + out if self.pre_norm else norm(x + out)
 
     def forward(
         self,
@@ -48,12 +53,13 @@ class TransformerBlock(nn.Module):
         encoder_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
-        x = self._residual(x, self.attn_norm, lambda h: self.self_attn(h, attention_mask, rotary, kv_cache=kv_cache))
+        out = self.self_attn(self._input(x, self.attn_norm), attention_mask, rotary, kv_cache=kv_cache)
+        x = self._merge(x, out, self.attn_norm)
         if self.cross_attn is not None:
-            x = self._residual(x, self.cross_attn_norm, lambda h: self.cross_attn(
-                h, encoder_mask, key_value_states=encoder_states, kv_cache=kv_cache))
-        return self._residual(x, self.mlp_norm, self.mlp)
-
+            out = self.cross_attn(self._input(x, self.cross_attn_norm), encoder_mask,
+                                  key_value_states=encoder_states, kv_cache=kv_cache)
+            x = self._merge(x, out, self.cross_attn_norm)
+        return self._merge(x, self.mlp(self._input(x, self.mlp_norm)), self.mlp_norm)
 
 def number_layers(layers: nn.ModuleList) -> None:
     """Tell each block's attention modules their layer index (their slot in a KV cache)."""

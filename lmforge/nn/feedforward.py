@@ -48,7 +48,10 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.dropout(self.act(self.up_proj(x))))
+        hidden = self.act(self.up_proj(x))
+        if self.training and self.dropout.p:
+            hidden = self.dropout(hidden)
+        return self.down_proj(hidden)
 
 
 class GatedMLP(FusedProjections, nn.Module):
