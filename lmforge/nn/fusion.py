@@ -40,6 +40,7 @@ class FusedProjections:
             biases = torch.cat([layer.bias for layer in layers]) if bias else None
         self.register_buffer(f"{fused}_weight", weight, persistent=False)
         self.register_buffer(f"{fused}_bias", biases, persistent=False)
+        self.__dict__.setdefault("_fused_sizes", {})[fused] = [layer.out_features for layer in layers]
         self._point_children_at(fused, layers)
 
     def _point_children_at(self, fused: str, layers: list[nn.Linear]) -> None:
@@ -65,15 +66,15 @@ class FusedProjections:
                     layer.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
             delattr(self, f"{fused}_weight")
             delattr(self, f"{fused}_bias")
+            del self._fused_sizes[fused]
 
     def fused_outputs(self, fused: str, x: torch.Tensor) -> list[torch.Tensor] | None:
         """The group's outputs from one matmul, or None when the group is not fused."""
-        weight = getattr(self, f"{fused}_weight", None)
-        if weight is None:
+        sizes = self.__dict__.get("_fused_sizes", {}).get(fused)  # plain dict lookups: this runs every step
+        if sizes is None:
             return None
-        names = self.fused_groups[fused]
-        sizes = [getattr(self, name).out_features for name in names]
-        return list(F.linear(x, weight, getattr(self, f"{fused}_bias")).split(sizes, dim=-1))
+        buffers = self._buffers
+        return list(F.linear(x, buffers[f"{fused}_weight"], buffers[f"{fused}_bias"]).split(sizes, dim=-1))
 
     def _apply(self, fn, recurse=True):
         # .to()/.cuda() convert parameters and buffers separately; re-link the views afterwards.
