@@ -114,17 +114,17 @@ def generate_steps(model, tokenizer, prompts: Sequence[Prompt], params: Sampling
     room = context - max(len(prefix) for prefix in prefixes)
     max_new = min(params.max_tokens or room, room)
     row_params = params if params.max_tokens == max_new else dataclasses.replace(params, max_tokens=max_new)
-    eos = [] if params.ignore_eos else eos_token_ids(model, tokenizer)
-    pipeline = LogitsPipeline.from_params(params, eos, tokenizer)
+    eos = eos_token_ids(model, tokenizer)
+    pipeline = LogitsPipeline.from_params(params, [] if params.ignore_eos else eos, tokenizer)
 
     sequences, rows = [], []
     for request, (ids, prefix) in enumerate(zip(prompt_ids, prefixes)):
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
-            sampler = Sampler(dataclasses.replace(params, seed=seed) if seed != params.seed else params)
+            sampler = Sampler(dataclasses.replace(params, seed=seed) if seed != params.seed else params,
+                              device=model.device)
             context_ids = prefix if prefix is ids else None  # detokenize as a continuation of the prompt
-            output = OutputStream(tokenizer, row_params, eos_token_ids(model, tokenizer), len(prefix), context,
-                                  context_ids)
+            output = OutputStream(tokenizer, row_params, eos, len(prefix), context, context_ids)
             sequences.append(_Sequence(request, index, ids, pipeline.new_state(prefix), sampler, output,
                                        [] if params.logprobs is not None else None))
             rows.append(ids)

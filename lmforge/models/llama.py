@@ -58,7 +58,7 @@ class LlamaModel(LlamaPreTrainedModel):
     @staticmethod
     def _block(config: LlamaConfig) -> TransformerBlock:
         attention = Attention(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                              config.head_dim, bias=config.attention_bias, output_bias=False)
+                              config.head_dim, bias=config.attention_bias)
         mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, bias=config.mlp_bias)
         return TransformerBlock(attention, mlp, RMSNorm(config.hidden_size, config.rms_norm_eps),
                                 RMSNorm(config.hidden_size, config.rms_norm_eps), pre_norm=True)
@@ -97,14 +97,15 @@ class LlamaForCausalLM(LlamaPreTrainedModel, DecoderLM):
 
 
 class _LlamaScoreHead(LlamaPreTrainedModel):
-    """Backbone + a linear `score` layer (no bias), as in HF's Llama classification heads."""
+    """Backbone + a linear `score` layer, as in HF's Llama classification heads."""
 
     pooling: str | None = None  # "last" for sequence classification, None for per-token
+    score_bias: bool = False
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
         self.model = LlamaModel(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=self.score_bias)
         self.post_init()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ModelOutput:
@@ -122,3 +123,4 @@ class LlamaForSequenceClassification(_LlamaScoreHead):
 @register("llama", "token-classification")
 class LlamaForTokenClassification(_LlamaScoreHead):
     hf_architecture = "LlamaForTokenClassification"
+    score_bias = True

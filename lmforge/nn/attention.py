@@ -32,7 +32,6 @@ class Attention(FusedProjections, nn.Module):
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
         bias: bool = False,
-        output_bias: bool | None = None,
         dropout: float = 0.0,
         implementation: str = "sdpa",
     ):
@@ -47,7 +46,7 @@ class Attention(FusedProjections, nn.Module):
         self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias if output_bias is None else output_bias)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias)
         self.layer_idx = 0  # position in the stack: which KV-cache slot is ours (set by the model)
         self.set_implementation(implementation)
 

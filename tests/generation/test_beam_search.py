@@ -65,7 +65,7 @@ def cases() -> dict[str, Case]:
     # Llama's prompt and BART's source hold tokens the models like, so that the processors matter
     # (and, for BART, must see the decoder's tokens, not the source's).
     return {"llama": make_case(hf_llama(num_key_value_heads=2), "causal-lm", [5, 17, 38, 62, 41], eos=48),
-            "gpt2": make_case(hf_gpt2(), "causal-lm", PROMPT, eos=34),
+            "gpt2": make_case(hf_gpt2(), "causal-lm", PROMPT, eos=37),
             "bart": make_case(hf_bart(), "seq2seq-lm", [5, 26, 33, 77, 41, 2], eos=77)}
 
 

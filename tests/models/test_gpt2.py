@@ -16,9 +16,11 @@ def hf_gpt2(cls_name="GPT2LMHeadModel", **overrides):
     config = transformers.GPT2Config(**{**TINY, **overrides})
     config._attn_implementation = "eager"
     model = getattr(transformers, cls_name)(config).eval()
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters():  # norms start at 1 and biases at 0; make them matter
         if ".ln_" in name and name.endswith("weight"):
             torch.nn.init.uniform_(p, 0.5, 1.5)
+        elif name.endswith("bias"):
+            torch.nn.init.uniform_(p, -0.5, 0.5)
     return model
 
 

@@ -18,9 +18,11 @@ def hf_llama(cls_name="LlamaForCausalLM", **overrides):
     config = transformers.LlamaConfig(**{**TINY, **overrides})
     config._attn_implementation = "eager"
     model = getattr(transformers, cls_name)(config).eval()
-    for name, p in model.named_parameters():  # norms start at 1; make them matter
+    for name, p in model.named_parameters():  # norms start at 1 and biases at 0; make them matter
         if "norm" in name:
             torch.nn.init.uniform_(p, 0.5, 1.5)
+        elif name.endswith("bias"):
+            torch.nn.init.uniform_(p, -0.5, 0.5)
     return model
 
 
