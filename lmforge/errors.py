@@ -32,3 +32,7 @@ class InputError(LMForgeError, ValueError):
 
 class ValidationError(InputError):
     """A request or parameter has an invalid value; the message names the field."""
+
+
+class KVCacheError(LMForgeError, RuntimeError):
+    """The KV block bookkeeping was driven wrongly (a double free, allocating without room): an engine bug."""
