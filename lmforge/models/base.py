@@ -111,7 +111,7 @@ class PreTrainedModel(nn.Module):
         return self.get_submodule(module_name), attr
 
     def set_attention_implementation(self, name: str) -> None:
-        """Switch every attention layer to the 'eager' or 'sdpa' kernel."""
+        """Switch every attention layer to the 'eager', 'sdpa' or 'flash' kernel."""
         for module in self.modules():
             if isinstance(module, Attention):
                 module.set_implementation(name)

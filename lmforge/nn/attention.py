@@ -51,7 +51,7 @@ class Attention(FusedProjections, nn.Module):
         self.set_implementation(implementation)
 
     def set_implementation(self, name: str) -> None:
-        """Switch the attention kernel ('eager' or 'sdpa'); the weights are unchanged."""
+        """Switch the attention kernel ('eager', 'sdpa' or 'flash'); the weights are unchanged."""
         self.kernel = get_attention_kernel(name)
         self.implementation = name
 
