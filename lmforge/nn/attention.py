@@ -76,19 +76,30 @@ class Attention(FusedProjections, nn.Module):
             q = self._split_heads(self.q_proj(hidden_states), self.num_heads)
             k, v = self._cross_keys_values(key_value_states, kv_cache)
         else:
-            q, k, v = self.fused_outputs("qkv", hidden_states) or (
-                self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states))
-            q = self._split_heads(q, self.num_heads)
-            k, v = self._split_heads(k, self.num_kv_heads), self._split_heads(v, self.num_kv_heads)
-            if rotary is not None:
-                cos, sin = rotary
-                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k, v = self._self_queries_keys_values(hidden_states, rotary)
             if kv_cache is not None:
                 k, v = kv_cache.update(self.layer_idx, k, v)
         dropout = self.dropout if self.training else 0.0
         out = self.kernel(q, k, v, attention_mask, self.scale, dropout)
         batch, _, length, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+
+    def _self_queries_keys_values(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None):
+        """q [B, H, T, d], k and v [B, H_kv, T, d] for self-attention, q and k rotated.
+
+        q, k and v are computed side by side (one matmul when fused) and q and k are rotated
+        together: the fewest operations per decoded token.
+        """
+        qkv = self.fused_output("qkv", x)
+        if qkv is None:
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        batch, length, _ = qkv.shape
+        heads = self.num_heads + self.num_kv_heads  # query heads, then key heads
+        qkv = qkv.view(batch, length, heads + self.num_kv_heads, self.head_dim).transpose(1, 2)
+        qk, v = qkv[:, :heads], qkv[:, heads:]
+        if rotary is not None:
+            qk = apply_rotary(qk, *rotary)
+        return qk[:, :self.num_heads], qk[:, self.num_heads:], v
 
     def _cross_keys_values(self, encoder_states: torch.Tensor, kv_cache: KVCache | None):
         cached = kv_cache.cross[self.layer_idx] if kv_cache is not None else None

@@ -68,13 +68,17 @@ class FusedProjections:
             delattr(self, f"{fused}_bias")
             del self._fused_sizes[fused]
 
-    def fused_outputs(self, fused: str, x: torch.Tensor) -> list[torch.Tensor] | None:
-        """The group's outputs from one matmul, or None when the group is not fused."""
-        sizes = self.__dict__.get("_fused_sizes", {}).get(fused)  # plain dict lookups: this runs every step
-        if sizes is None:
+    def fused_output(self, fused: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The group's outputs side by side ([..., sum of out_features]) from one matmul, or None if unfused."""
+        if fused not in self.__dict__.get("_fused_sizes", {}):  # plain dict lookups: this runs every step
             return None
         buffers = self._buffers
-        return list(F.linear(x, buffers[f"{fused}_weight"], buffers[f"{fused}_bias"]).split(sizes, dim=-1))
+        return F.linear(x, buffers[f"{fused}_weight"], buffers[f"{fused}_bias"])
+
+    def fused_outputs(self, fused: str, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """The group's outputs from one matmul, split per layer, or None when the group is not fused."""
+        out = self.fused_output(fused, x)
+        return None if out is None else list(out.split(self._fused_sizes[fused], dim=-1))
 
     def _apply(self, fn, recurse=True):
         # .to()/.cuda() convert parameters and buffers separately; re-link the views afterwards.
