@@ -14,6 +14,24 @@ def ours_from_hf(hf_model, task: str, attn_implementation: str = "sdpa"):
     return cls.from_hf_state_dict(config, hf_model.state_dict(), "hf-model", torch.float32, attn_implementation)
 
 
+def random_hf_model(cls_name: str, config, is_norm_weight) -> torch.nn.Module:
+    """A seeded random HF model (eager attention, eval mode) whose norm weights and biases are random too.
+
+    Fresh norms are all ones and biases all zeros, so a mapping mistake in either would go unnoticed.
+    """
+    import transformers
+
+    torch.manual_seed(0)
+    config._attn_implementation = "eager"
+    model = getattr(transformers, cls_name)(config).eval()
+    for name, parameter in model.named_parameters():
+        if is_norm_weight(name):
+            torch.nn.init.uniform_(parameter, 0.5, 1.5)
+        elif name.endswith("bias"):
+            torch.nn.init.uniform_(parameter, -0.5, 0.5)
+    return model
+
+
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a.float() - b.float()).abs().max().item()

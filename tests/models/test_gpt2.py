@@ -5,23 +5,15 @@ import torch
 import transformers
 
 from lmforge import AutoModelForCausalLM
-from tests.parity import max_abs_diff, ours_from_hf, padded_batch
+from tests.parity import max_abs_diff, ours_from_hf, padded_batch, random_hf_model
 
 TINY = dict(vocab_size=101, n_embd=48, n_layer=2, n_head=4, n_positions=32, bos_token_id=1, eos_token_id=2,
             pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
 def hf_gpt2(cls_name="GPT2LMHeadModel", **overrides):
-    torch.manual_seed(0)
     config = transformers.GPT2Config(**{**TINY, **overrides})
-    config._attn_implementation = "eager"
-    model = getattr(transformers, cls_name)(config).eval()
-    for name, p in model.named_parameters():  # norms start at 1 and biases at 0; make them matter
-        if ".ln_" in name and name.endswith("weight"):
-            torch.nn.init.uniform_(p, 0.5, 1.5)
-        elif name.endswith("bias"):
-            torch.nn.init.uniform_(p, -0.5, 0.5)
-    return model
+    return random_hf_model(cls_name, config, lambda name: ".ln_" in name and name.endswith("weight"))
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])

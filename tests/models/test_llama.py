@@ -7,23 +7,15 @@ import transformers
 from lmforge.config import LlamaConfig
 from lmforge.errors import ConfigError, InputError
 from lmforge.models.llama import LlamaForCausalLM
-from tests.parity import max_abs_diff, ours_from_hf, padded_batch
+from tests.parity import max_abs_diff, ours_from_hf, padded_batch, random_hf_model
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=64, rms_norm_eps=1e-5, pad_token_id=0)
 
 
 def hf_llama(cls_name="LlamaForCausalLM", **overrides):
-    torch.manual_seed(0)
     config = transformers.LlamaConfig(**{**TINY, **overrides})
-    config._attn_implementation = "eager"
-    model = getattr(transformers, cls_name)(config).eval()
-    for name, p in model.named_parameters():  # norms start at 1 and biases at 0; make them matter
-        if "norm" in name:
-            torch.nn.init.uniform_(p, 0.5, 1.5)
-        elif name.endswith("bias"):
-            torch.nn.init.uniform_(p, -0.5, 0.5)
-    return model
+    return random_hf_model(cls_name, config, lambda name: "norm" in name)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
