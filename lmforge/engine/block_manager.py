@@ -147,7 +147,7 @@ class BlockManager:
     def can_append(self, seq: Sequence) -> bool:
         """Whether `may_append(seq)` after one more token finds the free block it may need."""
         self._check_fits(seq, seq.num_tokens + 1)
-        return self.num_free_blocks >= self._needs_block(seq, seq.num_tokens + 1)
+        return self.num_free_blocks >= self.needs_block(seq, seq.num_tokens + 1)
 
     def may_append(self, seq: Sequence) -> list[tuple[int, int]]:
         """Make room for the token just appended to `seq`; returns the (src, dst) block copies to do.
@@ -160,7 +160,7 @@ class BlockManager:
             raise KVCacheError(f"Sequence {seq.seq_id} has {seq.num_tokens} tokens but only "
                                f"{len(seq.block_table)} blocks; call may_append after every append_token.")
         copies: list[tuple[int, int]] = []
-        if self._needs_block(seq, seq.num_tokens):
+        if self.needs_block(seq, seq.num_tokens):
             if len(seq.block_table) < seq.num_blocks(self.block_size):
                 seq.block_table.append(self._allocate_block().block_id)
             else:  # copy-on-write of the shared last block
@@ -173,7 +173,7 @@ class BlockManager:
             self._register_if_full(seq, len(seq.block_table) - 1)
         return copies
 
-    def _needs_block(self, seq: Sequence, num_tokens: int) -> bool:
+    def needs_block(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether the token at position num_tokens - 1 needs a new block or a private copy."""
         if (num_tokens - 1) // self.block_size >= len(seq.block_table):
             return True

@@ -201,7 +201,7 @@ class Scheduler:
 
     def _can_place_last_token(self, seq: Sequence) -> bool:
         """Whether `may_append(seq)` for its already appended last token finds the free block it needs."""
-        return self.block_manager.num_free_blocks >= self.block_manager._needs_block(seq, seq.num_tokens)
+        return self.block_manager.num_free_blocks >= self.block_manager.needs_block(seq, seq.num_tokens)
 
     def _preempt(self, seq: Sequence) -> Sequence:
         self.running.remove(seq)
