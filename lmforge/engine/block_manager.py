@@ -32,7 +32,7 @@ class Block:
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0  # sequences whose block table holds this block
-        self.hash: int | None = None  # set once the block is full (and prefix caching is on)
+        self.hash: int | None = None  # set once the block is full and computed (with prefix caching)
         self.token_ids: tuple[int, ...] = ()  # the tokens of a hashed block, to verify cache hits
         self.parent: Parent | None = None  # previous block of the hashed chain; None for the first block
         self.version = 0  # bumped whenever the block is handed out for new content
@@ -103,7 +103,6 @@ class BlockManager:
                 seq.block_table.append(block.block_id)
             else:
                 seq.block_table.append(self._allocate_block().block_id)
-                self._register_if_full(seq, i)
         seq.num_cached_tokens = seq.num_computed_tokens = len(cached) * self.block_size
         if self.enable_prefix_caching:
             self.queries += seq.num_tokens
@@ -154,7 +153,7 @@ class BlockManager:
 
         A new block is opened when the token starts one. A token landing in a block shared with a
         fork gets a private copy first (copy-on-write): the model runner must copy the KV of every
-        (src, dst) pair before writing. A block that the token fills is hashed for prefix caching.
+        (src, dst) pair before writing. Blocks become findable only once computed (`cache_computed`).
         """
         if not seq.block_table or len(seq.block_table) < seq.num_blocks(self.block_size) - 1:
             raise KVCacheError(f"Sequence {seq.seq_id} has {seq.num_tokens} tokens but only "
@@ -169,9 +168,23 @@ class BlockManager:
                 copy = self._allocate_block()
                 seq.block_table[-1] = copy.block_id
                 copies.append((shared.block_id, copy.block_id))
-        if seq.num_tokens % self.block_size == 0:
-            self._register_if_full(seq, len(seq.block_table) - 1)
         return copies
+
+    def cache_computed(self, seq: Sequence) -> None:
+        """Make seq's full blocks whose KV is computed (`seq.num_computed_tokens`) findable by later prompts.
+
+        Called after every forward step. A block is never offered to another request before its
+        keys and values exist: a prompt prefilled in chunks, or a sequence preempted mid-prefill,
+        must not hand out blocks that were only reserved.
+        """
+        if not self.enable_prefix_caching:
+            return
+        computed_blocks = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        first = computed_blocks
+        while first > 0 and self.blocks[seq.block_table[first - 1]].hash is None:
+            first -= 1  # blocks are registered in order: find where the unregistered run starts
+        for i in range(first, computed_blocks):
+            self._register_if_full(seq, i)
 
     def needs_block(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether the token at position num_tokens - 1 needs a new block or a private copy."""

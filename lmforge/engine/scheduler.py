@@ -177,6 +177,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:  # aborted or finished since schedule()
                 continue
             seq.num_computed_tokens += n
+            self.block_manager.cache_computed(seq)  # its full, computed blocks may now serve other prompts
             if seq.num_computed_tokens < seq.num_tokens:  # a prompt chunk: nothing sampled yet
                 continue
             if seq.seq_id not in sampled_tokens:

@@ -19,10 +19,25 @@ from lmforge.engine.sequence import Sequence
 from lmforge.errors import InputError, KVCacheError, ValidationError
 
 
+def computed(bm: BlockManager, seq: Sequence) -> None:
+    """What the engine does after a forward step: every token's KV exists, full blocks become findable."""
+    seq.num_computed_tokens = seq.num_tokens
+    bm.cache_computed(seq)
+
+
+def allocate(bm: BlockManager, seq: Sequence) -> None:
+    """Allocate a prompt and compute it."""
+    bm.allocate(seq)
+    computed(bm, seq)
+
+
 def grow(bm: BlockManager, seq: Sequence, token: int) -> list[tuple[int, int]]:
+    """Append a token, make room for it and compute it."""
     assert bm.can_append(seq)
     seq.append_token(token)
-    return bm.may_append(seq)
+    copies = bm.may_append(seq)
+    computed(bm, seq)
+    return copies
 
 
 def ref_counts(bm: BlockManager) -> list[int]:
@@ -36,7 +51,7 @@ def test_allocate_and_append_across_block_boundaries():
     bm = BlockManager(num_blocks=8, block_size=4)
     seq = Sequence(range(6))
     assert bm.can_allocate(seq)
-    bm.allocate(seq)
+    allocate(bm, seq)
     assert len(seq.block_table) == 2 and bm.num_free_blocks == 6 and bm.usage == 2 / 8
     assert grow(bm, seq, 6) == [] and len(seq.block_table) == 2  # fills position 6 of block 1
     assert grow(bm, seq, 7) == [] and len(seq.block_table) == 2  # block 1 is now full
@@ -52,12 +67,14 @@ def test_shared_prefix_reuses_exactly_the_full_blocks():
     prefix = list(range(1000, 1040))  # 40 tokens: 2 full blocks + 8 tokens
     a, b = Sequence(prefix + list(range(10))), Sequence(prefix + list(range(50, 60)))
     c = Sequence(list(range(2000, 2050)))
-    for seq in (a, b, c):
-        bm.allocate(seq)
+    allocate(bm, a)
+    bm.allocate(b)
+    assert b.num_computed_tokens == 32  # cache hits count as computed: only the rest is prefilled
+    computed(bm, b)
+    allocate(bm, c)
     assert b.block_table[:2] == a.block_table[:2] and not set(b.block_table[2:]) & set(a.block_table)
     assert not set(c.block_table) & (set(a.block_table) | set(b.block_table))
     assert (a.num_cached_tokens, b.num_cached_tokens, c.num_cached_tokens) == (0, 32, 0)
-    assert b.num_computed_tokens == 32
     assert [bm.blocks[i].ref_count for i in a.block_table] == [2, 2, 1, 1]
     assert bm.num_used_blocks == 4 + 2 + 4
     assert (bm.hits, bm.queries) == (32, 150) and bm.hit_rate == pytest.approx(32 / 150)
@@ -66,8 +83,8 @@ def test_shared_prefix_reuses_exactly_the_full_blocks():
 def test_the_last_prompt_token_is_always_recomputed():
     bm = BlockManager(num_blocks=8, block_size=4)
     a, b = Sequence(range(8)), Sequence(range(8))  # block-aligned identical prompts
-    bm.allocate(a)
-    bm.allocate(b)
+    allocate(bm, a)
+    allocate(bm, b)
     assert b.num_cached_tokens == 4 and b.block_table[0] == a.block_table[0]
     assert b.block_table[1] != a.block_table[1]  # needed to produce the first output token's logits
 
@@ -75,23 +92,23 @@ def test_the_last_prompt_token_is_always_recomputed():
 def test_blocks_filled_during_decoding_become_cached():
     bm = BlockManager(num_blocks=8, block_size=4)
     a = Sequence([5, 6, 7])
-    bm.allocate(a)
+    allocate(bm, a)
     grow(bm, a, 8)
     b = Sequence([5, 6, 7, 8, 9])
-    bm.allocate(b)
+    allocate(bm, b)
     assert b.block_table[0] == a.block_table[0] and b.num_cached_tokens == 4
 
 
 def test_freed_blocks_stay_cached_until_reallocated():
     bm = BlockManager(num_blocks=4, block_size=4)
     a = Sequence(range(9))
-    bm.allocate(a)
+    allocate(bm, a)
     old = list(a.block_table)
     bm.deallocate(a)
     assert bm.num_free_blocks == 4
     again = Sequence(range(9))
     assert bm.can_allocate(again)
-    bm.allocate(again)
+    allocate(bm, again)
     assert again.block_table[:2] == old[:2] and again.num_cached_tokens == 8
     assert bm.num_free_blocks == 1
 
@@ -99,8 +116,8 @@ def test_freed_blocks_stay_cached_until_reallocated():
 def test_prefix_caching_disabled_never_shares():
     bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
     a, b = Sequence(range(9)), Sequence(range(9))
-    bm.allocate(a)
-    bm.allocate(b)
+    allocate(bm, a)
+    allocate(bm, b)
     assert not set(a.block_table) & set(b.block_table)
     assert (b.num_cached_tokens, bm.hits, bm.queries, bm.hit_rate) == (0, 0, 0, 0.0)
     assert all(block.hash is None for block in bm.blocks)
@@ -111,11 +128,11 @@ def test_hash_collisions_are_caught_by_comparing_tokens(monkeypatch):
     bm = BlockManager(num_blocks=16, block_size=4)
     x, y = [1, 2, 3, 4], [5, 6, 7, 8]
     a = Sequence(x + y + [0])  # registers X then Y under the same hash
-    bm.allocate(a)
+    allocate(bm, a)
     same_tokens_other_prefix = Sequence(y + [0])  # Y's tokens match, but Y's KV was computed after X
     other_tokens = Sequence([9, 9, 9, 9, 0])
     for seq in (same_tokens_other_prefix, other_tokens):
-        bm.allocate(seq)
+        allocate(bm, seq)
         assert seq.num_cached_tokens == 0 and not set(seq.block_table) & set(a.block_table)
     assert bm.hits == 0
 
@@ -125,17 +142,17 @@ def test_a_reused_parent_block_does_not_revive_its_old_children(monkeypatch):
     bm = BlockManager(num_blocks=8, block_size=4)
     x, y, w = [1] * 4, [2] * 4, [3] * 4
     a = Sequence(x)
-    bm.allocate(a)
-    bm.allocate(Sequence(x))  # the last prompt token is recomputed: a newer copy of X takes over X's cache entry
+    allocate(bm, a)
+    allocate(bm, Sequence(x))  # the last prompt token is recomputed: a newer copy of X takes over X's cache entry
     for token in y:
         grow(bm, a, token)  # a = X Y, and Y's block records X's block as its parent
     p, c = a.block_table
     bm.deallocate(a)  # Y's block stays cached; X's old block, no longer findable, is reused first
     z = Sequence(w)
-    bm.allocate(z)
+    allocate(bm, z)
     assert z.block_table == [p]
     probe = Sequence(w + y + [0])
-    bm.allocate(probe)
+    allocate(bm, probe)
     assert probe.block_table[0] == p and probe.num_cached_tokens == 4 and probe.block_table[1] != c
 
 
@@ -143,7 +160,7 @@ def test_least_recently_freed_cached_block_is_evicted_first():
     bm = BlockManager(num_blocks=4, block_size=4)
     a, b, c = Sequence([1] * 4), Sequence([2] * 4), Sequence([3] * 4)
     for seq in (a, b, c):
-        bm.allocate(seq)
+        allocate(bm, seq)
     blocks = {name: seq.block_table[0] for name, seq in zip("abc", (a, b, c), strict=True)}
     for seq in (b, a, c):  # free order b, a, c: b is the least recently freed
         bm.deallocate(seq)
@@ -152,52 +169,52 @@ def test_least_recently_freed_cached_block_is_evicted_first():
         return set(bm.hash_to_block_id.values())
 
     d = Sequence([4] * 8)  # the never-used block first, then the least recently freed one (b)
-    bm.allocate(d)
+    allocate(bm, d)
     assert d.block_table[1] == blocks["b"] and cached() == {blocks["a"], blocks["c"], *d.block_table}
     e = Sequence([5] * 3)
-    bm.allocate(e)
+    allocate(bm, e)
     assert e.block_table == [blocks["a"]] and blocks["c"] in cached()
     probe = Sequence([3] * 4 + [0])  # c survived: a hit revives it
     bm.deallocate(e)
-    bm.allocate(probe)
+    allocate(bm, probe)
     assert probe.block_table[0] == blocks["c"] and probe.num_cached_tokens == 4
 
 
 def test_a_freed_sequence_loses_its_tail_before_its_prefix():
     bm = BlockManager(num_blocks=2, block_size=4)
     a = Sequence(range(8))
-    bm.allocate(a)
+    allocate(bm, a)
     first, last = a.block_table
     bm.deallocate(a)
     other = Sequence([9] * 3)
-    bm.allocate(other)
+    allocate(bm, other)
     assert other.block_table == [last]  # a shared prompt prefix is worth more than its tail
     bm.deallocate(other)
     probe = Sequence([0, 1, 2, 3, 0])
-    bm.allocate(probe)
+    allocate(bm, probe)
     assert probe.block_table[0] == first and probe.num_cached_tokens == 4
 
 
 def test_uncached_blocks_are_reused_before_cached_ones():
     bm = BlockManager(num_blocks=3, block_size=4)
     full, partial = Sequence([1] * 4), Sequence([2, 2])
-    bm.allocate(full)
-    bm.allocate(partial)
+    allocate(bm, full)
+    allocate(bm, partial)
     partial_blocks = list(partial.block_table)
     bm.deallocate(full)
     bm.deallocate(partial)  # freed later, but holds nothing worth keeping
     fresh = Sequence([3])
-    bm.allocate(fresh)
+    allocate(bm, fresh)
     assert fresh.block_table == partial_blocks
     cached = Sequence([1] * 4 + [0])
-    bm.allocate(cached)
+    allocate(bm, cached)
     assert cached.num_cached_tokens == 4
 
 
 def test_fork_shares_blocks_and_copies_on_write():
     bm = BlockManager(num_blocks=8, block_size=4)
     parent = Sequence(range(6))  # block 0 full, block 1 holds 2 tokens
-    bm.allocate(parent)
+    allocate(bm, parent)
     b0, b1 = parent.block_table
     child = parent.fork()
     bm.fork(parent, child)
@@ -218,7 +235,7 @@ def test_fork_shares_blocks_and_copies_on_write():
 def test_fork_of_a_full_last_block_needs_no_copy():
     bm = BlockManager(num_blocks=8, block_size=4)
     parent = Sequence(range(4))
-    bm.allocate(parent)
+    allocate(bm, parent)
     child = parent.fork()
     bm.fork(parent, child)
     assert grow(bm, parent, 9) == [] and len(parent.block_table) == 2
@@ -228,9 +245,9 @@ def test_fork_of_a_full_last_block_needs_no_copy():
 def test_can_allocate_and_can_append_count_free_blocks():
     bm = BlockManager(num_blocks=2, block_size=4)
     a = Sequence(range(4))
-    bm.allocate(a)
+    allocate(bm, a)
     b = Sequence(range(5, 9))
-    bm.allocate(b)
+    allocate(bm, b)
     assert not bm.can_append(a) and not bm.can_allocate(Sequence([1]))
     with pytest.raises(KVCacheError, match="can_allocate"):
         bm.allocate(Sequence([1]))
@@ -238,7 +255,7 @@ def test_can_allocate_and_can_append_count_free_blocks():
 
 def test_cache_hits_on_blocks_in_use_need_no_free_block():
     bm = BlockManager(num_blocks=3, block_size=4)
-    bm.allocate(Sequence(range(5)))  # a cached full block + a partial block
+    allocate(bm, Sequence(range(5)))  # a cached full block + a partial block
     assert bm.num_free_blocks == 1
     assert bm.can_allocate(Sequence(range(6)))  # 2 blocks, one a hit on a block in use
     assert not bm.can_allocate(Sequence(range(10, 16)))  # 2 fresh blocks
@@ -249,7 +266,7 @@ def test_errors_name_the_problem_and_the_fix():
     with pytest.raises(InputError, match="kv-cache-tokens"):
         bm.can_allocate(Sequence(range(9)))
     seq = Sequence(range(8))
-    bm.allocate(seq)
+    allocate(bm, seq)
     with pytest.raises(InputError, match="needs 3 KV blocks"):
         bm.can_append(seq)
     with pytest.raises(KVCacheError, match="already holds"):
@@ -302,6 +319,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         if self.bm.can_allocate(seq):
             self.bm.allocate(seq)
             self.write(seq, seq.num_cached_tokens)
+            computed(self.bm, seq)
             self.running.append(seq)
         else:
             self.waiting.append(seq)
@@ -330,6 +348,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for src, dst in self.bm.may_append(seq):
             self.kv[dst] = list(self.kv[src])
         self.write(seq, seq.num_tokens - 1)
+        computed(self.bm, seq)
 
     @precondition(lambda self: self.running)
     @rule(data=st.data())

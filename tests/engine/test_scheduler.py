@@ -194,8 +194,6 @@ def test_prefix_cache_hits_skip_prefill():
     assert b.output_token_ids == alone(prompt, b.params)
 
 
-@pytest.mark.xfail(strict=True, reason="BlockManager.allocate hashes every full prompt block at once, so a "
-                   "prompt chunk not yet computed (or abandoned by preemption/abort) is served as a cache hit")
 def test_prompt_chunks_are_not_cached_before_computed():
     sch, runner = make(long_prefill_token_threshold=4)
     prompt = list(range(1, 13))
@@ -299,7 +297,6 @@ def test_random_workloads_finish_exactly_within_budgets(seed, num_blocks, block_
                                                        chunked, prefix_caching, arrivals):
     """Requests arrive over time (arrivals[i] steps apart); shared prefixes make cache hits common."""
     rng = random.Random(seed)
-    prefix_caching = prefix_caching and not chunked  # see test_prompt_chunks_are_not_cached_before_computed
     max_model_len = min(64, num_blocks * block_size)
     if not chunked:
         budget = max(budget, max_model_len)
