@@ -75,10 +75,10 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> "Tokenizer":
-        from lmforge.checkpoint.gguf import GGUFFile
+        from lmforge.checkpoint.gguf import open_gguf
         from lmforge.checkpoint.gguf_tokenizer import tokenizer_from_gguf
 
-        spec = tokenizer_from_gguf(GGUFFile(path).metadata)
+        spec = tokenizer_from_gguf(open_gguf(path).metadata)
         special = {role: getattr(spec, f"{role}_token") for role in SPECIAL_ROLES}
         return cls(spec.tokenizer, special, spec.chat_template)
 

@@ -8,6 +8,7 @@ to float32 and `gguf_convert` maps the model onto the Hugging Face layout.
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import os
@@ -258,3 +259,21 @@ def _check_version(path: Path, version: int) -> None:
             f"{path} is GGUF version {version}; lmforge reads versions {SUPPORTED_VERSIONS}. "
             "Re-convert the model with a current llama.cpp (convert_hf_to_gguf.py)."
         )
+
+
+def open_gguf(path: str | os.PathLike[str]) -> GGUFFile:
+    """The parsed GGUF file at `path`, reused while the file is unchanged.
+
+    Loading a model reads one file several times (config to route it, tokenizer, weights);
+    parsing a large vocabulary's metadata takes a noticeable fraction of a second, so it is done once.
+    """
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return GGUFFile(path)  # raises the CheckpointError that names the problem
+    return _open_unchanged(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_unchanged(path: str, size: int, mtime_ns: int) -> GGUFFile:
+    return GGUFFile(path)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lmforge.checkpoint.gguf import GGUFFile
+from lmforge.checkpoint.gguf import GGUFFile, open_gguf
 from lmforge.errors import CheckpointError, UnsupportedError
 
 
@@ -235,14 +235,14 @@ def _architecture(gguf_file: GGUFFile) -> _Architecture:
 def gguf_config(gguf_file: GGUFFile | str | os.PathLike[str]) -> dict[str, Any]:
     """The Hugging Face config dict of a GGUF model, from metadata alone (no tensor is decoded)."""
     if not isinstance(gguf_file, GGUFFile):
-        gguf_file = GGUFFile(gguf_file)
+        gguf_file = open_gguf(gguf_file)
     return _architecture(gguf_file).config(gguf_file)
 
 
 def gguf_to_hf(gguf_file: GGUFFile | str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A Hugging Face config dict and float32 state dict (HF tensor names) for a GGUF model."""
     if not isinstance(gguf_file, GGUFFile):
-        gguf_file = GGUFFile(gguf_file)
+        gguf_file = open_gguf(gguf_file)
     arch = _architecture(gguf_file)
     config = arch.config(gguf_file)
     state_dict: dict[str, torch.Tensor] = {}

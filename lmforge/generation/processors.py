@@ -9,6 +9,7 @@ truncation filters (top-k, top-p, min-p, typical-p), which act on the tempered d
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -97,14 +98,14 @@ class SequenceState:
         return self._seen_mask
 
 
-class LogitsProcessor:
+class LogitsProcessor(ABC):
     """One rewrite of the next-token logits. Holds only per-params configuration, never per-sequence state."""
 
     name: str = "processor"
 
+    @abstractmethod
     def __call__(self, logits: Tensor, state: SequenceState) -> Tensor:
         """Return the processed logits; may modify `logits` in place."""
-        raise NotImplementedError
 
     def on_reset(self, state: SequenceState) -> None:
         """(Re)initialise this processor's entry in `state.processor_state` from the prompt."""

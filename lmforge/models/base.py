@@ -9,6 +9,7 @@ Hugging Face; `hf_keymap` translates them to lmforge's canonical tree.
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,12 +243,12 @@ class PreTrainedModel(nn.Module):
 
 
 
-class GenerativeModel(PreTrainedModel):
+class GenerativeModel(PreTrainedModel, ABC):
     """A model with a next-token head: adds `generate` and `stream` (see lmforge.generation)."""
 
+    @abstractmethod
     def decoder_attention_layers(self) -> list[Attention]:
         """The self-attention modules a KV cache serves, in layer order."""
-        raise NotImplementedError
 
     def generate(self, tokenizer, prompts, params=None):
         """Complete text or token-id prompts; returns one RequestOutput per prompt."""

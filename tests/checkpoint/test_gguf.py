@@ -384,3 +384,15 @@ def test_real_config_agrees_with_transformers(converted: tuple, hf_smollm2: torc
     assert config["rope_theta"] == hf_rope_theta == 100000.0
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["num_hidden_layers"]) == (9, 3, 30)
     assert "rope_scaling" not in config and config["model_type"] == "llama"
+
+
+def test_open_gguf_parses_an_unchanged_file_once(tmp_path: Path) -> None:
+    from lmforge.checkpoint.gguf import open_gguf
+
+    path = write_gguf(tmp_path / "m.gguf", "llama", {"token_embd.weight": np.zeros((4, 2))})
+    first = open_gguf(path)
+    assert open_gguf(path) is first
+    write_gguf(path, "gpt2", {"token_embd.weight": np.zeros((4, 2)), "output_norm.weight": np.ones(2)})
+    assert open_gguf(path) is not first and open_gguf(path).architecture == "gpt2"
+    with pytest.raises(CheckpointError, match="nowhere.gguf"):
+        open_gguf(tmp_path / "nowhere.gguf")
