@@ -270,14 +270,20 @@ class DecoderLM(GenerativeModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                logits_to_keep: int | None = None) -> ModelOutput:
-        """Logits [B, T, V]; only for the last `logits_to_keep` positions when given.
+                logits_to_keep: int | torch.Tensor | None = None) -> ModelOutput:
+        """Logits [B, T, V]; only for the last `logits_to_keep` positions, or the positions it lists
+        (a tensor of indices along T), when given.
 
-        Generation samples from the last position only: skipping the vocabulary
-        projection elsewhere saves most of the prefill cost of a large LM head.
+        Generation samples from few positions: skipping the vocabulary projection
+        elsewhere saves most of the prefill cost of a large LM head.
         """
         hidden = self.model(input_ids, attention_mask, position_ids, kv_cache).last_hidden_state
-        sampled = hidden if logits_to_keep is None else hidden[:, -logits_to_keep:]
+        if logits_to_keep is None:
+            sampled = hidden
+        elif isinstance(logits_to_keep, int):
+            sampled = hidden[:, -logits_to_keep:]
+        else:
+            sampled = hidden[:, logits_to_keep]
         return ModelOutput(logits=self.lm_head(sampled), last_hidden_state=hidden)
 
     def decoder_attention_layers(self) -> list[Attention]:

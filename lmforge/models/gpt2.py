@@ -27,7 +27,7 @@ from lmforge.nn import (
 from lmforge.nn.block import number_layers
 from lmforge.nn.heads import pool
 from lmforge.nn.kv_cache import KVCache
-from lmforge.nn.masks import build_attention_mask
+from lmforge.nn.masks import decoder_self_attention_mask
 from lmforge.nn.positions import default_position_ids
 from lmforge.registry import register
 
@@ -109,13 +109,12 @@ class GPT2Model(GPT2PreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> ModelOutput:
-        past = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
+            past = kv_cache.length if kv_cache is not None else 0
             position_ids = default_position_ids(input_ids, attention_mask, past)
         hidden = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(position_ids))
         length = input_ids.shape[1]
-        mask = build_attention_mask(attention_mask, length, past + length, causal=True, dtype=hidden.dtype,
-                                    device=hidden.device)
+        mask = decoder_self_attention_mask(attention_mask, length, kv_cache, hidden.dtype, hidden.device)
         for layer in self.layers:
             hidden = layer(hidden, mask, kv_cache=kv_cache)
         if kv_cache is not None:

@@ -24,7 +24,7 @@ from lmforge.nn import (
 from lmforge.nn.block import number_layers
 from lmforge.nn.heads import pool
 from lmforge.nn.kv_cache import KVCache
-from lmforge.nn.masks import build_attention_mask
+from lmforge.nn.masks import decoder_self_attention_mask
 from lmforge.nn.positions import default_position_ids
 from lmforge.registry import register
 
@@ -68,16 +68,16 @@ class LlamaModel(LlamaPreTrainedModel):
         """input_ids [B, T] (attention_mask 1 = token, 0 = padding) → hidden states [B, T, D].
 
         With a `kv_cache`, `input_ids` are the new tokens only and `attention_mask` covers the
-        cached positions too ([B, past + T]).
+        cached positions too ([B, past + T]). A `PagedKVCache` takes a packed batch: every
+        scheduled token of every sequence in one row ([1, N]) with explicit `position_ids`.
         """
-        past = kv_cache.length if kv_cache is not None else 0
         hidden = self.embed_tokens(input_ids)
         if position_ids is None:
+            past = kv_cache.length if kv_cache is not None else 0
             position_ids = default_position_ids(input_ids, attention_mask, past)
         rotary = self.rotary(position_ids, hidden.dtype)
         length = input_ids.shape[1]
-        mask = build_attention_mask(attention_mask, length, past + length, causal=True, dtype=hidden.dtype,
-                                    device=hidden.device)
+        mask = decoder_self_attention_mask(attention_mask, length, kv_cache, hidden.dtype, hidden.device)
         for layer in self.layers:
             hidden = layer(hidden, mask, rotary, kv_cache=kv_cache)
         if kv_cache is not None:

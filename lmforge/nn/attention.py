@@ -69,18 +69,21 @@ class Attention(FusedProjections, nn.Module):
     ) -> torch.Tensor:
         """hidden_states [B, T, D] → [B, T, D]. `key_value_states` switches to cross-attention.
 
-        With a `kv_cache`, self-attention appends this step's keys/values and attends over all
-        cached positions; cross-attention computes the encoder's keys/values once and reuses them.
+        With a `kv_cache` (contiguous `KVCache` or paged `PagedKVCache`), self-attention hands this
+        step's keys/values to the cache, which stores them and attends over everything it holds;
+        cross-attention computes the encoder's keys/values once and reuses them.
         """
+        dropout = self.dropout if self.training else 0.0
         if key_value_states is not None:
             q = self._split_heads(self.q_proj(hidden_states), self.num_heads)
             k, v = self._cross_keys_values(key_value_states, kv_cache)
+            out = self.kernel(q, k, v, attention_mask, self.scale, dropout)
+        elif kv_cache is not None:  # the cache stores this step's keys/values and attends over all it holds
+            q, k, v = self._self_queries_keys_values(hidden_states, rotary)
+            out = kv_cache.attend(self.layer_idx, q, k, v, attention_mask, self.kernel, self.scale)
         else:
             q, k, v = self._self_queries_keys_values(hidden_states, rotary)
-            if kv_cache is not None:
-                k, v = kv_cache.update(self.layer_idx, k, v)
-        dropout = self.dropout if self.training else 0.0
-        out = self.kernel(q, k, v, attention_mask, self.scale, dropout)
+            out = self.kernel(q, k, v, attention_mask, self.scale, dropout)
         batch, _, length, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
 

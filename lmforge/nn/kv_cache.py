@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from lmforge.errors import InputError
+from lmforge.nn.masks import build_attention_mask
 
 
 class KVCache:
@@ -45,6 +46,21 @@ class KVCache:
         self.keys[layer][:, :, start:start + new] = keys
         self.values[layer][:, :, start:start + new] = values
         return self.keys[layer][:, :, :start + new], self.values[layer][:, :, :start + new]
+
+    def attention_mask(self, padding_mask: torch.Tensor | None, query_length: int, dtype: torch.dtype,
+                       device: torch.device) -> torch.Tensor | None:
+        """The causal + padding mask of `query_length` new positions over the cached ones and themselves.
+
+        `padding_mask` [B, length + query_length] covers the cached positions too.
+        """
+        return build_attention_mask(padding_mask, query_length, self.length + query_length, causal=True,
+                                    dtype=dtype, device=device)
+
+    def attend(self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor | None, kernel, scale: float) -> torch.Tensor:
+        """Store the new keys/values, then attend the queries over every cached position."""
+        keys, values = self.update(layer, keys, values)
+        return kernel(q, keys, values, mask, scale)
 
     def advance(self, new_positions: int) -> None:
         """Called by the model after every layer has stored `new_positions` positions."""

@@ -37,3 +37,12 @@ def build_attention_mask(
         return None
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def decoder_self_attention_mask(padding_mask: torch.Tensor | None, query_length: int, kv_cache,
+                                dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """The causal self-attention mask of a decoder step; with a KV cache the cache builds it, since
+    only the cache knows which past positions (contiguous or paged) the new ones may see."""
+    if kv_cache is not None:
+        return kv_cache.attention_mask(padding_mask, query_length, dtype, device)
+    return build_attention_mask(padding_mask, query_length, query_length, causal=True, dtype=dtype, device=device)

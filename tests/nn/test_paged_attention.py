@@ -6,7 +6,7 @@ import torch
 from lmforge.errors import InputError
 from lmforge.nn import build_attention_mask
 from lmforge.nn.kernels.eager import eager_attention
-from lmforge.nn.kernels.paged import gather_from_cache, paged_attention, write_to_cache
+from lmforge.nn.kernels.paged import context_slots, gather_from_cache, paged_attention, write_to_cache
 from tests.parity import max_abs_diff
 
 BLOCK, KV_HEADS, HEADS, DIM, NUM_BLOCKS = 4, 2, 6, 8, 24
@@ -19,7 +19,7 @@ def fill_pool(lengths: list[int], seed: int = 0):
     Returns the pools, block tables (-1 padded), and each sequence's contiguous keys/values [H_kv, T, d].
     """
     generator = torch.Generator().manual_seed(seed)
-    key_cache = torch.full((NUM_BLOCKS, KV_HEADS, BLOCK, DIM), float("nan"))  # stale slots must never be read
+    key_cache = torch.full((NUM_BLOCKS, BLOCK, KV_HEADS, DIM), float("nan"))  # stale slots must never be read
     value_cache = key_cache.clone()
     free = torch.randperm(NUM_BLOCKS, generator=generator).tolist()
     max_blocks = max(-(-n // BLOCK) for n in lengths) + 1  # one spare column of padding
@@ -37,19 +37,19 @@ def fill_pool(lengths: list[int], seed: int = 0):
 
 
 def test_write_to_cache_round_trip_and_skips_padding_slots():
-    key_cache, value_cache = torch.zeros(3, KV_HEADS, BLOCK, DIM), torch.zeros(3, KV_HEADS, BLOCK, DIM)
+    key_cache, value_cache = torch.zeros(3, BLOCK, KV_HEADS, DIM), torch.zeros(3, BLOCK, KV_HEADS, DIM)
     keys, values = torch.randn(3, KV_HEADS, DIM), torch.randn(3, KV_HEADS, DIM)
     slots = torch.tensor([2 * BLOCK + 1, -1, 0 * BLOCK + 3])  # block 2 offset 1, a padding token, block 0 offset 3
     write_to_cache(key_cache, value_cache, keys, values, slots)
-    assert torch.equal(key_cache[2, :, 1], keys[0]) and torch.equal(value_cache[2, :, 1], values[0])
-    assert torch.equal(key_cache[0, :, 3], keys[2]) and torch.equal(value_cache[0, :, 3], values[2])
+    assert torch.equal(key_cache[2, 1], keys[0]) and torch.equal(value_cache[2, 1], values[0])
+    assert torch.equal(key_cache[0, 3], keys[2]) and torch.equal(value_cache[0, 3], values[2])
     assert int((key_cache != 0).any(dim=-1).sum()) == 2 * KV_HEADS  # nothing else was written
 
 
 def test_gather_lays_blocks_end_to_end_in_logical_order():
     key_cache, _, tables, contiguous = fill_pool([9, 4])
-    gathered = gather_from_cache(key_cache, tables)
-    assert gathered.shape == (2, KV_HEADS, tables.shape[1] * BLOCK, DIM)
+    gathered = gather_from_cache(key_cache, context_slots(tables, BLOCK, 9))
+    assert gathered.shape == (2, KV_HEADS, 9, DIM)
     assert torch.equal(gathered[0, :, :9], contiguous[0][0])
     assert torch.equal(gathered[1, :, :4], contiguous[1][0])
 
