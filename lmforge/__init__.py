@@ -1,6 +1,8 @@
 """lmforge: a hackable transformer stack — models, checkpoints, generation, training, serving."""
 
+from lmforge.engine import LLM, EngineConfig, LLMEngine
 from lmforge.errors import LMForgeError
+from lmforge.generation.sampling_params import SamplingParams
 from lmforge.registry import (
     AutoConfig,
     AutoModel,
@@ -31,5 +33,5 @@ def stream(model, tokenizer, prompt, params=None):
 __all__ = [
     "LMForgeError", "AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM",
     "AutoModelForSeq2SeqLM", "AutoModelForSequenceClassification", "AutoModelForTokenClassification",
-    "AutoTokenizer", "generate", "stream",
+    "AutoTokenizer", "generate", "stream", "LLM", "LLMEngine", "EngineConfig", "SamplingParams",
 ]

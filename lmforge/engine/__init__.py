@@ -1,6 +1,13 @@
 """The serving engine: many requests share one model through a paged KV cache and continuous batching.
 
-`sequence` holds one request's tokens and state, `block_manager` maps its tokens to fixed-size
-KV-cache blocks (with prefix caching and copy-on-write forks); the scheduler, model runner and
-engine that drive them build on these two pure-Python pieces.
+`sequence` holds one generation stream, `block_manager` maps its tokens to fixed-size KV-cache
+blocks (prefix caching, copy-on-write forks), `scheduler` picks each step's batch (continuous
+batching, chunked prefill, preemption), `model_runner` runs it as one packed forward pass,
+`llm_engine` samples and streams, and `llm` is the offline `LLM(...).generate(...)` interface.
 """
+
+from lmforge.engine.config import EngineConfig
+from lmforge.engine.llm import LLM
+from lmforge.engine.llm_engine import EngineStats, LLMEngine
+
+__all__ = ["LLM", "EngineConfig", "EngineStats", "LLMEngine"]

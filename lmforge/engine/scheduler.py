@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from lmforge.engine.block_manager import BlockManager
 from lmforge.engine.sequence import Sequence, SequenceStatus
-from lmforge.errors import InputError, ValidationError
+from lmforge.errors import InputError, KVCacheError, ValidationError
+from lmforge.generation.stopping import OutputStream
 
 
 @dataclass
@@ -99,6 +100,8 @@ class Scheduler:
             raise InputError(f"Request {seq.request_id!r} may grow to {longest} tokens, needing {needed} KV blocks, "
                              f"but the whole KV cache has {bm.num_blocks} blocks of {bm.block_size} tokens; lower "
                              "max_tokens or max_model_len, or give the cache more blocks (num_blocks).")
+        if seq.output is None:
+            seq.output = OutputStream(None, seq.params, sorted(self.eos_token_ids), seq.num_prompt_tokens, limit)
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
         self.seqs[seq.seq_id] = seq
@@ -153,9 +156,10 @@ class Scheduler:
             out.scheduled.append((seq, n))
             budget -= n
             i += 1
-        while (self.waiting and budget > 0 and not out.preempted
-               and len(self.running) < self.config.max_num_seqs):  # then admit waiting ones, FCFS
+        while self.waiting and budget > 0 and not out.preempted:  # then admit waiting ones, FCFS
             seq = self.waiting[0]
+            if self._running_slots() + seq.running_slots > self.config.max_num_seqs:
+                break
             if not self.config.enable_chunked_prefill and seq.num_tokens > budget:
                 break
             if not self.block_manager.can_allocate(seq):
@@ -183,16 +187,41 @@ class Scheduler:
             if seq.seq_id not in sampled_tokens:
                 raise InputError(f"No sampled token for sequence {seq.seq_id}, which computed its last token this "
                                  "step; pass a token for every sequence in SchedulerOutput.sampling.")
-            seq.append_token(sampled_tokens[seq.seq_id])
-            status = self._finish_status(seq)
-            if status is not None:
+            token = sampled_tokens[seq.seq_id]
+            seq.append_token(token)
+            step = seq.output.append(token)
+            if step.finished:
+                status = (SequenceStatus.FINISHED_STOPPED if step.finish_reason == "stop"
+                          else SequenceStatus.FINISHED_LENGTH_CAPPED)
                 self.finish(seq.seq_id, status)
                 finished.append(seq)
             else:
                 self.unplaced.add(seq.seq_id)  # its KV slot is placed by the next schedule()
         return finished
 
+    def fork(self, parent: Sequence, out: SchedulerOutput) -> Sequence:
+        """Parallel sampling: a sibling of `parent`, which samples its first token in step `out`.
+
+        The child shares every KV block of the parent (the prompt is computed once) and takes part
+        in this step's `update` with its own sampled token; the first write to a shared partial
+        block copies it (copy-on-write).
+        """
+        if parent not in out.sampling or parent.num_output_tokens:
+            raise KVCacheError(f"Sequence {parent.seq_id} can only fork in the step that samples its first "
+                               "token; fork between schedule() and update() of that step.")
+        child = parent.fork()
+        child.output = parent.output.fresh()
+        self.block_manager.fork(parent, child)
+        self.running.insert(self.running.index(parent) + 1, child)
+        self.seqs[child.seq_id] = child
+        out.scheduled.append((child, dict((seq.seq_id, n) for seq, n in out.scheduled)[parent.seq_id]))
+        parent.forked = True
+        return child
+
     # ----- helpers -----------------------------------------------------------------------
+
+    def _running_slots(self) -> int:
+        return sum(seq.running_slots for seq in self.running)
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         n = seq.num_tokens - seq.num_computed_tokens
@@ -212,12 +241,3 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
         return seq
-
-    def _finish_status(self, seq: Sequence) -> SequenceStatus | None:
-        params, token = seq.params, seq.last_token
-        if seq.num_output_tokens >= params.min_tokens and (
-                token in (params.stop_token_ids or ()) or (token in self.eos_token_ids and not params.ignore_eos)):
-            return SequenceStatus.FINISHED_STOPPED
-        if seq.num_output_tokens == params.max_tokens or seq.num_tokens >= self.config.max_model_len:
-            return SequenceStatus.FINISHED_LENGTH_CAPPED
-        return None

@@ -10,9 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from enum import Enum, auto
 from itertools import count
+from typing import TYPE_CHECKING
 
 from lmforge.errors import InputError
 from lmforge.generation.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from lmforge.generation.processors import LogitsPipeline, SequenceState
+    from lmforge.generation.sampler import Sampler, TokenLogprob
+    from lmforge.generation.stopping import OutputStream
 
 
 class SequenceStatus(Enum):
@@ -53,6 +59,15 @@ class Sequence:
         self.block_table: list[int] = []  # physical KV block ids, in token order
         self.num_cached_tokens = 0  # leading tokens whose KV came from the prefix cache
         self.num_computed_tokens = 0  # leading tokens whose KV is (or is being) written
+        self.forked = False  # whether its n - 1 siblings exist (they fork off at the first sampled token)
+        # The stop rules and detokenized text; the scheduler gives a token-only stream if none is set.
+        self.output: OutputStream | None = None
+        # What the engine samples with: the request's logits pipeline, this sequence's processor
+        # state and seeded sampler, and the logprobs it asked for.
+        self.pipeline: LogitsPipeline | None = None
+        self.sampling_state: SequenceState | None = None
+        self.sampler: Sampler | None = None
+        self.logprobs: list[TokenLogprob] | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -105,10 +120,16 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 
+    @property
+    def running_slots(self) -> int:
+        """Places in the running set this sequence takes once sampled: n for a parent yet to fork."""
+        return 1 if self.forked else self.params.n
+
     def fork(self) -> Sequence:
         """A copy with a new seq_id and no blocks, for parallel sampling (n > 1); pair it with
         `BlockManager.fork(parent, child)` so the child shares the parent's KV blocks."""
         child = Sequence(self.token_ids, self.params, self.request_id)
         child.num_prompt_tokens = self.num_prompt_tokens
         child.status = self.status
+        child.forked = True
         return child

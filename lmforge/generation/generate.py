@@ -18,7 +18,7 @@ import torch
 
 from lmforge.errors import InputError
 from lmforge.generation.processors import LogitsPipeline, Observer, SequenceState
-from lmforge.generation.sampler import Sampler, TokenLogprob, logprobs, sample_batch
+from lmforge.generation.sampler import Sampler, TokenLogprob, sample_next_tokens
 from lmforge.generation.sampling_params import SamplingParams
 from lmforge.generation.session import open_session
 from lmforge.generation.stopping import OutputStream, StepResult
@@ -40,12 +40,38 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """When a request's milestones happened (time.perf_counter seconds) and the latencies they give."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    num_output_tokens: int = 0  # of the longest completion (with n > 1 they are generated side by side)
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def time_per_output_token(self) -> float | None:
+        """Mean time between consecutive output tokens after the first (inter-token latency)."""
+        if self.first_token_time is None or self.num_output_tokens < 2:
+            return None
+        return (self.last_token_time - self.first_token_time) / (self.num_output_tokens - 1)
+
+
+@dataclass
 class RequestOutput:
-    """A prompt and its `n` completions."""
+    """A prompt and its `n` completions (the engine also fills request_id, finished and metrics)."""
 
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
+    request_id: str | None = None
+    finished: bool = True
+    metrics: RequestMetrics | None = None
 
 
 @dataclass
@@ -55,7 +81,9 @@ class _Sequence:
     request: int
     index: int
     prompt_token_ids: list[int]
-    state: SequenceState
+    params: SamplingParams
+    pipeline: LogitsPipeline
+    sampling_state: SequenceState
     sampler: Sampler
     output: OutputStream
     logprobs: list[TokenLogprob] | None
@@ -125,8 +153,8 @@ def generate_steps(model, tokenizer, prompts: Sequence[Prompt], params: Sampling
                               device=model.device)
             context_ids = prefix if prefix is ids else None  # detokenize as a continuation of the prompt
             output = OutputStream(tokenizer, row_params, eos, len(prefix), context, context_ids)
-            sequences.append(_Sequence(request, index, ids, pipeline.new_state(prefix), sampler, output,
-                                       [] if params.logprobs is not None else None))
+            sequences.append(_Sequence(request, index, ids, params, pipeline, pipeline.new_state(prefix), sampler,
+                                       output, [] if params.logprobs is not None else None))
             rows.append(ids)
 
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
@@ -136,13 +164,9 @@ def generate_steps(model, tokenizer, prompts: Sequence[Prompt], params: Sampling
         logits = session.prefill()
         active = sequences
         while True:
-            processed = torch.stack([pipeline(logits[r], seq.state, observer) for r, seq in enumerate(active)])
-            tokens = sample_batch(processed, [seq.sampler for seq in active])
+            tokens = sample_next_tokens(logits, active, observer)
             keep = []
             for r, (seq, token) in enumerate(zip(active, tokens)):
-                seq.state.accept(token)
-                if seq.logprobs is not None:
-                    seq.logprobs.append(logprobs(logits[r], token, params.logprobs))
                 step = seq.output.append(token)
                 yield seq, step
                 if not step.finished:

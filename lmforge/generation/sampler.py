@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 
 from lmforge.errors import InputError
 from lmforge.generation.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from lmforge.generation.processors import LogitsPipeline, Observer, SequenceState
 
 
 class Sampler:
@@ -82,3 +86,28 @@ def logprobs(raw_logits: Tensor, token_id: int, top_n: int = 0) -> TokenLogprob:
         values, ids = log_probs.topk(min(top_n, vocab_size))
         top = list(zip(ids.tolist(), values.tolist()))
     return TokenLogprob(token_id, float(log_probs[token_id]), top)
+
+
+class SamplingRow(Protocol):
+    """What one generating sequence brings to a sampling step (generate's rows, the engine's sequences)."""
+
+    params: SamplingParams
+    pipeline: LogitsPipeline
+    sampling_state: SequenceState
+    sampler: Sampler
+    logprobs: list[TokenLogprob] | None  # appended to when the request asked for logprobs
+
+
+def sample_next_tokens(logits: Tensor, rows: Sequence[SamplingRow], observer: Observer | None = None) -> list[int]:
+    """The next token of every row from its raw [vocab] logits `logits[i]`.
+
+    Row i's logits pipeline processes its logits, its own sampler draws, its processor state
+    accepts the token, and the token's logprobs are recorded when requested.
+    """
+    processed = torch.stack([row.pipeline(logits[i], row.sampling_state, observer) for i, row in enumerate(rows)])
+    tokens = sample_batch(processed, [row.sampler for row in rows])
+    for i, (row, token) in enumerate(zip(rows, tokens)):
+        row.sampling_state.accept(token)
+        if row.logprobs is not None:
+            row.logprobs.append(logprobs(logits[i], token, row.params.logprobs))
+    return tokens

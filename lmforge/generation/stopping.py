@@ -40,15 +40,21 @@ class OutputStream:
     When a stop condition and a length limit hit on the same token, "stop" wins.
     """
 
-    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, eos_token_ids: list[int],
+    def __init__(self, tokenizer: Tokenizer | None, params: SamplingParams, eos_token_ids: list[int],
                  prompt_length: int, max_model_len: int | None = None,
                  prompt_token_ids: list[int] | None = None):
+        self._arguments = (tokenizer, params, eos_token_ids, prompt_length, max_model_len, prompt_token_ids)
         self.params = params
         self.eos_token_ids = frozenset(eos_token_ids)
         self.stop_token_ids = frozenset(params.stop_token_ids or ())
         self.prompt_length = prompt_length
         self.max_model_len = max_model_len
-        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
+        if tokenizer is None and params.stop:
+            raise InputError("stop strings need a tokenizer to detokenize the output; pass one, or use "
+                             "stop_token_ids instead.")
+        # Without a tokenizer the stream applies the token rules only and produces no text.
+        self.detokenizer = (IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
+                            if tokenizer is not None else None)
         self.stop_strings = list(params.stop or ())
         self._max_stop_len = max((len(s) for s in self.stop_strings), default=0)
         self._stop_prefixes = {s[:k] for s in self.stop_strings for k in range(1, len(s))}
@@ -58,6 +64,10 @@ class OutputStream:
         self._chunks: list[str] = []
         self.finish_reason: FinishReason | None = None
         self.stop_reason: str | int | None = None
+
+    def fresh(self) -> OutputStream:
+        """A new, empty stream with the same settings (for a sibling completion of the same prompt)."""
+        return OutputStream(*self._arguments)
 
     @property
     def finished(self) -> bool:
@@ -81,10 +91,11 @@ class OutputStream:
         at_length = self._at_length()
 
         new_text = ""
-        if not stop_token or self.params.include_stop_str_in_output:
-            new_text = self.detokenizer.add(token_id)
-        if stop_token or at_length:
-            new_text += self.detokenizer.flush()
+        if self.detokenizer is not None:
+            if not stop_token or self.params.include_stop_str_in_output:
+                new_text = self.detokenizer.add(token_id)
+            if stop_token or at_length:
+                new_text += self.detokenizer.flush()
 
         delta, stop_string = self._scan(new_text, may_stop)
         if stop_string is not None:

@@ -18,8 +18,9 @@ from lmforge.generation.sampling_params import SamplingParams
 VOCAB, EOS = 50, 0
 
 
-def next_token(tokens: list[int]) -> int:
-    return (tokens[-1] * 31 + 7 + len(tokens)) % VOCAB
+def next_token(tokens: list[int], sibling: int = 0) -> int:
+    """A deterministic "model"; parallel samples of one prompt differ in their first token."""
+    return (tokens[-1] * 31 + 7 + len(tokens) + sibling) % VOCAB
 
 
 def prefix_hashes(tokens: list[int]) -> list[int]:
@@ -38,6 +39,7 @@ class FakeRunner:
         self.kv: dict[tuple[int, int], int] = {}  # (block_id, slot) -> prefix hash of the token there
         self.steps = 0
         self.prefill_tokens: dict[str, int] = {}  # request_id -> prompt tokens computed (cache misses)
+        self.siblings: dict[int, int] = {}  # seq_id -> index among the n samples of its request
 
     def step(self) -> tuple[SchedulerOutput, list[Sequence]]:
         sch, bs = self.scheduler, self.scheduler.block_manager.block_size
@@ -49,7 +51,6 @@ class FakeRunner:
             for slot in range(bs):
                 if (src, slot) in self.kv:
                     self.kv[dst, slot] = self.kv[src, slot]
-        sampled = {}
         for seq, n in out.scheduled:
             assert n >= 1 and seq.status is SequenceStatus.RUNNING
             start, hashes = seq.num_computed_tokens, prefix_hashes(seq.token_ids)
@@ -60,9 +61,12 @@ class FakeRunner:
                 self.kv[seq.block_table[p // bs], p % bs] = hashes[p]
             for p in range(start + n):  # attention reads the whole prefix back
                 assert self.kv.get((seq.block_table[p // bs], p % bs)) == hashes[p], f"stale KV at {p} of {seq}"
-            if start + n == seq.num_tokens:
-                sampled[seq.seq_id] = next_token(seq.token_ids)
-        assert set(sampled) == {seq.seq_id for seq in out.sampling}
+        for parent in out.sampling:  # parallel sampling: siblings fork off at the first token
+            if not parent.forked and parent.params.n > 1:
+                for k in range(1, parent.params.n):
+                    self.siblings[sch.fork(parent, out).seq_id] = k
+        sampled = {seq.seq_id: next_token(seq.token_ids, 0 if seq.num_output_tokens else self.siblings.get(seq.seq_id, 0))
+                   for seq in out.sampling}
         self.steps += 1
         return out, sch.update(out, sampled)
 
@@ -200,6 +204,31 @@ def test_prompt_chunks_are_not_cached_before_computed():
     for _ in range(2):
         sch.add(Sequence(prompt, SamplingParams(max_tokens=2)))
     runner.run()  # the second hits the first's blocks 0-1 while only block 0 is computed: stale KV
+
+
+def test_parallel_sampling_shares_the_prompt_blocks_and_copies_on_write():
+    sch, runner = make(num_blocks=64, block_size=4, max_num_seqs=3)
+    prompt = list(range(1, 11))  # 10 tokens: 2 full blocks and a partial one, shared by 3 samples
+    parent = Sequence(prompt, SamplingParams(n=3, max_tokens=6, ignore_eos=True), request_id="r")
+    blocker = Sequence([7, 8], SamplingParams(max_tokens=3, ignore_eos=True))
+    sch.add(parent)
+    sch.add(blocker)
+    out, _ = runner.step()
+    assert [s for s, _ in out.scheduled][0] is parent and blocker.status is SequenceStatus.WAITING  # 3 + 1 > 3
+    family = [seq for seq in sch.running if seq.request_id == "r"]
+    assert len(family) == 3 and runner.prefill_tokens["r"] == 10  # the prompt was computed once
+    assert len({tuple(seq.block_table) for seq in family}) == 1
+    assert [sch.block_manager.blocks[b].ref_count for b in parent.block_table] == [3, 3, 3]
+    out, _ = runner.step()  # each writes its second output token into the shared partial block
+    assert len(out.block_copies) == 2 and len({seq.block_table[-1] for seq in family}) == 3
+    runner.run()
+    outputs = {tuple(seq.output_token_ids) for seq in family}
+    expected = set()
+    for k in range(3):
+        first = next_token(prompt, k)
+        expected.add((first, *alone(prompt + [first], SamplingParams(max_tokens=5, ignore_eos=True))))
+    assert outputs == expected and len(outputs) == 3
+    assert sch.block_manager.num_free_blocks == sch.block_manager.num_blocks
 
 
 # ----- finishing --------------------------------------------------------------------------

@@ -1,0 +1,104 @@
+"""LLM: offline batch inference with vLLM's interface.
+
+    from lmforge import LLM, SamplingParams
+    llm = LLM("smollm2-135m-instruct")
+    outputs = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=16))
+    print(outputs[0].outputs[0].text)
+
+Every prompt becomes a request of one `LLMEngine`, which runs them all with continuous batching
+over a paged KV cache; results come back in prompt order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lmforge.engine.config import EngineConfig
+from lmforge.engine.llm_engine import LLMEngine
+from lmforge.errors import InputError
+from lmforge.generation.chat import ROLES
+from lmforge.generation.generate import RequestOutput
+from lmforge.generation.sampling_params import SamplingParams
+
+Prompt = str | Sequence[int]
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    """A model, its tokenizer and a serving engine. Extra keyword arguments are `EngineConfig` fields."""
+
+    def __init__(self, model: Any = "smollm2-135m-instruct", tokenizer=None, dtype: torch.dtype = torch.float32,
+                 **engine_options: Any):
+        if isinstance(model, (str, Path)):
+            from lmforge.registry import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
+            model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+        elif tokenizer is None:
+            raise InputError("LLM(model) with a model object needs its tokenizer too: LLM(model, tokenizer).")
+        self.engine = LLMEngine(model, tokenizer, EngineConfig(**engine_options))
+        self.tokenizer = tokenizer
+        self._ids = count()
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams
+                 | Sequence[SamplingParams] | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Complete one prompt or many (text or token ids); one RequestOutput per prompt, in order."""
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+        prompt_list = [prompts] if single else list(prompts)
+        if isinstance(sampling_params, Sequence):
+            if len(sampling_params) != len(prompt_list):
+                raise InputError(f"got {len(sampling_params)} SamplingParams for {len(prompt_list)} prompts; pass "
+                                 "one per prompt or a single one for all.")
+            params_list = list(sampling_params)
+        else:
+            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+        return self._run(prompt_list, params_list, use_tqdm)
+
+    def chat(self, messages: Conversation | Sequence[Conversation], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Answer one conversation or many ([{"role": ..., "content": ...}, ...]) with the chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for conversation in conversations:
+            for message in conversation:
+                if not isinstance(message, dict) or message.get("role") not in ROLES:
+                    raise InputError(f"each chat message needs a 'role' in {ROLES} and a 'content'; got {message!r}.")
+            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+            prompts.append(self.tokenizer.encode(text, add_special_tokens=False))
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, prompts: list[Prompt], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        order = {}
+        try:
+            for prompt, request_params in zip(prompts, params):
+                request_id = str(next(self._ids))
+                engine.add_request(request_id, prompt, request_params)
+                order[request_id] = len(order)
+        except Exception:
+            for request_id in order:  # nothing half-queued stays behind
+                engine.abort_request(request_id)
+            raise
+        results: list[RequestOutput | None] = [None] * len(order)
+        try:
+            with tqdm(total=len(order), desc="Generating", unit="req", disable=not use_tqdm) as progress:
+                while engine.has_unfinished_requests():
+                    for output in engine.step():
+                        if output.finished:
+                            results[order[output.request_id]] = output
+                            progress.update(1)
+                    stats = engine.stats
+                    progress.set_postfix_str(f"{stats.tokens_per_second:.0f} tok/s, running {stats.num_running}, "
+                                             f"kv {stats.kv_blocks_used}/{stats.kv_blocks_total} blocks",
+                                             refresh=False)
+        except BaseException:  # Ctrl-C or an error: free what is still queued, so the engine stays usable
+            for request_id in order:
+                engine.abort_request(request_id)
+            raise
+        return results
