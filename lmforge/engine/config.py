@@ -21,7 +21,7 @@ from lmforge.errors import ConfigError, ValidationError
 class EngineConfig:
     block_size: int = 16  # tokens per KV block
     kv_cache_tokens: int | None = None  # token slots in the KV pool; None = sized by kv_cache_memory_fraction
-    kv_cache_memory_fraction: float = 0.25  # of the device memory available at startup
+    kv_cache_memory_fraction: float = 0.1  # of the device memory available at startup
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int = 512  # tokens per forward pass (decodes + prompt chunks)
     max_model_len: int | None = None  # prompt + output of one sequence; None = the model's context window
