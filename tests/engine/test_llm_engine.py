@@ -10,15 +10,9 @@ from lmforge import LLM, EngineConfig, LLMEngine, SamplingParams, generate
 from lmforge.errors import ConfigError, InputError, UnsupportedError
 from tests.generation.test_generate import first_near_tie
 from tests.models.test_gpt2 import hf_gpt2
-from tests.models.test_llama import hf_llama
 from tests.parity import id_tokenizer, ours_from_hf
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return ours_from_hf(hf_llama(num_key_value_heads=2), "causal-lm"), id_tokenizer(128)
 
 
 def random_prompts(count: int, max_len: int = 40, seed: int = 0) -> list[list[int]]:
