@@ -26,8 +26,7 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
         """Run the step; float32 next-token logits [len(out.sampling), vocab], in `out.sampling` order."""
         self.cache.copy_blocks(out.block_copies)  # copy-on-write before anything is written
-        # Single-token spans (decodes) first: the paged cache attends those in one batched call.
-        scheduled = sorted(out.scheduled, key=lambda item: item[1] != 1)
+        scheduled = sorted(out.scheduled, key=_packing_order)
         spans, token_ids, sampled_rows = [], [], {}
         for seq, n in scheduled:
             start = seq.num_computed_tokens
@@ -40,3 +39,10 @@ class ModelRunner:
         ids = torch.tensor([token_ids], device=self.device)
         logits = self.model(ids, position_ids=positions[None], kv_cache=self.cache, logits_to_keep=keep).logits
         return logits[0].float()
+
+
+def _packing_order(item: tuple) -> tuple[bool, int]:
+    """Single-token spans (decodes) first, shortest context first: the paged cache attends them in a
+    few batched calls over contexts of similar length. Prompt chunks follow in scheduling order."""
+    seq, n = item
+    return (n != 1, seq.num_computed_tokens if n == 1 else 0)

@@ -42,12 +42,20 @@ class _Chunk:
 
 
 @dataclass
+class _DecodeGroup:
+    """Consecutive single-token spans attended in one call: rows [first, first + count) of the batch."""
+
+    first: int
+    count: int
+    context: torch.Tensor  # slot ids [count, longest context in the group]
+    mask: torch.Tensor  # hides each row's slots past its own context
+
+
+@dataclass
 class _StepPlan:
     slot_mapping: torch.Tensor  # [N] where each new token's key/value goes
     positions: torch.Tensor  # [N]
-    num_decodes: int  # the first num_decodes tokens are single-token spans, attended together
-    decode_context: torch.Tensor | None  # slot ids [num_decodes, longest context]
-    decode_mask: torch.Tensor | None
+    decode_groups: list[_DecodeGroup]
     chunks: list[_Chunk]
 
 
@@ -94,7 +102,9 @@ class PagedKVCache:
     def prepare(self, spans: list[Span]) -> torch.Tensor:
         """Plan a packed step over `spans` (in packed order); returns the tokens' positions [N].
 
-        Put single-token spans first: those leading ones are attended in one batched call.
+        Put single-token spans first, sorted by position: those leading ones are attended in a
+        few batched calls, each over contexts of similar length (every row of a call reads as
+        many slots as its longest context, so mixing 30- and 600-token contexts wastes reads).
         """
         bs, slot_mapping, positions, chunks = self.block_size, [], [], []
         for span in spans:
@@ -107,11 +117,13 @@ class PagedKVCache:
                 slot_mapping.append(span.block_table[p // bs] * bs + p % bs)
             positions.extend(range(span.start, end))
         num_decodes = next((i for i, span in enumerate(spans) if span.length != 1), len(spans))
-        decode_context = decode_mask = None
-        if num_decodes:
-            lens = torch.tensor([s.start + 1 for s in spans[:num_decodes]], device=self.device)
-            decode_context = context_slots(self._tables(spans[:num_decodes]), bs, int(lens.max()))
-            decode_mask = context_mask(lens, 1, decode_context.shape[1], self.keys[0].dtype)
+        decode_groups = []
+        for first, count in _decode_groups(spans[:num_decodes]):
+            group = spans[first:first + count]
+            lens = torch.tensor([s.start + 1 for s in group], device=self.device)
+            context = context_slots(self._tables(group), bs, int(lens.max()))
+            mask = context_mask(lens, 1, context.shape[1], self.keys[0].dtype)
+            decode_groups.append(_DecodeGroup(first, count, context, mask))
         first = num_decodes
         for span in spans[num_decodes:]:
             end = span.start + span.length
@@ -125,7 +137,7 @@ class PagedKVCache:
             first += span.length
         device = self.device
         self._plan = _StepPlan(torch.tensor(slot_mapping, device=device), torch.tensor(positions, device=device),
-                               num_decodes, decode_context, decode_mask, chunks)
+                               decode_groups, chunks)
         return self._plan.positions
 
     def _tables(self, spans: list[Span]) -> torch.Tensor:
@@ -170,15 +182,16 @@ class PagedKVCache:
         slots(key_pool).index_copy_(0, plan.slot_mapping, keys[0].transpose(0, 1))
         slots(value_pool).index_copy_(0, plan.slot_mapping, values[0].transpose(0, 1))
         outputs = []
-        if plan.num_decodes:
-            decode_q = q[0, :, :plan.num_decodes].transpose(0, 1).unsqueeze(2)  # [S, H, 1, d]
-            needed = plan.decode_context.numel()
+        for group in plan.decode_groups:
+            rows = slice(group.first, group.first + group.count)
+            decode_q = q[0, :, rows].transpose(0, 1).unsqueeze(2)  # [S, H, 1, d]
+            needed = group.context.numel()
             if self._key_buffer.shape[0] < needed:
                 self._key_buffer = self._key_buffer.new_empty((needed, *self._key_buffer.shape[1:]))
                 self._value_buffer = self._value_buffer.new_empty((needed, *self._value_buffer.shape[1:]))
-            k = gather_from_cache(key_pool, plan.decode_context, self._key_buffer)
-            v = gather_from_cache(value_pool, plan.decode_context, self._value_buffer)
-            out = kernel(decode_q, k, v, plan.decode_mask, scale)  # [S, H, 1, d]
+            k = gather_from_cache(key_pool, group.context, self._key_buffer)
+            v = gather_from_cache(value_pool, group.context, self._value_buffer)
+            out = kernel(decode_q, k, v, group.mask, scale)  # [S, H, 1, d]
             outputs.append(out.squeeze(2).transpose(0, 1).unsqueeze(0))
         for chunk in plan.chunks:
             rows = slice(chunk.first, chunk.first + chunk.length)
@@ -188,3 +201,11 @@ class PagedKVCache:
                 k, v = gather_from_cache(key_pool, chunk.context), gather_from_cache(value_pool, chunk.context)
             outputs.append(kernel(q[:, :, rows], k, v, chunk.mask, scale))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+
+def _decode_groups(decodes: list[Span], max_groups: int = 4, min_group: int = 8) -> list[tuple[int, int]]:
+    """Split consecutive decode spans (sorted by position) into up to `max_groups` runs of about equal
+    size, none smaller than `min_group`: (first, count) of each."""
+    groups = max(1, min(max_groups, len(decodes) // min_group))
+    bounds = [round(i * len(decodes) / groups) for i in range(groups + 1)]
+    return [(a, b - a) for a, b in zip(bounds, bounds[1:]) if b > a]

@@ -65,8 +65,10 @@ class FakeRunner:
             if not parent.forked and parent.params.n > 1:
                 for k in range(1, parent.params.n):
                     self.siblings[sch.fork(parent, out).seq_id] = k
-        sampled = {seq.seq_id: next_token(seq.token_ids, 0 if seq.num_output_tokens else self.siblings.get(seq.seq_id, 0))
-                   for seq in out.sampling}
+        sampled = {}
+        for seq in out.sampling:
+            sibling = 0 if seq.num_output_tokens else self.siblings.get(seq.seq_id, 0)
+            sampled[seq.seq_id] = next_token(seq.token_ids, sibling)
         self.steps += 1
         return out, sch.update(out, sampled)
 

@@ -61,6 +61,23 @@ def test_mixed_packed_steps_equal_plain_forward(builder, implementation):
     assert max_abs_diff(logits[14:23], expected[3][:9]) <= 1e-4
 
 
+def test_many_decodes_attend_in_length_groups():
+    """20 decodes with contexts from 2 to 39 tokens (sorted, as the model runner packs them) are split
+    into several batched calls; each still reads exactly its own context."""
+    model = ours_from_hf(hf_llama(num_key_value_heads=2), "causal-lm")
+    generator = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(1, 90, (n,), generator=generator).tolist() for n in range(2, 41, 2)]
+    with torch.no_grad():
+        expected = [model(torch.tensor([seq])).logits[0, -1] for seq in sequences]
+    cache, pool = PagedKVCache.for_model(model, num_blocks=256, block_size=BLOCK), Pool(256)
+    tables = [pool.table(len(seq)) for seq in sequences]
+    packed_step(model, cache, [Span(t, 0, len(s) - 1) for t, s in zip(tables, sequences)], sequences)  # prefill
+    logits = packed_step(model, cache, [Span(t, len(s) - 1, 1) for t, s in zip(tables, sequences)], sequences)
+    assert len(cache._plan.decode_groups) == 2
+    for row, reference in enumerate(expected):
+        assert max_abs_diff(logits[row], reference) <= 1e-4
+
+
 def test_copy_blocks_duplicates_every_layer():
     model = ours_from_hf(hf_llama(), "causal-lm")
     cache = PagedKVCache.for_model(model, num_blocks=4, block_size=BLOCK)
