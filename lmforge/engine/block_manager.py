@@ -108,6 +108,10 @@ class BlockManager:
             self.queries += seq.num_tokens
             self.hits += seq.num_cached_tokens
 
+    def num_cached_prefix_tokens(self, seq: Sequence) -> int:
+        """Leading tokens of `seq` whose KV the prefix cache holds now (what `allocate` would reuse)."""
+        return len(self._match_prefix(seq)) * self.block_size
+
     def _check_fits(self, seq: Sequence, num_tokens: int) -> None:
         needed = (num_tokens + self.block_size - 1) // self.block_size
         if needed > self.num_blocks:

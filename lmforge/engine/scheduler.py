@@ -162,7 +162,7 @@ class Scheduler:
                 break
             if not self.config.enable_chunked_prefill and seq.num_tokens > budget:
                 break
-            if not self.block_manager.can_allocate(seq):
+            if self._prefix_in_flight(seq) or not self.block_manager.can_allocate(seq):
                 break
             self.block_manager.allocate(seq)  # prefix-cache hits count as computed
             self.waiting.popleft()
@@ -219,6 +219,22 @@ class Scheduler:
         return child
 
     # ----- helpers -----------------------------------------------------------------------
+
+    def _prefix_in_flight(self, seq: Sequence) -> bool:
+        """Whether a running sequence is prefilling the next block of `seq`'s prompt right now.
+
+        Then `seq` waits: once that block is computed it comes from the prefix cache, instead of
+        being computed twice (many clients sending one system prompt at the same time).
+        """
+        bm = self.block_manager
+        if not bm.enable_prefix_caching:
+            return False
+        end = bm.num_cached_prefix_tokens(seq) + bm.block_size  # the first block a cache hit cannot cover
+        if end > seq.num_tokens - 1:  # the last prompt token is always computed, never shared
+            return False
+        prefix = seq.token_ids[:end]
+        return any(other.num_computed_tokens < end <= other.num_prompt_tokens and other.token_ids[:end] == prefix
+                   for other in self.running)
 
     def _running_slots(self) -> int:
         return sum(seq.running_slots for seq in self.running)

@@ -200,6 +200,21 @@ def test_prefix_cache_hits_skip_prefill():
     assert b.output_token_ids == alone(prompt, b.params)
 
 
+def test_a_prompt_waits_for_a_shared_prefix_being_prefilled():
+    sch, runner = make(max_num_batched_tokens=64)
+    system = list(range(1, 13))  # three full blocks of 4
+    a = Sequence(system + [20, 21], SamplingParams(max_tokens=2), request_id="a")
+    b = Sequence(system + [30, 31, 32], SamplingParams(max_tokens=2), request_id="b")
+    sch.add(a)
+    sch.add(b)
+    out, _ = runner.step()
+    assert [seq for seq, _ in out.scheduled] == [a]  # b would recompute what a is computing: it waits
+    out, _ = runner.step()
+    assert (b, 3) in out.scheduled and b.num_cached_tokens == 12
+    runner.run()
+    assert runner.prefill_tokens == {"a": 14, "b": 3}
+
+
 def test_prompt_chunks_are_not_cached_before_computed():
     sch, runner = make(long_prefill_token_threshold=4)
     prompt = list(range(1, 13))
