@@ -215,8 +215,8 @@ prompt + max_tokens per request (the most favourable contiguous sizing; max_mode
 
 64 requests sharing a 256-token system prompt (+ 16-64 token questions, 16 output tokens), all queued at once.
 The questions differ per request and are always computed, so the total saving is bounded by the share of
-system-prompt tokens; requests admitted in the same step as the first one cannot reuse its blocks yet
-(they are not computed), which is why the system prompt is computed a few times rather than once:
+system-prompt tokens (85% here). A request whose prefix another request is prefilling right now waits for
+those blocks instead of computing them again, so the system prompt is computed once:
 
 {prefix}
 """)

@@ -11,15 +11,15 @@ import argparse
 import os
 import sys
 
-from lmforge.cli import chat, generate, info
+from lmforge.cli import chat, generate, info, serve
 from lmforge.errors import LMForgeError
 
-COMMANDS = (generate, chat, info)
+COMMANDS = (generate, chat, info, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lmforge", description="A hackable transformer stack: generate text, chat, inspect models.",
+        prog="lmforge", description="A hackable transformer stack: generate text, chat, inspect and serve models.",
         epilog="Run `lmforge COMMAND --help` for a command's options and examples.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:

@@ -1,0 +1,98 @@
+"""`lmforge serve`: the OpenAI-compatible server (see lmforge.serve).
+
+The server starts listening at once and loads the model in the background: /health answers 503
+until the model is ready, then 200. SIGTERM or Ctrl-C drains: new requests get 503, requests in
+flight may finish for up to --drain-timeout seconds, then the rest are aborted and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import threading
+
+from lmforge.cli.common import add_model_argument
+from lmforge.sources import DEFAULT_MODEL
+
+EXAMPLES = """examples:
+  lmforge serve                                   # SmolLM2-135M-Instruct on http://127.0.0.1:8000
+  lmforge serve --port 9000 --api-key secret --max-queue 64
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 20}'
+"""
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve the model over an OpenAI-compatible HTTP API",
+        description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_argument(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the name clients pass as 'model' (default: the --model value)")
+    parser.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $LMFORGE_API_KEY, "
+                             "or no key)")
+    parser.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together (default: 32)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512,
+                        help="tokens per engine step (default: 512)")
+    parser.add_argument("--kv-cache-tokens", type=int, default=None,
+                        help="token slots in the paged KV cache (default: a share of free memory)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="longest prompt + answer per request (default: the model's context window)")
+    parser.add_argument("--max-queue", type=int, default=None,
+                        help="waiting requests beyond which new ones get HTTP 429 (default: unbounded)")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="seconds in-flight requests may finish after SIGTERM (default: 30)")
+    parser.add_argument("--cors-origin", action="append", default=[],
+                        help="allow browser requests from this origin (repeatable; default: none)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+    from fastapi.middleware.cors import CORSMiddleware
+
+    from lmforge.engine.async_engine import AsyncLLMEngine
+    from lmforge.engine.config import EngineConfig
+    from lmforge.serve.app import ServerState, create_app
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          kv_cache_tokens=args.kv_cache_tokens, max_model_len=args.max_model_len)
+    state = ServerState(model_name=args.served_model_name or str(args.model or DEFAULT_MODEL),
+                        api_key=args.api_key or None, max_queue=args.max_queue)
+    failure: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            state.engine = AsyncLLMEngine.from_pretrained(args.model, config)
+            logging.info("model %s ready: http://%s:%d/", state.model_name, args.host, args.port)
+        except BaseException as exc:  # reported below; the server cannot serve without a model
+            failure.append(exc)
+            server.should_exit = True
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        threading.Thread(target=load, name="lmforge-load", daemon=True).start()
+        yield
+        state.draining = True  # SIGTERM / Ctrl-C: uvicorn stops accepting and waits for in-flight requests
+        if state.engine is not None:
+            state.engine.shutdown()
+
+    app = create_app(state)
+    app.router.lifespan_context = lifespan
+    if args.cors_origin:
+        app.add_middleware(CORSMiddleware, allow_origins=args.cors_origin, allow_methods=["*"], allow_headers=["*"])
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                           timeout_graceful_shutdown=args.drain_timeout))
+    print(f"lmforge: serving {state.model_name} on http://{args.host}:{args.port}/ (loading the model...)",
+          file=sys.stderr)
+    server.run()
+    if failure:
+        raise failure[0]
+    return 0

@@ -1,0 +1,326 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one `AsyncLLMEngine`.
+
+Every request becomes engine requests (one per prompt; `n` completions fork inside the engine),
+so all clients share one continuous batch and one paged KV cache. The event loop only awaits:
+the model runs in the engine's thread. A client that goes away — mid-stream or while waiting
+for a non-streamed answer — aborts its request, which frees its KV blocks at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from lmforge.engine.async_engine import AsyncLLMEngine, RequestStream
+from lmforge.generation.generate import CompletionOutput, RequestOutput
+from lmforge.generation.sampling_params import SamplingParams
+from lmforge.serve.errors import APIError, install_error_handlers
+from lmforge.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+
+
+@dataclass
+class ServerState:
+    """What the routes share. `engine` is None while the model loads; `draining` once shutdown began."""
+
+    model_name: str
+    engine: AsyncLLMEngine | None = None
+    api_key: str | None = None
+    max_queue: int | None = None  # waiting requests beyond which new ones get 429
+    draining: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def tokenizer(self):
+        return self.engine.engine.tokenizer
+
+    def ready_engine(self) -> AsyncLLMEngine:
+        if self.engine is None or self.draining:
+            state = "shutting down" if self.draining else "loading the model"
+            raise APIError(503, f"the server is {state}; retry shortly.", type="service_unavailable",
+                           headers={"Retry-After": "1"})
+        return self.engine
+
+    def check_model(self, name: str | None) -> None:
+        if name not in (None, "", self.model_name):
+            raise APIError(404, f"model {name!r} is not served here; GET /v1/models lists {self.model_name!r}.",
+                           type="not_found_error", param="model", code="model_not_found")
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="lmforge", description="OpenAI-compatible API over the lmforge engine.")
+    app.state.server = state
+    install_error_handlers(app)
+
+    async def check_api_key(request: Request) -> None:
+        if state.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), state.api_key.encode()):  # constant time
+            raise APIError(401, "missing or invalid API key; send 'Authorization: Bearer <key>'.",
+                           type="authentication_error", code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.engine is None or state.draining:
+            return JSONResponse({"status": "draining" if state.draining else "loading"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @v1.get("/models")
+    async def models() -> dict:
+        engine = state.ready_engine()
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
+                                            "owned_by": "lmforge", "max_model_len": engine.engine.max_model_len}]}
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        engine = state.ready_engine()
+        state.check_model(body.model)
+        params = body.sampling_params(default_max_tokens=None)
+        text = state.tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=True)
+        prompt_ids = state.tokenizer.encode(text, add_special_tokens=False)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = _submit(state, engine, request_id, prompt_ids, params)
+        meta = {"id": request_id, "created": int(time.time()), "model": state.model_name}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _sse(_chat_chunks(state, stream, meta, params.n, len(prompt_ids), include_usage))
+        final = await _collect([stream], request, engine)
+        return _chat_response(state, final[0], meta, params)
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        engine = state.ready_engine()
+        state.check_model(body.model)
+        params = body.sampling_params()
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        prompts = [p if not isinstance(p, str) else state.tokenizer.encode(p) for p in body.prompts()]
+        streams = []
+        try:
+            for i, prompt in enumerate(prompts):
+                streams.append(_submit(state, engine, f"{request_id}-{i}", prompt, params))
+        except BaseException:
+            for stream in streams:
+                await stream.aclose()
+            raise
+        meta = {"id": request_id, "created": int(time.time()), "model": state.model_name}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _sse(_completion_chunks(state, streams, meta, body, prompts, include_usage))
+        finals = await _collect(streams, request, engine)
+        return _completion_response(state, finals, meta, body, prompts)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        state.ready_engine()
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "send exactly one of 'prompt' or 'messages'.", param="prompt")
+        if body.messages is not None:
+            text = state.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.text()} for m in body.messages], add_generation_prompt=True)
+            tokens = state.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            tokens = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": state.engine.engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        state.ready_engine()
+        vocab = state.tokenizer.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab}).", param="tokens")
+        return {"prompt": state.tokenizer.decode(body.tokens)}
+
+    app.include_router(v1)
+    return app
+
+
+# ----- engine plumbing ---------------------------------------------------------------------
+
+
+def _submit(state: ServerState, engine: AsyncLLMEngine, request_id: str, prompt, params: SamplingParams
+            ) -> RequestStream:
+    if state.max_queue is not None and engine.stats.num_waiting >= state.max_queue:
+        raise APIError(429, f"the server queue is full ({state.max_queue} requests waiting); retry later.",
+                       type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+    return engine.add_request(request_id, prompt, params)
+
+
+async def _collect(streams: list[RequestStream], request: Request, engine: AsyncLLMEngine) -> list[RequestOutput]:
+    """Wait for every stream's whole output; abort them all if the client disconnects meanwhile."""
+
+    async def watch_disconnect() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.1)
+        for stream in streams:
+            await stream.aclose()
+
+    watcher = asyncio.create_task(watch_disconnect())
+    try:
+        return [_merge([delta async for delta in stream]) for stream in streams]
+    finally:
+        watcher.cancel()
+
+
+def _merge(deltas: list[RequestOutput]) -> RequestOutput:
+    """The whole output from a stream's deltas."""
+    completions: dict[int, CompletionOutput] = {}
+    for delta in deltas:
+        for part in delta.outputs:
+            whole = completions.setdefault(part.index, CompletionOutput(part.index, "", [], None, None,
+                                                                        None if part.logprobs is None else []))
+            whole.text += part.text
+            whole.token_ids += part.token_ids
+            whole.finish_reason, whole.stop_reason = part.finish_reason, part.stop_reason
+            if part.logprobs is not None:
+                whole.logprobs += part.logprobs
+    last = deltas[-1]
+    return RequestOutput(last.prompt, last.prompt_token_ids, [completions[i] for i in sorted(completions)],
+                         last.request_id, last.finished, last.metrics)
+
+
+def _sse(events: AsyncIterator[dict | str]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        async for event in events:
+            yield f"data: {event if isinstance(event, str) else json.dumps(event)}\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _finish_reason(reason: str | None) -> str | None:
+    return "stop" if reason == "abort" else reason
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _token_text(state: ServerState, token_id: int) -> str:
+    return state.tokenizer.decode([token_id])
+
+
+# ----- chat completions ----------------------------------------------------------------------
+
+
+def _chat_logprobs(state: ServerState, completion: CompletionOutput) -> dict | None:
+    if completion.logprobs is None:
+        return None
+
+    def entry(token_id: int, logprob: float) -> dict:
+        text = _token_text(state, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in completion.logprobs]}
+
+
+def _chat_response(state: ServerState, output: RequestOutput, meta: dict, params: SamplingParams) -> dict:
+    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": _chat_logprobs(state, c), "finish_reason": _finish_reason(c.finish_reason)}
+               for c in output.outputs]
+    completion_tokens = sum(len(c.token_ids) for c in output.outputs)
+    return {**meta, "object": "chat.completion", "choices": choices,
+            "usage": _usage(len(output.prompt_token_ids), completion_tokens)}
+
+
+async def _chat_chunks(state: ServerState, stream: RequestStream, meta: dict, n: int, prompt_tokens: int,
+                       include_usage: bool) -> AsyncIterator[dict | str]:
+    def chunk(choices: list[dict], **extra) -> dict:
+        return {**meta, "object": "chat.completion.chunk", "choices": choices, **extra}
+
+    completion_tokens = 0
+    try:
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for i in range(n)])
+        async for delta in stream:
+            for part in delta.outputs:
+                completion_tokens += len(part.token_ids)
+                yield chunk([{"index": part.index, "delta": {"content": part.text} if part.text else {},
+                              "logprobs": _chat_logprobs(state, part),
+                              "finish_reason": _finish_reason(part.finish_reason)}])
+        if include_usage:
+            yield chunk([], usage=_usage(prompt_tokens, completion_tokens))
+        yield "[DONE]"
+    finally:
+        await stream.aclose()  # a client that left mid-stream: free its KV blocks
+
+
+# ----- text completions ----------------------------------------------------------------------
+
+
+def _completion_logprobs(state: ServerState, completion: CompletionOutput, offset: int) -> dict | None:
+    if completion.logprobs is None:
+        return None
+    tokens = [_token_text(state, lp.token_id) for lp in completion.logprobs]
+    offsets, position = [], offset
+    for text in tokens:
+        offsets.append(position)
+        position += len(text)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in completion.logprobs],
+            "top_logprobs": [{_token_text(state, t): v for t, v in lp.top} for lp in completion.logprobs],
+            "text_offset": offsets}
+
+
+def _completion_response(state: ServerState, outputs: list[RequestOutput], meta: dict, body: CompletionRequest,
+                         prompts: list[list[int]]) -> dict:
+    choices = []
+    for p, output in enumerate(outputs):
+        echo = state.tokenizer.decode(prompts[p]) if body.echo else ""
+        for c in output.outputs:
+            choices.append({"index": p * body.n + c.index, "text": echo + c.text,
+                            "logprobs": _completion_logprobs(state, c, len(echo)),
+                            "finish_reason": _finish_reason(c.finish_reason)})
+    completion_tokens = sum(len(c.token_ids) for output in outputs for c in output.outputs)
+    return {**meta, "object": "text_completion", "choices": choices,
+            "usage": _usage(sum(map(len, prompts)), completion_tokens)}
+
+
+async def _completion_chunks(state: ServerState, streams: list[RequestStream], meta: dict, body: CompletionRequest,
+                             prompts: list[list[int]], include_usage: bool) -> AsyncIterator[dict | str]:
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(p: int, stream: RequestStream) -> None:
+        async for delta in stream:
+            await queue.put((p, delta))
+        await queue.put((p, None))
+
+    tasks = [asyncio.create_task(pump(p, s)) for p, s in enumerate(streams)]
+    completion_tokens, open_streams, echoed = 0, len(streams), set()
+    try:
+        while open_streams:
+            p, delta = await queue.get()
+            if delta is None:
+                open_streams -= 1
+                continue
+            for part in delta.outputs:
+                index = p * body.n + part.index
+                echo = ""
+                if body.echo and index not in echoed:
+                    echo = state.tokenizer.decode(prompts[p])
+                    echoed.add(index)
+                completion_tokens += len(part.token_ids)
+                yield {**meta, "object": "text_completion",
+                       "choices": [{"index": index, "text": echo + part.text,
+                                    "logprobs": _completion_logprobs(state, part, 0),
+                                    "finish_reason": _finish_reason(part.finish_reason)}]}
+        if include_usage:
+            yield {**meta, "object": "text_completion", "choices": [],
+                   "usage": _usage(sum(map(len, prompts)), completion_tokens)}
+        yield "[DONE]"
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            await stream.aclose()

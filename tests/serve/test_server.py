@@ -1,0 +1,194 @@
+"""The OpenAI-compatible server, driven by the official `openai` client over loopback HTTP."""
+
+import asyncio
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from lmforge import EngineConfig, LLMEngine, SamplingParams, generate
+from lmforge.engine.async_engine import AsyncLLMEngine
+from lmforge.serve.app import ServerState, create_app
+from tests.generation.test_generate import first_near_tie
+
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def server(smollm2, smollm2_tokenizer):
+    engine = AsyncLLMEngine(LLMEngine(smollm2, smollm2_tokenizer, EngineConfig(kv_cache_tokens=8192, max_model_len=512,
+                                                                               max_num_seqs=32)))
+    state = ServerState(MODEL, engine)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    uvicorn_server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning"))
+    thread = threading.Thread(target=uvicorn_server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not uvicorn_server.started:
+        time.sleep(0.05)
+    state.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    yield state
+    uvicorn_server.should_exit = True
+    thread.join()
+    engine.shutdown()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def wait_for_free_blocks(server, timeout=10.0) -> None:
+    deadline = time.time() + timeout
+    while server.engine.stats.kv_blocks_used and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.engine.stats.kv_blocks_used == 0 and not server.engine.engine.requests
+
+
+CHAT = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
+
+
+def test_chat_completion_matches_offline_generation_and_counts_usage(server, client, smollm2, smollm2_tokenizer):
+    response = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0)
+    prompt = smollm2_tokenizer.apply_chat_template(CHAT, tokenize=True)
+    reference = generate(smollm2, smollm2_tokenizer, prompt, SamplingParams(temperature=0, max_tokens=12))[0]
+    choice = response.choices[0]
+    assert choice.message.content == reference.outputs[0].text and choice.finish_reason == "length"
+    assert response.usage.prompt_tokens == len(prompt) and response.usage.completion_tokens == 12
+    assert response.usage.total_tokens == len(prompt) + 12 and response.model == MODEL
+
+
+def test_chat_streaming_adds_up_to_the_whole_answer(client):
+    whole = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_stop_strings_n_seed_and_logprobs(client):
+    stopped = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=40, temperature=0, stop=["5"])
+    assert stopped.choices[0].finish_reason == "stop" and "5" not in stopped.choices[0].message.content
+    kwargs = dict(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=1.0, n=2, seed=11, logprobs=2)
+    first, second = client.completions.create(**kwargs), client.completions.create(**kwargs)
+    assert [c.text for c in first.choices] == [c.text for c in second.choices]
+    assert len(first.choices) == 2 and first.choices[0].text != first.choices[1].text
+    logprobs = first.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 8 and all(lp <= 0 for lp in logprobs.token_logprobs)
+    assert all(1 <= len(top) <= 2 for top in logprobs.top_logprobs) and first.usage.completion_tokens == 16
+    chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(entry.top_logprobs) == 3 for entry in content)
+
+
+def test_completions_echo_batches_and_token_prompts(client, smollm2_tokenizer):
+    ids = smollm2_tokenizer.encode("The capital of France is")
+    response = client.completions.create(model=MODEL, prompt=["The capital of France is", ids], max_tokens=4,
+                                         temperature=0, echo=True)
+    texts = [c.text for c in response.choices]
+    assert texts[0] == texts[1] and texts[0].startswith("The capital of France is")
+    assert response.usage.prompt_tokens == 2 * len(ids)
+
+
+def test_models_tokenize_detokenize_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    tokens = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world"}).json()
+    assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == 512
+    text = httpx.post(server.url + "/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"]
+    assert text == "Hello world"
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+def test_every_error_has_the_openai_shape_and_status(server, client):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL, messages=CHAT, temperature=-1)
+    assert bad.value.body["param"] == "temperature" and "temperature" in bad.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL, messages=[])
+    assert bad.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as long:
+        client.completions.create(model=MODEL, prompt=" hello" * 600, max_tokens=4)
+    assert long.value.body["code"] == "context_length_exceeded" and "512" in long.value.body["message"]
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-9", messages=CHAT)
+    assert missing.value.body["param"] == "model"
+    route = httpx.get(server.url + "/v1/nowhere")
+    assert route.status_code == 404 and route.json()["error"]["type"] == "not_found_error"
+    bad_tokens = httpx.post(server.url + "/detokenize", json={"tokens": [10**9]})
+    assert bad_tokens.status_code == 400 and bad_tokens.json()["error"]["param"] == "tokens"
+
+    server.api_key = "secret"
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            client.models.list()
+        keyed = openai.OpenAI(base_url=server.url + "/v1", api_key="secret", max_retries=0)
+        assert keyed.models.list().data[0].id == MODEL
+    finally:
+        server.api_key = None
+
+    server.max_queue = 0
+    try:
+        with pytest.raises(openai.RateLimitError) as full:
+            client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2)
+        assert full.value.response.headers["retry-after"] == "1"
+    finally:
+        server.max_queue = None
+
+    server.draining = True
+    try:
+        assert httpx.get(server.url + "/health").status_code == 503
+        with pytest.raises(openai.InternalServerError) as unavailable:
+            client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2)
+        assert unavailable.value.status_code == 503
+    finally:
+        server.draining = False
+
+
+def test_a_client_leaving_mid_stream_frees_its_blocks(server):
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as response:
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert server.engine.stats.kv_blocks_used > 0
+    wait_for_free_blocks(server)
+
+
+def test_a_client_leaving_a_non_streamed_request_frees_its_blocks(server):
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 400, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=1.0)
+    wait_for_free_blocks(server)
+
+
+def test_32_concurrent_streaming_clients_all_finish_with_the_offline_answers(server, smollm2, smollm2_tokenizer):
+    questions = [f"Give me a fact about the number {i}." for i in range(32)]
+    async_client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+    async def ask(question: str) -> str:
+        stream = await async_client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=6, temperature=0, stream=True)
+        return "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+
+    async def main():
+        return await asyncio.gather(*(ask(q) for q in questions))
+
+    answers = asyncio.run(main())
+    assert len(answers) == 32
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=2)
+    for question, answer in zip(questions, answers):
+        prompt = smollm2_tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=True)
+        reference = generate(smollm2, smollm2_tokenizer, prompt, params)[0].outputs[0]
+        agree = first_near_tie([torch.tensor([lp.top[0][1], lp.top[1][1]]) for lp in reference.logprobs])
+        if agree == len(reference.token_ids):
+            assert answer == reference.text
+        else:  # up to the near-tie the text is the reference's
+            assert answer.startswith(smollm2_tokenizer.decode(reference.token_ids[:agree], skip_special_tokens=True))
+    wait_for_free_blocks(server)
