@@ -63,7 +63,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        # The body's field path, without pydantic's union-member labels such as "str" or "list[int]".
+        location = [str(part) for part in first.get("loc", ())
+                    if part != "body" and not re.fullmatch(r"(str|int|float|bool|list|dict)(\[.*\])?", str(part))]
         param = ".".join(location) or None
         message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request body")
         return error_response(APIError(400, message, param=param))

@@ -90,11 +90,12 @@ def test_stop_strings_n_seed_and_logprobs(client):
 
 def test_completions_echo_batches_and_token_prompts(client, smollm2_tokenizer):
     ids = smollm2_tokenizer.encode("The capital of France is")
-    response = client.completions.create(model=MODEL, prompt=["The capital of France is", ids], max_tokens=4,
-                                         temperature=0, echo=True)
-    texts = [c.text for c in response.choices]
-    assert texts[0] == texts[1] and texts[0].startswith("The capital of France is")
-    assert response.usage.prompt_tokens == 2 * len(ids)
+    batch = client.completions.create(model=MODEL, prompt=["The capital of France is", "Water boils at"],
+                                      max_tokens=4, temperature=0, echo=True)
+    tokens = client.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=0, echo=True)
+    assert [c.index for c in batch.choices] == [0, 1] and batch.choices[1].text.startswith("Water boils at")
+    assert batch.choices[0].text == tokens.choices[0].text and tokens.choices[0].text.startswith("The capital")
+    assert tokens.usage.prompt_tokens == len(ids)
 
 
 def test_models_tokenize_detokenize_and_health(server, client):
