@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 
@@ -53,6 +54,25 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
+def _draining_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, except that SIGTERM/SIGINT end a graceful drain with exit status 0 (uvicorn
+        re-raises the signal once it has shut down, which a process manager reads as a crash)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return DrainingServer
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
     from fastapi.middleware.cors import CORSMiddleware
@@ -86,10 +106,12 @@ def run(args: argparse.Namespace) -> int:
 
     app = create_app(state)
     app.router.lifespan_context = lifespan
+
     if args.cors_origin:
         app.add_middleware(CORSMiddleware, allow_origins=args.cors_origin, allow_methods=["*"], allow_headers=["*"])
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                                           timeout_graceful_shutdown=args.drain_timeout))
+    server_class = _draining_server_class()
+    server = server_class(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                         timeout_graceful_shutdown=args.drain_timeout))
     print(f"lmforge: serving {state.model_name} on http://{args.host}:{args.port}/ (loading the model...)",
           file=sys.stderr)
     server.run()

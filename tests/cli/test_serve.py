@@ -1,0 +1,60 @@
+"""`lmforge serve` as a user runs it: listening at once, 503 while loading, answers, drains on SIGTERM."""
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from lmforge.cli import main
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_loads_answers_and_drains_on_sigterm():
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", "--port", str(port),
+                                "--kv-cache-tokens", "2048", "--max-model-len", "512", "--api-key", "k"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url, statuses = f"http://127.0.0.1:{port}", []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and (not statuses or statuses[-1] != 200):
+            try:
+                statuses.append(httpx.get(url + "/health", timeout=2).status_code)
+            except httpx.TransportError:  # not listening yet
+                pass
+            time.sleep(0.05)
+        assert statuses[-1] == 200 and set(statuses) <= {503, 200}
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}
+        assert httpx.post(url + "/v1/chat/completions", json=body).status_code == 401
+        answer = httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"})
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert f"serving smollm2-135m-instruct on {url}/" in stderr
+
+
+def test_serve_help_lists_the_options(capsys):
+    try:
+        main(["serve", "--help"])
+    except SystemExit as exit:
+        assert exit.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--api-key", "--max-queue", "--kv-cache-tokens", "--max-num-seqs", "--drain-timeout"):
+        assert flag in out
+
+
+def test_a_model_that_cannot_load_ends_the_server_with_one_line():
+    result = subprocess.run([sys.executable, "-m", "lmforge.cli", "serve", "--model", "/no/such/model", "--port",
+                             str(free_port())], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "lmforge: error: model '/no/such/model' not found" in result.stderr
+    assert "Traceback" not in result.stderr
