@@ -38,6 +38,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 routes (default: $LMFORGE_API_KEY, "
                              "or no key)")
+    parser.add_argument("--embedding-model", default="all-minilm-l6-v2",
+                        help="encoder serving /v1/embeddings; 'none' turns the route off (default: all-minilm-l6-v2)")
     parser.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together (default: 32)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512,
                         help="tokens per engine step (default: 512)")
@@ -80,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from lmforge.engine.async_engine import AsyncLLMEngine
     from lmforge.engine.config import EngineConfig
     from lmforge.serve.app import ServerState, create_app
+    from lmforge.serve.embeddings import Embedder
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -90,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
     def load() -> None:
         try:
+            if args.embedding_model.lower() != "none":
+                state.embedder = Embedder.from_pretrained(args.embedding_model)
             state.engine = AsyncLLMEngine.from_pretrained(args.model, config)
             logging.info("model %s ready: http://%s:%d/", state.model_name, args.host, args.port)
         except BaseException as exc:  # reported below; the server cannot serve without a model

@@ -17,13 +17,22 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from lmforge.engine.async_engine import AsyncLLMEngine, RequestStream
 from lmforge.generation.generate import CompletionOutput, RequestOutput
 from lmforge.generation.sampling_params import SamplingParams
+from lmforge.serve.embeddings import Embedder, encode_vector
 from lmforge.serve.errors import APIError, install_error_handlers
-from lmforge.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from lmforge.serve.metrics import ResponseCounter, ServerMetrics
+from lmforge.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+)
 
 
 @dataclass
@@ -32,6 +41,7 @@ class ServerState:
 
     model_name: str
     engine: AsyncLLMEngine | None = None
+    embedder: Embedder | None = None  # serves /v1/embeddings when set
     api_key: str | None = None
     max_queue: int | None = None  # waiting requests beyond which new ones get 429
     draining: bool = False
@@ -48,9 +58,10 @@ class ServerState:
                            headers={"Retry-After": "1"})
         return self.engine
 
-    def check_model(self, name: str | None) -> None:
-        if name not in (None, "", self.model_name):
-            raise APIError(404, f"model {name!r} is not served here; GET /v1/models lists {self.model_name!r}.",
+    def check_model(self, name: str | None, served: str | None = None) -> None:
+        served = served or self.model_name
+        if name not in (None, "", served):
+            raise APIError(404, f"model {name!r} is not served here; GET /v1/models lists what is.",
                            type="not_found_error", param="model", code="model_not_found")
 
 
@@ -58,6 +69,8 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="lmforge", description="OpenAI-compatible API over the lmforge engine.")
     app.state.server = state
     install_error_handlers(app)
+    metrics = ServerMetrics(lambda: state.engine.stats if state.engine is not None else None)
+    app.add_middleware(ResponseCounter, counter=metrics.responses)
 
     async def check_api_key(request: Request) -> None:
         if state.api_key is None:
@@ -76,11 +89,34 @@ def create_app(state: ServerState) -> FastAPI:
             return JSONResponse({"status": "draining" if state.draining else "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
     @v1.get("/models")
     async def models() -> dict:
         engine = state.ready_engine()
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                            "owned_by": "lmforge", "max_model_len": engine.engine.max_model_len}]}
+        data = [{"id": state.model_name, "object": "model", "created": state.created, "owned_by": "lmforge",
+                 "max_model_len": engine.engine.max_model_len}]
+        if state.embedder is not None:
+            data.append({"id": state.embedder.name, "object": "model", "created": state.created,
+                         "owned_by": "lmforge", "max_model_len": state.embedder.max_length})
+        return {"object": "list", "data": data}
+
+    @v1.post("/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> dict:
+        if state.embedder is None:
+            raise APIError(404, "this server has no embedding model; start it with --embedding-model.",
+                           type="not_found_error", param="model", code="model_not_found")
+        state.check_model(body.model, state.embedder.name)
+        inputs = body.inputs()
+        if not inputs or any(len(item) == 0 for item in inputs):
+            raise APIError(400, "input must be a non-empty string or token list (or a list of them).", param="input")
+        vectors, tokens = await state.embedder.embed(inputs)
+        data = [{"object": "embedding", "index": i, "embedding": encode_vector(vector, body.encoding_format)}
+                for i, vector in enumerate(vectors)]
+        return {"object": "list", "data": data, "model": state.embedder.name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -94,8 +130,8 @@ def create_app(state: ServerState) -> FastAPI:
         meta = {"id": request_id, "created": int(time.time()), "model": state.model_name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(_chat_chunks(state, stream, meta, params.n, len(prompt_ids), include_usage))
-        final = await _collect([stream], request, engine)
+            return _sse(_chat_chunks(state, metrics, stream, meta, params.n, len(prompt_ids), include_usage))
+        final = await _collect([stream], request, metrics)
         return _chat_response(state, final[0], meta, params)
 
     @v1.post("/completions")
@@ -116,8 +152,8 @@ def create_app(state: ServerState) -> FastAPI:
         meta = {"id": request_id, "created": int(time.time()), "model": state.model_name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(_completion_chunks(state, streams, meta, body, prompts, include_usage))
-        finals = await _collect(streams, request, engine)
+            return _sse(_completion_chunks(state, metrics, streams, meta, body, prompts, include_usage))
+        finals = await _collect(streams, request, metrics)
         return _completion_response(state, finals, meta, body, prompts)
 
     @app.post("/tokenize")
@@ -157,7 +193,7 @@ def _submit(state: ServerState, engine: AsyncLLMEngine, request_id: str, prompt,
     return engine.add_request(request_id, prompt, params)
 
 
-async def _collect(streams: list[RequestStream], request: Request, engine: AsyncLLMEngine) -> list[RequestOutput]:
+async def _collect(streams: list[RequestStream], request: Request, metrics: ServerMetrics) -> list[RequestOutput]:
     """Wait for every stream's whole output; abort them all if the client disconnects meanwhile."""
 
     async def watch_disconnect() -> None:
@@ -168,7 +204,10 @@ async def _collect(streams: list[RequestStream], request: Request, engine: Async
 
     watcher = asyncio.create_task(watch_disconnect())
     try:
-        return [_merge([delta async for delta in stream]) for stream in streams]
+        outputs = []
+        for stream in streams:
+            outputs.append(_merge([delta async for delta in metrics.track(stream)]))
+        return outputs
     finally:
         watcher.cancel()
 
@@ -235,8 +274,8 @@ def _chat_response(state: ServerState, output: RequestOutput, meta: dict, params
             "usage": _usage(len(output.prompt_token_ids), completion_tokens)}
 
 
-async def _chat_chunks(state: ServerState, stream: RequestStream, meta: dict, n: int, prompt_tokens: int,
-                       include_usage: bool) -> AsyncIterator[dict | str]:
+async def _chat_chunks(state: ServerState, metrics: ServerMetrics, stream: RequestStream, meta: dict, n: int,
+                       prompt_tokens: int, include_usage: bool) -> AsyncIterator[dict | str]:
     def chunk(choices: list[dict], **extra) -> dict:
         return {**meta, "object": "chat.completion.chunk", "choices": choices, **extra}
 
@@ -244,7 +283,7 @@ async def _chat_chunks(state: ServerState, stream: RequestStream, meta: dict, n:
     try:
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(n)])
-        async for delta in stream:
+        async for delta in metrics.track(stream):
             for part in delta.outputs:
                 completion_tokens += len(part.token_ids)
                 yield chunk([{"index": part.index, "delta": {"content": part.text} if part.text else {},
@@ -287,12 +326,13 @@ def _completion_response(state: ServerState, outputs: list[RequestOutput], meta:
             "usage": _usage(sum(map(len, prompts)), completion_tokens)}
 
 
-async def _completion_chunks(state: ServerState, streams: list[RequestStream], meta: dict, body: CompletionRequest,
-                             prompts: list[list[int]], include_usage: bool) -> AsyncIterator[dict | str]:
+async def _completion_chunks(state: ServerState, metrics: ServerMetrics, streams: list[RequestStream], meta: dict,
+                             body: CompletionRequest, prompts: list[list[int]], include_usage: bool
+                             ) -> AsyncIterator[dict | str]:
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(p: int, stream: RequestStream) -> None:
-        async for delta in stream:
+        async for delta in metrics.track(stream):
             await queue.put((p, delta))
         await queue.put((p, None))
 

@@ -100,6 +100,18 @@ class CompletionRequest(_Sampling):
         return list(prompt)
 
 
+class EmbeddingRequest(_Request):
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        if isinstance(self.input, str) or (self.input and isinstance(self.input[0], int)):
+            return [self.input]
+        return list(self.input)
+
+
 class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None

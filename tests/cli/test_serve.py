@@ -36,6 +36,8 @@ def test_serve_loads_answers_and_drains_on_sigterm():
         assert httpx.post(url + "/v1/chat/completions", json=body).status_code == 401
         answer = httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"})
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
+        embedding = httpx.post(url + "/v1/embeddings", json={"input": "hello"}, headers={"Authorization": "Bearer k"})
+        assert len(embedding.json()["data"][0]["embedding"]) == 384
     finally:
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)

@@ -1,11 +1,13 @@
 """The OpenAI-compatible server, driven by the official `openai` client over loopback HTTP."""
 
 import asyncio
+import base64
 import socket
 import threading
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import torch
@@ -14,6 +16,7 @@ import uvicorn
 from lmforge import EngineConfig, LLMEngine, SamplingParams, generate
 from lmforge.engine.async_engine import AsyncLLMEngine
 from lmforge.serve.app import ServerState, create_app
+from lmforge.serve.embeddings import Embedder
 from tests.generation.test_generate import first_near_tie
 
 MODEL = "smollm2-135m-instruct"
@@ -23,7 +26,7 @@ MODEL = "smollm2-135m-instruct"
 def server(smollm2, smollm2_tokenizer):
     engine = AsyncLLMEngine(LLMEngine(smollm2, smollm2_tokenizer, EngineConfig(kv_cache_tokens=8192, max_model_len=512,
                                                                                max_num_seqs=32)))
-    state = ServerState(MODEL, engine)
+    state = ServerState(MODEL, engine, embedder=Embedder.from_pretrained("all-minilm-l6-v2"))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     uvicorn_server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning"))
@@ -98,8 +101,39 @@ def test_completions_echo_batches_and_token_prompts(client, smollm2_tokenizer):
     assert tokens.usage.prompt_tokens == len(ids)
 
 
+def test_embeddings_float_and_base64(server, client):
+    texts = ["a cat sits on the mat", "a kitten rests on a rug", "the stock market fell sharply"]
+    response = client.embeddings.create(model="all-minilm-l6-v2", input=texts)
+    vectors = np.array([item.embedding for item in response.data])
+    assert vectors.shape == (3, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.2  # similar meaning, closer vectors
+    expected = server.embedder.model.embed(**{k: v for k, v in server.embedder.tokenizer(texts).items()
+                                              if k in ("input_ids", "attention_mask")})
+    assert np.allclose(vectors, expected.detach().numpy(), atol=1e-6)
+    assert response.usage.prompt_tokens == int(server.embedder.tokenizer(texts)["attention_mask"].sum())
+    packed = httpx.post(server.url + "/v1/embeddings", json={"input": texts[0], "encoding_format": "base64"}).json()
+    decoded = np.frombuffer(base64.b64decode(packed["data"][0]["embedding"]), dtype="<f4")
+    assert np.allclose(decoded, vectors[0], atol=1e-7)
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="text-embedding-3-small", input="hi")
+
+
+def test_metrics_report_traffic_latency_and_the_kv_cache(server, client):
+    client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3)
+    text = httpx.get(server.url + "/metrics").text
+    assert 'lmforge_http_responses_total{route="/v1/chat/completions",status="200"}' in text
+    for name in ("lmforge_time_to_first_token_seconds_count", "lmforge_inter_token_latency_seconds_count",
+                 "lmforge_generation_tokens_total", "lmforge_prompt_tokens_total", "lmforge_kv_blocks_total",
+                 "lmforge_kv_blocks_used", "lmforge_requests_waiting", "lmforge_sequences_running",
+                 "lmforge_prefix_cache_hit_rate"):
+        value = float(next(line for line in text.splitlines() if line.startswith(name)).split()[-1])
+        assert value >= 0
+    count = next(line for line in text.splitlines() if line.startswith("lmforge_time_to_first_token_seconds_count"))
+    assert float(count.split()[-1]) >= 1
+
+
 def test_models_tokenize_detokenize_and_health(server, client):
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert [m.id for m in client.models.list().data] == [MODEL, "all-minilm-l6-v2"]
     tokens = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world"}).json()
     assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == 512
     text = httpx.post(server.url + "/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"]
