@@ -15,9 +15,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from lmforge.engine.async_engine import AsyncLLMEngine, RequestStream
@@ -33,6 +34,9 @@ from lmforge.serve.protocol import (
     EmbeddingRequest,
     TokenizeRequest,
 )
+
+
+CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
 
 
 @dataclass
@@ -88,6 +92,20 @@ def create_app(state: ServerState) -> FastAPI:
         if state.engine is None or state.draining:
             return JSONResponse({"status": "draining" if state.draining else "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page() -> str:
+        """The web chat: plain HTML/CSS/JS from the package, no build step, nothing fetched from elsewhere."""
+        return CHAT_PAGE.read_text(encoding="utf-8")
+
+    @app.get("/stats")
+    async def stats() -> dict:
+        """The engine's live figures, for the chat page."""
+        figures = state.ready_engine().stats
+        return {"model": state.model_name, "running": figures.num_running, "waiting": figures.num_waiting,
+                "kv_blocks_used": figures.kv_blocks_used, "kv_blocks_total": figures.kv_blocks_total,
+                "prefix_cache_hit_rate": figures.prefix_cache_hit_rate,
+                "tokens_per_second": figures.tokens_per_second}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
