@@ -1,4 +1,4 @@
-"""GPU check: lmforge models and generation on CUDA against HF transformers and against CPU.
+"""GPU check: lmforge models, generation and the engine on CUDA against HF transformers and against CPU.
 
 Run on a machine with a CUDA GPU: `python scripts/gpu_check.py`. Uses tiny random models only.
 """
@@ -11,6 +11,7 @@ import time
 import torch
 import transformers
 
+from lmforge import LLM
 from lmforge.generation import SamplingParams, generate
 from lmforge.nn.kv_cache import KVCache
 from tests.models.test_llama import hf_llama
@@ -65,6 +66,16 @@ def main() -> int:
                                do_sample=False, max_new_tokens=10, min_new_tokens=10, early_stopping=False,
                                pad_token_id=0, eos_token_id=None)[:, 5:].tolist()
     results.append(check("cuda beam search == HF", [o.token_ids for o in beams[0].outputs] == hf_beams))
+
+    # The engine on the GPU (paged KV cache, chunked prefill, batched decodes): greedy == generate() alone.
+    engine_prompts = [[(i * 7 + j) % 90 + 1 for j in range(3 + i % 20)] for i in range(24)]
+    llm = LLM(gpu_model, tokenizer, kv_cache_tokens=2048, block_size=4, max_num_seqs=8, max_num_batched_tokens=32,
+              max_model_len=128)
+    served = [r.outputs[0].token_ids for r in llm.generate(engine_prompts, greedy, use_tqdm=False)]
+    alone = [generate(gpu_model, tokenizer, p, greedy)[0].outputs[0].token_ids for p in engine_prompts]
+    same = sum(a == b for a, b in zip(served, alone))
+    results.append(check("cuda engine greedy == generate alone", same == len(alone), f"{same}/{len(alone)} equal"))
+    results.append(check("cuda engine frees every block", llm.engine.block_manager.num_used_blocks == 0))
 
     bf16 = ours_from_hf(hf, "causal-lm").to("cuda", torch.bfloat16)
     with torch.inference_mode():

@@ -9,8 +9,10 @@ previous item (vLLM's DELTA output kind); the last one has `finished=True` and t
     async for delta in engine.add_request("r1", "Hello", SamplingParams(max_tokens=20)):
         print(delta.outputs[0].text, end="")
 
-The engine is shared by one thread that steps it and the callers that add or abort requests; a
-lock makes each of those one atomic operation, so a request is added or aborted between steps.
+Only the engine thread touches the engine's queues. Callers validate and tokenize their request
+in their own thread, then hand it over (and abort requests) through a short lock that is never
+held during a step: the event loop never waits for the model. Hand-overs take effect between
+steps, so an abort frees its KV blocks before the next step runs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from collections.abc import Sequence
 import torch
 
 from lmforge.engine.config import EngineConfig
-from lmforge.engine.llm_engine import EngineStats, LLMEngine
+from lmforge.engine.llm_engine import EngineRequest, EngineStats, LLMEngine
+from lmforge.errors import InputError
 from lmforge.generation.generate import RequestOutput
 from lmforge.generation.sampling_params import SamplingParams
 
@@ -85,10 +88,12 @@ class RequestStream:
 
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine):
-        self.engine = engine
-        self._lock = threading.Lock()
-        self._work = threading.Event()  # set when a request arrives
-        self._streams: dict[str, RequestStream] = {}
+        self.engine = engine  # stepped by the engine thread only
+        self._lock = threading.Lock()  # guards the hand-over lists below; never held during a step
+        self._arrivals: list[tuple[EngineRequest, RequestStream]] = []
+        self._aborts: list[str] = []
+        self._streams: dict[str, RequestStream] = {}  # every request not finished yet, queued or running
+        self._work = threading.Event()  # set when there is something to hand over
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
         self._thread.start()
@@ -101,28 +106,30 @@ class AsyncLLMEngine:
     def add_request(self, request_id: str, prompt: str | Sequence[int],
                     params: SamplingParams | None = None) -> RequestStream:
         """Queue a request and return its stream of deltas. Must be called from a running event loop;
-        bad input raises here, before anything is queued."""
+        bad input raises here, before anything is queued. Never waits for the engine's current step."""
         if self._closed:
             raise RuntimeError("this AsyncLLMEngine was shut down; create a new one.")
+        request = self.engine.prepare_request(request_id, prompt, params)  # validation, tokenization
         stream = RequestStream(self, request_id)
         with self._lock:
-            self.engine.add_request(request_id, prompt, params)
+            if request_id in self._streams:
+                raise InputError(f"request id {request_id!r} is already in use; give every request a unique id.")
             self._streams[request_id] = stream
+            self._arrivals.append((request, stream))
         self._work.set()
         return stream
 
     def abort(self, request_id: str) -> None:
-        """Cancel a request; its stream ends with finish_reason "abort". Unknown or finished ids are ignored."""
+        """Cancel a request before the next step; its stream ends with finish_reason "abort".
+        Unknown or finished ids are ignored."""
         with self._lock:
-            output = self.engine.abort_request(request_id)
-            stream = self._streams.pop(request_id, None)
-        if output is not None and stream is not None:
-            stream._deliver(output)
+            self._aborts.append(request_id)
+        self._work.set()
 
     @property
     def stats(self) -> EngineStats:
-        with self._lock:
-            return self.engine.stats
+        """The engine's figures, read without waiting for the current step (they may be mid-update)."""
+        return self.engine.stats
 
     def shutdown(self) -> None:
         """Stop the engine thread; unfinished streams end with an error."""
@@ -136,30 +143,53 @@ class AsyncLLMEngine:
 
     def _loop(self) -> None:
         while not self._closed:
-            with self._lock:
-                busy = self.engine.has_unfinished_requests()
-                if not busy:
-                    self._work.clear()  # under the lock: a request added after this sets it again
-            if not busy:
+            self._hand_over()
+            if not self.engine.has_unfinished_requests():
                 self._work.wait()
                 continue
-            with self._lock:
-                try:
-                    outputs = self.engine.step()
-                except Exception as exc:  # fail the requests of this batch, keep serving the others
-                    self._fail_all(exc)
-                    continue
-                deliveries = [(self._streams.get(out.request_id), out) for out in outputs]
-                for out in outputs:
-                    if out.finished:
-                        self._streams.pop(out.request_id, None)
-            for stream, output in deliveries:
-                if stream is not None:
-                    stream._deliver(output)
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # fail the requests in flight, keep serving new ones
+                self._fail_all(exc)
+                continue
+            for output in outputs:
+                self._deliver(output)
+
+    def _hand_over(self) -> None:
+        """Between steps: queue the requests that arrived and carry out the aborts asked for."""
+        with self._lock:
+            arrivals, self._arrivals = self._arrivals, []
+            aborts, self._aborts = self._aborts, []
+            if not arrivals and not aborts and not self.engine.has_unfinished_requests():
+                self._work.clear()  # under the lock: a request added after this sets it again
+        for request, stream in arrivals:
+            try:
+                self.engine.enqueue(request)
+            except Exception as exc:
+                self._end(request.request_id)
+                stream._push(exc)
+        for request_id in aborts:
+            output = self.engine.abort_request(request_id)
+            if output is not None:
+                self._deliver(output)
+
+    def _deliver(self, output: RequestOutput) -> None:
+        with self._lock:
+            stream = self._streams.get(output.request_id)
+        if stream is not None:
+            stream._deliver(output)
+            if output.finished:
+                self._end(output.request_id)
+
+    def _end(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
 
     def _fail_all(self, exc: Exception) -> None:
         """After a failed step nothing in flight can be trusted: abort every request with the error."""
-        for request_id, stream in list(self._streams.items()):
+        for request_id in list(self.engine.requests):
             self.engine.abort_request(request_id)
-            stream._push(exc)
-        self._streams.clear()
+            with self._lock:
+                stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream._push(exc)

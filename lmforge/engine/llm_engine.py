@@ -50,7 +50,7 @@ class EngineStats:
     tokens_per_second: float  # computed tokens (prompt + output) per second of stepping
 
 
-class _Request:
+class EngineRequest:
     """One user request: its prompt, params and the n sequences that generate its completions."""
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams):
@@ -87,7 +87,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config.scheduler_config(self.max_model_len), self.block_manager,
                                    self.eos_token_ids)
         self.runner = ModelRunner(model, num_blocks, block_size)
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, EngineRequest] = {}
         self._step_seconds = 0.0
         self._computed_tokens = self._prompt_tokens_computed = self._output_tokens = 0
 
@@ -102,6 +102,11 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None) -> None:
         """Queue a prompt (text or token ids). Bad params or a prompt that can never fit fail here, at once."""
+        self.enqueue(self.prepare_request(request_id, prompt, params))
+
+    def prepare_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None
+                        ) -> EngineRequest:
+        """Validate and tokenize a request without touching the engine's queues (any thread may call it)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InputError(f"params must be a SamplingParams, got {type(params).__name__}.")
@@ -110,17 +115,22 @@ class LLMEngine:
         if params.n > self.config.max_num_seqs:
             raise InputError(f"n={params.n} completions run side by side but max_num_seqs="
                              f"{self.config.max_num_seqs}; lower n or raise max_num_seqs.")
-        if request_id in self.requests:
-            raise InputError(f"request id {request_id!r} is already in use; give every request a unique id.")
         ids = encode_prompt(self.tokenizer, prompt)
-        request = _Request(request_id, prompt if isinstance(prompt, str) else None, ids, params)
+        request = EngineRequest(request_id, prompt if isinstance(prompt, str) else None, ids, params)
         pipeline = LogitsPipeline.from_params(params, [] if params.ignore_eos else self.eos_token_ids, self.tokenizer)
         seq = Sequence(ids, params, request_id)
         seq.output = OutputStream(self.tokenizer, params, self.eos_token_ids, len(ids), self.max_model_len, ids)
         self._prepare_sampling(seq, pipeline, index=0)
-        self.scheduler.add(seq)  # validates the length against max_model_len and the pool size
+        self.scheduler.check(seq)  # the length against max_model_len and the pool size
         request.seqs.append(seq)
-        self.requests[request_id] = request
+        return request
+
+    def enqueue(self, request: EngineRequest) -> None:
+        """Hand a prepared request to the scheduler; it runs from the next step on."""
+        if request.request_id in self.requests:
+            raise InputError(f"request id {request.request_id!r} is already in use; give every request a unique id.")
+        self.scheduler.add(request.seqs[0])
+        self.requests[request.request_id] = request
 
     def _prepare_sampling(self, seq: Sequence, pipeline: LogitsPipeline, index: int) -> None:
         params = seq.params

@@ -87,6 +87,19 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence; refuse up front one that could never run to its end."""
+        self.check(seq)
+        if seq.output is None:
+            seq.output = OutputStream(None, seq.params, sorted(self.eos_token_ids), seq.num_prompt_tokens,
+                                      self.config.max_model_len)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+        self.seqs[seq.seq_id] = seq
+
+    def check(self, seq: Sequence) -> None:
+        """Raise if `seq` could never run to its end (too long for max_model_len or for the whole pool).
+
+        Reads only the configuration: safe to call from any thread while the engine steps.
+        """
         limit = self.config.max_model_len
         if seq.num_tokens >= limit:
             raise InputError(f"Request {seq.request_id!r} has a {seq.num_tokens}-token prompt but max_model_len="
@@ -100,11 +113,6 @@ class Scheduler:
             raise InputError(f"Request {seq.request_id!r} may grow to {longest} tokens, needing {needed} KV blocks, "
                              f"but the whole KV cache has {bm.num_blocks} blocks of {bm.block_size} tokens; lower "
                              "max_tokens or max_model_len, or give the cache more blocks (num_blocks).")
-        if seq.output is None:
-            seq.output = OutputStream(None, seq.params, sorted(self.eos_token_ids), seq.num_prompt_tokens, limit)
-        seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
-        self.seqs[seq.seq_id] = seq
 
     def abort(self, request_id: str) -> list[Sequence]:
         """End every unfinished sequence of `request_id` and free its blocks; unknown ids are ignored."""

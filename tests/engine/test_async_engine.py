@@ -1,6 +1,7 @@
 """AsyncLLMEngine: concurrent streams whose deltas add up to the offline outputs, aborts, stats."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -13,6 +14,13 @@ from tests.engine.test_llm_engine import assert_no_leaks, random_prompts
 def make_engine(tiny, **config) -> AsyncLLMEngine:
     model, tokenizer = tiny
     return AsyncLLMEngine(LLMEngine(model, tokenizer, EngineConfig(kv_cache_tokens=1024, block_size=4, **config)))
+
+
+def wait_until_idle(engine: AsyncLLMEngine, timeout: float = 10.0) -> None:
+    """Aborts take effect between engine steps: wait for the engine thread to carry them out."""
+    deadline = time.time() + timeout
+    while engine.engine.has_unfinished_requests() and time.time() < deadline:
+        time.sleep(0.01)
 
 
 async def collect(stream) -> tuple[dict[int, str], dict[int, list[int]], list]:
@@ -84,6 +92,7 @@ def test_bad_input_raises_at_once_and_stats_are_live(tiny):
     try:
         stats = asyncio.run(main())
         assert stats.num_running == 1 and stats.num_waiting == 2 and stats.kv_blocks_used > 0
+        wait_until_idle(engine)
         assert_no_leaks(engine.engine)
     finally:
         engine.shutdown()
