@@ -17,21 +17,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_serve_loads_answers_and_drains_on_sigterm():
+def start_server(*flags: str) -> tuple[subprocess.Popen, str, list[int]]:
+    """`lmforge serve FLAGS` on a free port; returns once /health says 200 (with every status seen)."""
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", "--port", str(port),
-                                "--kv-cache-tokens", "2048", "--max-model-len", "512", "--api-key", "k"],
+                                "--kv-cache-tokens", "2048", "--max-model-len", "512", *flags],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url, statuses = f"http://127.0.0.1:{port}", []
+    deadline = time.time() + 120
+    while time.time() < deadline and (not statuses or statuses[-1] != 200) and process.poll() is None:
+        try:
+            statuses.append(httpx.get(url + "/health", timeout=2).status_code)
+        except httpx.TransportError:  # not listening yet
+            pass
+        time.sleep(0.05)
+    return process, url, statuses
+
+
+def test_serve_loads_answers_and_drains_on_sigterm():
+    process, url, statuses = start_server("--api-key", "k", "--cors-origin", "http://example.org")
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and (not statuses or statuses[-1] != 200):
-            try:
-                statuses.append(httpx.get(url + "/health", timeout=2).status_code)
-            except httpx.TransportError:  # not listening yet
-                pass
-            time.sleep(0.05)
         assert statuses[-1] == 200 and set(statuses) <= {503, 200}
+        preflight = httpx.options(url + "/v1/chat/completions", headers={
+            "Origin": "http://example.org", "Access-Control-Request-Method": "POST"})
+        assert preflight.headers["access-control-allow-origin"] == "http://example.org"
         body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}
         assert httpx.post(url + "/v1/chat/completions", json=body).status_code == 401
         answer = httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"})
@@ -43,6 +52,31 @@ def test_serve_loads_answers_and_drains_on_sigterm():
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
     assert f"serving smollm2-135m-instruct on {url}/" in stderr
+
+
+def test_sigterm_lets_requests_in_flight_run_until_the_drain_timeout():
+    process, url, _ = start_server("--embedding-model", "none", "--drain-timeout", "2")
+    body = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_completion_tokens": 400,
+            "ignore_eos": True, "stream": True}
+    received = []
+    try:
+        preflight = httpx.options(url + "/v1/chat/completions", headers={
+            "Origin": "http://example.org", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in preflight.headers  # CORS is off unless asked for
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            received.append(next(lines))
+            start = time.time()
+            process.send_signal(signal.SIGTERM)
+            try:
+                for line in lines:  # the answer keeps streaming while the server drains
+                    received.append(line)
+            except httpx.HTTPError:
+                pass  # cut at the drain timeout
+        assert len([line for line in received if line.startswith("data: ")]) > 5
+        assert process.wait(timeout=60) == 0 and time.time() - start < 30
+    finally:
+        process.kill()
 
 
 def test_serve_help_lists_the_options(capsys):
