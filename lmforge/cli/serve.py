@@ -56,12 +56,17 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
-def _draining_server_class():
+def _draining_server_class(state):
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
-        """uvicorn's server, except that SIGTERM/SIGINT end a graceful drain with exit status 0 (uvicorn
-        re-raises the signal once it has shut down, which a process manager reads as a crash)."""
+        """uvicorn's server, except that SIGTERM/SIGINT start a drain — /health and new requests on open
+        connections answer 503 — that ends with exit status 0 (uvicorn re-raises the signal once it has
+        shut down, which a process manager reads as a crash)."""
+
+        def handle_exit(self, sig, frame) -> None:
+            state.draining = True
+            super().handle_exit(sig, frame)
 
         @contextlib.contextmanager
         def capture_signals(self):
@@ -114,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.cors_origin:
         app.add_middleware(CORSMiddleware, allow_origins=args.cors_origin, allow_methods=["*"], allow_headers=["*"])
-    server_class = _draining_server_class()
+    server_class = _draining_server_class(state)
     server = server_class(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                          timeout_graceful_shutdown=args.drain_timeout))
     print(f"lmforge: serving {state.model_name} on http://{args.host}:{args.port}/ (loading the model...)",
