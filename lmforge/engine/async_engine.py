@@ -100,7 +100,7 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_pretrained(cls, ref: str, config: EngineConfig | None = None,
-                        dtype: torch.dtype = torch.float32) -> AsyncLLMEngine:
+                        dtype: str | torch.dtype = "auto") -> AsyncLLMEngine:
         return cls(LLMEngine.from_pretrained(ref, dtype, config))
 
     def add_request(self, request_id: str, prompt: str | Sequence[int],

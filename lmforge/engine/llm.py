@@ -25,6 +25,7 @@ from lmforge.errors import InputError
 from lmforge.generation.chat import ROLES
 from lmforge.generation.generate import RequestOutput
 from lmforge.generation.sampling_params import SamplingParams
+from lmforge.hardware import resolve_dtype
 
 Prompt = str | Sequence[int]
 Conversation = list[dict[str, Any]]
@@ -33,13 +34,15 @@ Conversation = list[dict[str, Any]]
 class LLM:
     """A model, its tokenizer and a serving engine. Extra keyword arguments are `EngineConfig` fields."""
 
-    def __init__(self, model: Any = "smollm2-135m-instruct", tokenizer=None, dtype: torch.dtype = torch.float32,
+    def __init__(self, model: Any = "smollm2-135m-instruct", tokenizer=None, dtype: str | torch.dtype = "auto",
                  **engine_options: Any):
+        """`model`: a name/folder/GGUF to load (in `dtype`; "auto" = bfloat16 where this machine multiplies
+        it natively, else float32), or a loaded model with its `tokenizer`."""
         if isinstance(model, (str, Path)):
             from lmforge.registry import AutoModelForCausalLM, AutoTokenizer
 
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
-            model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(model, dtype=resolve_dtype(dtype))
         elif tokenizer is None:
             raise InputError("LLM(model) with a model object needs its tokenizer too: LLM(model, tokenizer).")
         self.engine = LLMEngine(model, tokenizer, EngineConfig(**engine_options))

@@ -34,6 +34,7 @@ from lmforge.generation.processors import LogitsPipeline
 from lmforge.generation.sampler import Sampler, sample_next_tokens
 from lmforge.generation.sampling_params import SamplingParams
 from lmforge.generation.stopping import OutputStream
+from lmforge.hardware import resolve_dtype
 from lmforge.nn.paged_kv_cache import PagedKVCache
 
 
@@ -92,11 +93,13 @@ class LLMEngine:
         self._computed_tokens = self._prompt_tokens_computed = self._output_tokens = 0
 
     @classmethod
-    def from_pretrained(cls, ref: str, dtype: torch.dtype = torch.float32, config: EngineConfig | None = None):
-        """Load a model and its tokenizer (embedded short name, HF folder or GGUF file) into an engine."""
+    def from_pretrained(cls, ref: str, dtype: str | torch.dtype = "auto", config: EngineConfig | None = None):
+        """Load a model and its tokenizer (embedded short name, HF folder or GGUF file) into an engine.
+        dtype "auto" is bfloat16 where this machine multiplies it natively (batched steps gain most), else float32."""
         from lmforge.registry import AutoModelForCausalLM, AutoTokenizer
 
-        return cls(AutoModelForCausalLM.from_pretrained(ref, dtype=dtype), AutoTokenizer.from_pretrained(ref), config)
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=resolve_dtype(dtype))
+        return cls(model, AutoTokenizer.from_pretrained(ref), config)
 
     # ----- requests ----------------------------------------------------------------------
 
