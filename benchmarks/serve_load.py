@@ -1,11 +1,12 @@
 """Load test of `lmforge serve`: concurrent streaming clients against the offline engine's throughput.
 
 The request mix is benchmarks/throughput.py's (64 requests, random prompt token ids of 32-512
-tokens, 16-128 output tokens, seed 0, EOS ignored, SmolLM2-135M-Instruct fp32). The server runs
+tokens, 16-128 output tokens, seed 0, EOS ignored, SmolLM2-135M-Instruct). The server runs
 in its own process (`lmforge serve`, same engine settings as the offline run); this process is
 the client: for each concurrency level, all 64 requests go to /v1/completions as SSE streams
 with at most that many in flight. Reported: requests/s, output tokens/s, time to first token and
-inter-token latency (p50/p99) and failures, next to `LLM.generate` on the same mix.
+inter-token latency (p50/p99) and failures, next to `LLM.generate` on the same mix. Both use
+dtype "auto" (bfloat16 where this machine multiplies it natively, else float32).
 Usage: python -m benchmarks.serve_load [--concurrency 16 32 64] [--requests 64]
 """
 
@@ -98,7 +99,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     args = parser.parse_args()
 
-    llm = LLM(MODEL, enable_prefix_caching=False, **ENGINE)
+    llm = LLM(MODEL, enable_prefix_caching=False, **ENGINE)  # dtype "auto", as the server
+    dtype = str(llm.engine.model.dtype).removeprefix("torch.")
     prompts, outputs = workload(args.requests, 0, llm.engine.model.config.vocab_size)
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
     start = time.perf_counter()
@@ -133,7 +135,8 @@ def main() -> None:
                             "ITL p50 (ms)", "ITL p99 (ms)", "failures"], rows)
     write_section("serve_load", f"""## Serving under load (`benchmarks/serve_load.py`)
 
-{machine_line()}. `lmforge serve` in its own process (max_num_seqs {ENGINE['max_num_seqs']},
+{machine_line()}. `lmforge serve` in its own process ({dtype}, what `--dtype auto` picks on this machine;
+max_num_seqs {ENGINE['max_num_seqs']},
 max_num_batched_tokens {ENGINE['max_num_batched_tokens']}), clients in another: the throughput mix
 ({args.requests} requests, prompts of 32-512 random token ids, 16-128 output tokens, EOS ignored) sent to
 /v1/completions as SSE streams with at most N in flight. Offline `LLM.generate` on the same mix:
