@@ -155,8 +155,11 @@ class Scheduler:
             seq = self.running[i]
             if seq.seq_id in self.unplaced:
                 while not self._can_place_last_token(seq):
-                    out.preempted.append(self._preempt(self.running[-1]))
-                if seq.status is SequenceStatus.PREEMPTED:  # it was the newest: it preempted itself
+                    victim = self.running[-1]  # the newest; never one scheduled earlier in this step
+                    out.preempted.append(self._preempt(victim))
+                    if victim is seq:  # it was the newest: it preempted itself (freeing a fork frees no block)
+                        break
+                if seq.status is SequenceStatus.PREEMPTED:
                     break
                 out.block_copies += self.block_manager.may_append(seq)
                 self.unplaced.discard(seq.seq_id)

@@ -87,6 +87,20 @@ def test_parallel_sampling_shares_the_prompt_and_matches_generate(tiny):
     assert_no_leaks(llm.engine)
 
 
+def test_parallel_samples_survive_preemption(tiny):
+    model, tokenizer = tiny
+    prompts = random_prompts(8, max_len=20, seed=9)
+    params = SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=16, ignore_eos=True)
+    llm = LLM(model, tokenizer, kv_cache_tokens=96, block_size=4, max_num_seqs=6, max_num_batched_tokens=32,
+              max_model_len=64)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.engine.stats.num_preemptions > 0
+    for prompt, output in zip(prompts, outputs):
+        expected = generate(model, tokenizer, prompt, params)[0]
+        assert [c.token_ids for c in output.outputs] == [c.token_ids for c in expected.outputs]
+    assert_no_leaks(llm.engine)
+
+
 def test_gpt2_through_the_engine(tiny):
     model, tokenizer = ours_from_hf(hf_gpt2(), "causal-lm"), id_tokenizer(128)
     prompts = random_prompts(6, max_len=18, seed=5)

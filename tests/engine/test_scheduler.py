@@ -40,6 +40,7 @@ class FakeRunner:
         self.steps = 0
         self.prefill_tokens: dict[str, int] = {}  # request_id -> prompt tokens computed (cache misses)
         self.siblings: dict[int, int] = {}  # seq_id -> index among the n samples of its request
+        self.children: dict[int, list[Sequence]] = {}  # parent seq_id -> its forked siblings, in order
 
     def step(self) -> tuple[SchedulerOutput, list[Sequence]]:
         sch, bs = self.scheduler, self.scheduler.block_manager.block_size
@@ -64,7 +65,9 @@ class FakeRunner:
         for parent in out.sampling:  # parallel sampling: siblings fork off at the first token
             if not parent.forked and parent.params.n > 1:
                 for k in range(1, parent.params.n):
-                    self.siblings[sch.fork(parent, out).seq_id] = k
+                    child = sch.fork(parent, out)
+                    self.siblings[child.seq_id] = k
+                    self.children.setdefault(parent.seq_id, []).append(child)
         sampled = {}
         for seq in out.sampling:
             sibling = 0 if seq.num_output_tokens else self.siblings.get(seq.seq_id, 0)
@@ -78,11 +81,11 @@ class FakeRunner:
             assert self.steps < max_steps, "the scheduler stopped making progress"
 
 
-def alone(prompt: list[int], params: SamplingParams, max_model_len: int = 10_000) -> list[int]:
-    """The output a request gets by itself: next_token until a stop condition."""
+def alone(prompt: list[int], params: SamplingParams, max_model_len: int = 10_000, sibling: int = 0) -> list[int]:
+    """The output a request (or its parallel sample `sibling`) gets by itself: next_token until a stop condition."""
     tokens = list(prompt)
     while True:
-        tokens.append(next_token(tokens))
+        tokens.append(next_token(tokens, sibling if len(tokens) == len(prompt) else 0))
         out = tokens[len(prompt):]
         if out[-1] == EOS and not params.ignore_eos or len(out) == params.max_tokens or len(tokens) >= max_model_len:
             return out
@@ -335,7 +338,7 @@ def test_a_missing_sampled_token_is_reported():
 # ----- property test ----------------------------------------------------------------------
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), num_blocks=st.integers(8, 40), block_size=st.sampled_from([1, 2, 4, 8]),
        max_num_seqs=st.integers(1, 8), budget=st.integers(1, 48), chunked=st.booleans(),
        prefix_caching=st.booleans(), arrivals=st.lists(st.integers(0, 6), min_size=1, max_size=12))
@@ -356,10 +359,15 @@ def test_random_workloads_finish_exactly_within_budgets(seed, num_blocks, block_
                 runner.step()
         prompt = shared[:rng.randint(0, max_model_len // 2)] + [rng.randrange(1, VOCAB)
                                                                  for _ in range(rng.randint(1, max_model_len // 3))]
-        params = SamplingParams(max_tokens=rng.randint(1, max_model_len - len(prompt)), ignore_eos=rng.random() < 0.7)
+        n = rng.choice([1, 1, 2, 3]) if rng.random() < 0.5 else 1  # parallel samples fork at the first token
+        params = SamplingParams(max_tokens=rng.randint(1, max_model_len - len(prompt)), ignore_eos=rng.random() < 0.7,
+                                n=min(n, max_num_seqs))
         seq = Sequence(prompt, params)
         sch.add(seq)
-        expected.append((seq, alone(prompt, params, max_model_len)))
+        expected.append((seq, prompt, params))
     runner.run()
-    assert all(seq.output_token_ids == output and seq.is_finished for seq, output in expected)
+    for seq, prompt, params in expected:
+        family = [seq] + runner.children.get(seq.seq_id, [])
+        assert len(family) == params.n and all(member.is_finished for member in family)
+        assert [m.output_token_ids for m in family] == [alone(prompt, params, max_model_len, k) for k in range(params.n)]
     assert sch.block_manager.num_free_blocks == num_blocks and not sch.unplaced
