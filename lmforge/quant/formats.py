@@ -1,0 +1,163 @@
+"""Quantized weight formats: how a [out, in] fp32 matrix becomes a few bits per weight plus scales.
+
+- int8: w ≈ q * scale[row], q in [-127, 127] — one scale per output channel (symmetric).
+- int4: w ≈ (q - zero) * scale per group of `group_size` input columns, q in [0, 15] (asymmetric),
+  two weights per byte.
+- nf4 (QLoRA): w ≈ code[q] * absmax per block of 64 consecutive weights, where the 16 code values
+  are quantiles of a normal distribution (weights are roughly normal, so each code is used about
+  equally often), two weights per byte.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.errors import ConfigError, InputError
+
+
+def _check_matrix(weight: torch.Tensor) -> torch.Tensor:
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise InputError(f"only floating-point [out, in] weight matrices can be quantized, got "
+                         f"{weight.dtype} of shape {tuple(weight.shape)}.")
+    return weight.detach().float()
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes in [0, 15], last dim even → bytes holding two codes each (low nibble first)."""
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_nibbles`: [..., n/2] bytes → [..., n] codes (int64, ready for indexing)."""
+    low, high = (packed & 0x0F).long(), (packed >> 4).long()
+    return torch.stack([low, high], dim=-1).flatten(-2)
+
+
+class QuantizedWeight(ABC):
+    """A quantized [out, in] matrix: `dequantize()` gives back an fp32 approximation."""
+
+    name: str
+
+    @property
+    @abstractmethod
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of the original matrix."""
+
+    @abstractmethod
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 [out, in] matrix these bits stand for."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The packed tensors to store (safetensors) besides the settings."""
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+@dataclass
+class Int8Weight(QuantizedWeight):
+    q: torch.Tensor  # int8 [out, in]
+    scale: torch.Tensor  # float32 [out]
+    name = "int8"
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> Int8Weight:
+        w = _check_matrix(weight)
+        scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        return cls(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale[:, None]
+
+
+@dataclass
+class Int4Weight(QuantizedWeight):
+    packed: torch.Tensor  # uint8 [out, in / 2]
+    scale: torch.Tensor  # float32 [out, in / group_size]
+    zero: torch.Tensor  # uint8 [out, in / group_size], in [0, 15]
+    group_size: int
+    name = "int4"
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, group_size: int = 32) -> Int4Weight:
+        w = _check_matrix(weight)
+        rows, cols = w.shape
+        if group_size not in (32, 64, 128) or cols % group_size:
+            raise ConfigError(f"int4 group_size must be 32, 64 or 128 and divide the input dimension {cols}; "
+                              f"got {group_size}.")
+        groups = w.view(rows, cols // group_size, group_size)
+        low, high = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)  # the range always holds 0
+        scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+        zero = torch.round(-low / scale).clamp(0, 15)
+        q = torch.round(groups / scale[..., None] + zero[..., None]).clamp(0, 15).to(torch.uint8)
+        return cls(pack_nibbles(q.view(rows, cols)), scale, zero.to(torch.uint8), group_size)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.packed.shape[0], self.packed.shape[1] * 2
+
+    def dequantize(self) -> torch.Tensor:
+        rows, cols = self.shape
+        q = unpack_nibbles(self.packed).view(rows, cols // self.group_size, self.group_size).float()
+        return ((q - self.zero[..., None].float()) * self.scale[..., None]).view(rows, cols)
+
+
+def nf4_code_book() -> torch.Tensor:
+    """QLoRA's 16 NormalFloat4 values in [-1, 1], with an exact 0.
+
+    8 positive values are the normal quantiles at evenly spaced probabilities from 0.9677 down to
+    0.5 (excluded), 7 negative ones likewise from 0.9677 with one step less, so 0 is representable;
+    all are scaled so the largest magnitude is 1 (Dettmers et al., 2023; bitsandbytes).
+    """
+    normal = torch.distributions.Normal(0.0, 1.0)
+    offset = 0.9677083
+    positive = normal.icdf(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -normal.icdf(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    values = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).sort().values
+    return (values / values.abs().max()).float()
+
+
+NF4_CODE = nf4_code_book()
+NF4_BLOCK = 64
+
+
+@dataclass
+class NF4Weight(QuantizedWeight):
+    packed: torch.Tensor  # uint8 [out * in / 2]: code indices of the flattened weight
+    absmax: torch.Tensor  # float32 [out * in / 64]
+    rows: int
+    cols: int
+    name = "nf4"
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> NF4Weight:
+        w = _check_matrix(weight)
+        if w.numel() % NF4_BLOCK:
+            raise ConfigError(f"nf4 quantizes blocks of {NF4_BLOCK} weights; a {tuple(w.shape)} matrix has "
+                              f"{w.numel()} weights, not a multiple of {NF4_BLOCK}.")
+        blocks = w.reshape(-1, NF4_BLOCK)
+        absmax = blocks.abs().amax(-1).clamp(min=torch.finfo(torch.float32).tiny)
+        normalized = blocks / absmax[:, None]  # in [-1, 1]
+        # Nearest code value: the codes are sorted, so compare with the midpoints between neighbours.
+        midpoints = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2
+        codes = torch.bucketize(normalized, midpoints).to(torch.uint8)
+        return cls(pack_nibbles(codes.flatten()), absmax, *w.shape)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows, self.cols
+
+    def dequantize(self) -> torch.Tensor:
+        codes = unpack_nibbles(self.packed).view(-1, NF4_BLOCK)
+        return (NF4_CODE[codes] * self.absmax[:, None]).view(self.rows, self.cols)
+
+
+FORMATS = {"int8": Int8Weight, "int4": Int4Weight, "nf4": NF4Weight}

@@ -1,0 +1,99 @@
+"""Quantized formats: error bounds, packing, QLoRA's NF4 code book, and QuantizedLinear's forward."""
+
+import pytest
+import torch
+from torch import nn
+
+from lmforge.errors import ConfigError, InputError
+from lmforge.quant import Int4Weight, Int8Weight, NF4Weight, QuantizedLinear
+from lmforge.quant.formats import NF4_CODE, pack_nibbles, unpack_nibbles
+
+# bitsandbytes' NF4 table (the values QLoRA quantizes to), copied by hand.
+BITSANDBYTES_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                    0.7229568362236023, 1.0]
+
+
+def random_weight(rows=48, cols=128, seed=0) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+def test_nf4_code_book_is_qloras():
+    assert torch.allclose(NF4_CODE, torch.tensor(BITSANDBYTES_NF4), atol=1e-6)
+
+
+def test_nibble_packing_round_trips():
+    codes = torch.randint(0, 16, (3, 10), dtype=torch.uint8)
+    packed = pack_nibbles(codes)
+    assert packed.shape == (3, 5) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_nibbles(packed), codes.long())
+    assert int(pack_nibbles(torch.tensor([1, 2], dtype=torch.uint8))) == 0x21  # low nibble first
+
+
+def test_int8_error_is_at_most_half_a_step_per_channel():
+    w = random_weight()
+    q = Int8Weight.quantize(w)
+    step = w.abs().amax(1) / 127
+    assert q.q.dtype == torch.int8 and q.shape == w.shape
+    assert bool(((q.dequantize() - w).abs() <= step[:, None] / 2 + 1e-7).all())
+    assert q.nbytes() == w.numel() + 4 * w.shape[0]
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_error_is_at_most_half_a_step_per_group(group_size):
+    w = random_weight()
+    q = Int4Weight.quantize(w, group_size)
+    groups = w.view(w.shape[0], -1, group_size)
+    step = (groups.amax(-1).clamp(min=0) - groups.amin(-1).clamp(max=0)) / 15
+    error = (q.dequantize() - w).view_as(groups).abs()
+    assert bool((error <= step[..., None] / 2 + 1e-6).all())
+    assert q.packed.shape == (w.shape[0], w.shape[1] // 2)
+
+
+def test_int4_hand_computed_group():
+    w = torch.tensor([[-1.5, 0.0, 1.5, 3.0] * 8])  # one group of 32: range [-1.5, 3.0]
+    q = Int4Weight.quantize(w, 32)
+    assert float(q.scale) == pytest.approx(0.3) and int(q.zero) == 5  # -1.5 / 0.3 = -5
+    assert torch.allclose(q.dequantize(), w, atol=1e-6)  # every value sits exactly on the grid
+
+
+def test_nf4_hand_computed_block_and_error():
+    w = torch.zeros(1, 64)
+    w[0, :4] = torch.tensor([2.0, -2.0, 1.0, 0.05])  # absmax 2 → 1, -1, 0.5, 0.025 of it
+    q = NF4Weight.quantize(w)
+    assert float(q.absmax) == 2.0
+    expected = torch.zeros(64)
+    expected[:4] = torch.tensor([1.0, -1.0, 0.44070982933044434, 0.0]) * 2  # nearest codes: 1, -1, 0.4407, 0
+    assert torch.allclose(q.dequantize()[0], expected, atol=1e-6)
+    w = random_weight()
+    blocks = w.reshape(-1, 64)
+    gaps = (NF4_CODE[1:] - NF4_CODE[:-1]).max()
+    error = (NF4Weight.quantize(w).dequantize().reshape(-1, 64) - blocks).abs()
+    assert bool((error <= blocks.abs().amax(-1, keepdim=True) * gaps / 2 + 1e-6).all())
+
+
+@pytest.mark.parametrize("method,options,relative_error", [("int8", {}, 0.01), ("int4", {"group_size": 32}, 0.15),
+                                                           ("nf4", {}, 0.15)])
+def test_quantized_linear_equals_a_matmul_on_its_dequantized_weight(method, options, relative_error):
+    linear = nn.Linear(128, 48).requires_grad_(False)
+    quantized = QuantizedLinear.from_linear(linear, method, **options)
+    x = torch.randn(3, 5, 128)
+    reference = torch.nn.functional.linear(x, quantized.weight_format.dequantize(), linear.bias)
+    assert torch.allclose(quantized(x), reference, atol=1e-6)
+    original = linear(x)  # and close to the original layer
+    assert float((quantized(x) - original).norm() / original.norm()) < relative_error
+    state = quantized.state_dict()
+    assert set(state) == set(quantized._tensor_names) | {"bias"}
+    assert method in repr(quantized)
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ConfigError, match="group_size"):
+        Int4Weight.quantize(random_weight(cols=96), 64)
+    with pytest.raises(ConfigError, match="multiple of 64"):
+        NF4Weight.quantize(torch.randn(3, 7))
+    with pytest.raises(InputError, match="floating-point"):
+        Int8Weight.quantize(torch.ones(4, 4, dtype=torch.int64))
+    with pytest.raises(ConfigError, match="unknown quantization method"):
+        QuantizedLinear.from_linear(nn.Linear(4, 4), "int3")
