@@ -11,10 +11,10 @@ import argparse
 import os
 import sys
 
-from lmforge.cli import chat, generate, info, serve
+from lmforge.cli import chat, evaluate, generate, info, serve
 from lmforge.errors import LMForgeError
 
-COMMANDS = (generate, chat, info, serve)
+COMMANDS = (generate, chat, info, serve, evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:
