@@ -41,6 +41,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="weights and activations; auto = bfloat16 where this machine multiplies it natively "
                              "(AMX, AVX512-BF16, GPUs), else float32 (default: auto)")
+    parser.add_argument("--quantization", choices=["int8", "int4", "nf4"], default=None,
+                        help="quantize the model's Linear layers at load time (default: none)")
     parser.add_argument("--embedding-model", default="all-minilm-l6-v2",
                         help="encoder serving /v1/embeddings; 'none' turns the route off (default: all-minilm-l6-v2)")
     parser.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together (default: 32)")
@@ -103,9 +105,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             if args.embedding_model.lower() != "none":
                 state.embedder = Embedder.from_pretrained(args.embedding_model)
-            state.engine = AsyncLLMEngine.from_pretrained(args.model, config, args.dtype)
-            logging.info("model %s ready (%s): http://%s:%d/", state.model_name,
-                         str(state.engine.engine.model.dtype).removeprefix("torch."), args.host, args.port)
+            state.engine = AsyncLLMEngine.from_pretrained(args.model, config, args.dtype, args.quantization)
+            logging.info("model %s ready (%s%s): http://%s:%d/", state.model_name,
+                         str(state.engine.engine.model.dtype).removeprefix("torch."),
+                         f", {args.quantization}" if args.quantization else "", args.host, args.port)
         except BaseException as exc:  # reported below; the server cannot serve without a model
             failure.append(exc)
             server.should_exit = True

@@ -99,9 +99,9 @@ class AsyncLLMEngine:
         self._thread.start()
 
     @classmethod
-    def from_pretrained(cls, ref: str, config: EngineConfig | None = None,
-                        dtype: str | torch.dtype = "auto") -> AsyncLLMEngine:
-        return cls(LLMEngine.from_pretrained(ref, dtype, config))
+    def from_pretrained(cls, ref: str, config: EngineConfig | None = None, dtype: str | torch.dtype = "auto",
+                        quantization: str | None = None) -> AsyncLLMEngine:
+        return cls(LLMEngine.from_pretrained(ref, dtype, config, quantization))
 
     def add_request(self, request_id: str, prompt: str | Sequence[int],
                     params: SamplingParams | None = None) -> RequestStream:

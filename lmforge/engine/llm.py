@@ -26,6 +26,7 @@ from lmforge.generation.chat import ROLES
 from lmforge.generation.generate import RequestOutput
 from lmforge.generation.sampling_params import SamplingParams
 from lmforge.hardware import resolve_dtype
+from lmforge.quant import quantize_model
 
 Prompt = str | Sequence[int]
 Conversation = list[dict[str, Any]]
@@ -35,9 +36,10 @@ class LLM:
     """A model, its tokenizer and a serving engine. Extra keyword arguments are `EngineConfig` fields."""
 
     def __init__(self, model: Any = "smollm2-135m-instruct", tokenizer=None, dtype: str | torch.dtype = "auto",
-                 **engine_options: Any):
+                 quantization: str | None = None, **engine_options: Any):
         """`model`: a name/folder/GGUF to load (in `dtype`; "auto" = bfloat16 where this machine multiplies
-        it natively, else float32), or a loaded model with its `tokenizer`."""
+        it natively, else float32), or a loaded model with its `tokenizer`. `quantization` ("int8", "int4",
+        "nf4") quantizes its Linear layers at load time."""
         if isinstance(model, (str, Path)):
             from lmforge.registry import AutoModelForCausalLM, AutoTokenizer
 
@@ -45,6 +47,8 @@ class LLM:
             model = AutoModelForCausalLM.from_pretrained(model, dtype=resolve_dtype(dtype))
         elif tokenizer is None:
             raise InputError("LLM(model) with a model object needs its tokenizer too: LLM(model, tokenizer).")
+        if quantization is not None:
+            quantize_model(model, quantization)
         self.engine = LLMEngine(model, tokenizer, EngineConfig(**engine_options))
         self.tokenizer = tokenizer
         self._ids = count()

@@ -93,12 +93,17 @@ class LLMEngine:
         self._computed_tokens = self._prompt_tokens_computed = self._output_tokens = 0
 
     @classmethod
-    def from_pretrained(cls, ref: str, dtype: str | torch.dtype = "auto", config: EngineConfig | None = None):
+    def from_pretrained(cls, ref: str, dtype: str | torch.dtype = "auto", config: EngineConfig | None = None,
+                        quantization: str | None = None):
         """Load a model and its tokenizer (embedded short name, HF folder or GGUF file) into an engine.
-        dtype "auto" is bfloat16 where this machine multiplies it natively (batched steps gain most), else float32."""
+        dtype "auto" is bfloat16 where this machine multiplies it natively (batched steps gain most), else float32;
+        `quantization` ("int8", "int4", "nf4") quantizes the Linear layers at load time."""
+        from lmforge.quant import quantize_model
         from lmforge.registry import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=resolve_dtype(dtype))
+        if quantization is not None:
+            quantize_model(model, quantization)
         return cls(model, AutoTokenizer.from_pretrained(ref), config)
 
     # ----- requests ----------------------------------------------------------------------

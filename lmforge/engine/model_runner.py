@@ -35,7 +35,7 @@ class ModelRunner:
             if start + n == seq.num_tokens:
                 sampled_rows[seq.seq_id] = len(token_ids) - 1  # its last token predicts the next one
         positions = self.cache.prepare(spans)
-        keep = torch.tensor([sampled_rows[seq.seq_id] for seq in out.sampling], device=self.device)
+        keep = torch.tensor([sampled_rows[seq.seq_id] for seq in out.sampling], dtype=torch.long, device=self.device)
         ids = torch.tensor([token_ids], device=self.device)
         logits = self.model(ids, position_ids=positions[None], kv_cache=self.cache, logits_to_keep=keep).logits
         return logits[0].float()

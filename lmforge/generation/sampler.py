@@ -104,6 +104,8 @@ def sample_next_tokens(logits: Tensor, rows: Sequence[SamplingRow], observer: Ob
     Row i's logits pipeline processes its logits, its own sampler draws, its processor state
     accepts the token, and the token's logprobs are recorded when requested.
     """
+    if not rows:  # e.g. an engine step that only prefilled prompt chunks
+        return []
     processed = torch.stack([row.pipeline(logits[i], row.sampling_state, observer) for i, row in enumerate(rows)])
     tokens = sample_batch(processed, [row.sampler for row in rows])
     for i, (row, token) in enumerate(zip(rows, tokens)):

@@ -94,3 +94,18 @@ def test_a_model_that_cannot_load_ends_the_server_with_one_line():
                              str(free_port())], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "lmforge: error: model '/no/such/model' not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_quantized_server_still_answers():
+    process, url, statuses = start_server("--quantization", "int8", "--embedding-model", "none", "--dtype",
+                                          "float32")
+    try:
+        assert statuses[-1] == 200
+        body = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8,
+                "temperature": 0}
+        answer = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
+        assert "Paris" in answer["choices"][0]["message"]["content"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert "ready (float32, int8)" in stderr

@@ -101,6 +101,23 @@ def test_parallel_samples_survive_preemption(tiny):
     assert_no_leaks(llm.engine)
 
 
+def test_a_step_of_prompt_chunks_only_samples_nothing(tiny):
+    model, tokenizer = tiny
+    llm = LLM(model, tokenizer, kv_cache_tokens=512, block_size=4, max_num_batched_tokens=16)
+    prompt = list(range(1, 41))  # longer than two steps' budget: the first two steps sample nothing
+    assert engine_tokens(llm.generate([prompt], GREEDY, use_tqdm=False)) == alone(model, tokenizer, [prompt])
+
+
+def test_a_quantized_model_through_the_engine():
+    from tests.models.test_llama import hf_llama
+    from tests.parity import id_tokenizer, ours_from_hf
+
+    model, tokenizer = ours_from_hf(hf_llama(num_key_value_heads=2), "causal-lm"), id_tokenizer(128)
+    llm = LLM(model, tokenizer, quantization="int4", kv_cache_tokens=512, block_size=4, max_num_batched_tokens=32)
+    prompts = random_prompts(6, seed=10)
+    assert engine_tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == alone(model, tokenizer, prompts)
+
+
 def test_gpt2_through_the_engine(tiny):
     model, tokenizer = ours_from_hf(hf_gpt2(), "causal-lm"), id_tokenizer(128)
     prompts = random_prompts(6, max_len=18, seed=5)
