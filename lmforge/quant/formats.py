@@ -132,13 +132,17 @@ NF4_BLOCK = 64
 @dataclass
 class NF4Weight(QuantizedWeight):
     packed: torch.Tensor  # uint8 [out * in / 2]: code indices of the flattened weight
-    absmax: torch.Tensor  # float32 [out * in / 64]
+    absmax: torch.Tensor | None  # float32 [out * in / 64]; None when double-quantized
     rows: int
     cols: int
+    # Double quantization (QLoRA): the block absmaxes minus their mean, in int8 per group of 256 blocks.
+    absmax_q: torch.Tensor | None = None
+    absmax_scale: torch.Tensor | None = None
+    absmax_offset: torch.Tensor | None = None
     name = "nf4"
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor) -> NF4Weight:
+    def quantize(cls, weight: torch.Tensor, double_quant: bool = False) -> NF4Weight:
         w = _check_matrix(weight)
         if w.numel() % NF4_BLOCK:
             raise ConfigError(f"nf4 quantizes blocks of {NF4_BLOCK} weights; a {tuple(w.shape)} matrix has "
@@ -149,15 +153,34 @@ class NF4Weight(QuantizedWeight):
         # Nearest code value: the codes are sorted, so compare with the midpoints between neighbours.
         midpoints = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2
         codes = torch.bucketize(normalized, midpoints).to(torch.uint8)
-        return cls(pack_nibbles(codes.flatten()), absmax, *w.shape)
+        packed = pack_nibbles(codes.flatten())
+        if not double_quant:
+            return cls(packed, absmax, *w.shape)
+        offset = absmax.mean()
+        groups = _pad_to_groups(absmax - offset)
+        scale = groups.abs().amax(-1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        q = torch.round(groups / scale[:, None]).clamp(-127, 127).to(torch.int8).flatten()[:absmax.numel()]
+        return cls(packed, None, *w.shape, absmax_q=q, absmax_scale=scale, absmax_offset=offset)
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.rows, self.cols
 
+    def block_absmax(self) -> torch.Tensor:
+        """Each block's scale, dequantized first when double-quantized."""
+        if self.absmax is not None:
+            return self.absmax
+        groups = _pad_to_groups(self.absmax_q.float()) * self.absmax_scale[:, None]
+        return groups.flatten()[:self.absmax_q.numel()] + self.absmax_offset
+
     def dequantize(self) -> torch.Tensor:
         codes = unpack_nibbles(self.packed).view(-1, NF4_BLOCK)
-        return (NF4_CODE[codes] * self.absmax[:, None]).view(self.rows, self.cols)
+        return (NF4_CODE[codes] * self.block_absmax()[:, None]).view(self.rows, self.cols)
+
+
+def _pad_to_groups(values: torch.Tensor, group: int = 256) -> torch.Tensor:
+    """[n] → [ceil(n / group), group], zero-padded at the end."""
+    return torch.nn.functional.pad(values, (0, (-values.numel()) % group)).view(-1, group)
 
 
 FORMATS = {"int8": Int8Weight, "int4": Int4Weight, "nf4": NF4Weight}

@@ -73,8 +73,18 @@ def test_nf4_hand_computed_block_and_error():
     assert bool((error <= blocks.abs().amax(-1, keepdim=True) * gaps / 2 + 1e-6).all())
 
 
+def test_nf4_double_quantization_shrinks_the_scales_and_stays_close():
+    w = random_weight(rows=96, cols=384)  # 576 blocks: two full groups of 256 and a partial one
+    single, double = NF4Weight.quantize(w), NF4Weight.quantize(w, double_quant=True)
+    assert double.absmax is None and double.absmax_q.dtype == torch.int8 and double.absmax_scale.numel() == 3
+    step = (single.absmax - single.absmax.mean()).abs().max() / 127
+    assert float((double.block_absmax() - single.absmax).abs().max()) <= float(step) / 2 + 1e-7
+    assert double.nbytes() < single.nbytes()  # 8 instead of 32 bits per block scale
+    assert float((double.dequantize() - single.dequantize()).norm() / single.dequantize().norm()) < 0.01
+
+
 @pytest.mark.parametrize("method,options,relative_error", [("int8", {}, 0.01), ("int4", {"group_size": 32}, 0.15),
-                                                           ("nf4", {}, 0.15)])
+                                                           ("nf4", {}, 0.15), ("nf4", {"double_quant": True}, 0.15)])
 def test_quantized_linear_equals_a_matmul_on_its_dequantized_weight(method, options, relative_error):
     linear = nn.Linear(128, 48).requires_grad_(False)
     quantized = QuantizedLinear.from_linear(linear, method, **options)
