@@ -58,6 +58,8 @@ def handle(args: argparse.Namespace) -> int:
     except CheckpointError:  # a model folder without tokenizer files still has weights worth describing
         tokenizer = None
     info = {"model": args.model, "source": str(source), **describe(model, tokenizer), "config": config}
+    if source.suffix == ".gguf":
+        info["file_tensor_types"] = gguf_tensor_types(source)
     if args.json:
         print(json.dumps(info, indent=2, ensure_ascii=False))
     else:
@@ -65,6 +67,28 @@ def handle(args: argparse.Namespace) -> int:
     if args.modules:
         print(model)
     return 0
+
+
+def gguf_tensor_types(path) -> dict[str, int]:
+    """How many tensors of each storage type (Q4_1, Q8_0, F32, ...) a GGUF file holds."""
+    from lmforge.checkpoint.gguf import open_gguf
+
+    gguf = open_gguf(path)
+    return dict(Counter(gguf.tensor_type(name) for name in gguf.tensor_names).most_common())
+
+
+def weight_memory(model: nn.Module) -> tuple[int, dict[str, int]]:
+    """Bytes the weights take in memory (tied ones once, quantized layers packed) and the modules per format."""
+    from lmforge.quant import QuantizedLinear
+
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    formats: Counter = Counter()
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            total += module.weight_format.nbytes()
+            formats[module.method] += 1
+    formats[str(model.dtype).removeprefix("torch.")] += 1  # everything not quantized
+    return total, dict(formats)
 
 
 def model_class_for(config: dict[str, Any]) -> type:
@@ -79,6 +103,7 @@ def model_class_for(config: dict[str, Any]) -> type:
 def describe(model: nn.Module, tokenizer: Tokenizer | None) -> dict[str, Any]:
     """Architecture, size per component, dtype, context and tokenizer facts, as JSON-ready values."""
     config = model.config
+    weight_bytes, weight_formats = weight_memory(model)
     info: dict[str, Any] = {
         "architecture": config.model_type,
         "class": type(model).__name__,
@@ -87,6 +112,8 @@ def describe(model: nn.Module, tokenizer: Tokenizer | None) -> dict[str, Any]:
         "vocab_size": getattr(config, "vocab_size", None),
         "blocks": sum(isinstance(m, TransformerBlock) for m in model.modules()),
         "parameters": model.num_parameters(),
+        "weight_bytes": weight_bytes,
+        "weight_formats": weight_formats,
         "components": parameter_components(model),
         "tied": tied_parameters(model),
     }
@@ -156,6 +183,11 @@ def print_text(info: dict[str, Any]) -> None:
         rows.append(("chat template", "yes" if tokenizer["chat_template"] else "no"))
         rows.append(("special tokens", ", ".join(f"{role} {t['token']!r} ({t['id']})"
                                                  for role, t in tokenizer["special_tokens"].items()) or "none"))
+    formats = ", ".join(f"{name} x{count}" if count > 1 else name for name, count in info["weight_formats"].items())
+    rows.append(("weights", f"{info['weight_bytes'] / 1e6:,.1f} MB in memory ({formats})"))
+    if "file_tensor_types" in info:
+        types = ", ".join(f"{kind} x{count}" for kind, count in info["file_tensor_types"].items())
+        rows.append(("file tensors", types))
     rows.append(("parameters", f"{info['parameters']:,}"))
     width = max(len(label) for label, _ in rows)
     for label, value in rows:

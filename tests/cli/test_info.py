@@ -25,8 +25,27 @@ def test_text_report_of_the_default_chat_model(capsys):
     out = capsys.readouterr().out
     for line in ["class           LlamaForCausalLM", "context length  8,192 tokens", "chat template   yes",
                  "special tokens  bos '<|im_start|>' (1), eos '<|im_end|>' (2)", "parameters      134,515,008",
-                 "  tied          lm_head.weight shares model.embed_tokens.weight (counted once)"]:
+                 "  tied          lm_head.weight shares model.embed_tokens.weight (counted once)",
+                 "weights         538.1 MB in memory (float32)", "file tensors    Q4_1 x210, F32 x61, Q8_0 x1"]:
         assert line in out
+
+
+def test_weight_memory_counts_quantized_layers_packed():
+    from lmforge.cli.info import weight_memory
+    from lmforge.config import LlamaConfig
+    from lmforge.models.llama import LlamaForCausalLM
+    from lmforge.quant import quantize_model
+
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    before, formats = weight_memory(model)
+    assert before == model.num_parameters() * 4 and formats == {"float32": 1}
+    quantize_model(model, "int8")
+    after, formats = weight_memory(model)
+    linear = 4 * 64 * 64 + 3 * 64 * 128 + 64 * 64  # q, k, v, o; gate, up, down; the untied head
+    assert formats == {"int8": 8, "float32": 1}
+    assert after == before - linear * 4 + linear + 4 * (4 * 64 + 2 * 128 + 64 + 64)  # int8 + an fp32 scale per row
 
 
 def test_components_of_a_decoder_with_tied_head(smollm2):
