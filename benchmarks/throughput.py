@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from benchmarks.report import machine_line, markdown_table, write_section
 from lmforge import LLM, AutoModelForCausalLM, AutoTokenizer, LLMEngine, SamplingParams
 from lmforge.engine import EngineConfig
+from lmforge.generation.session import left_pad
 from lmforge.hardware import fast_batched_dtype
 from lmforge.sources import resolve
 
@@ -88,11 +89,7 @@ def run_hf_static(hf_model, prompts, outputs, batch_size: int) -> float:
     start = time.perf_counter()
     for first in range(0, len(prompts), batch_size):
         batch, wanted = prompts[first:first + batch_size], outputs[first:first + batch_size]
-        width = max(map(len, batch))
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, prompt in enumerate(batch):
-            ids[row, width - len(prompt):], mask[row, width - len(prompt):] = torch.tensor(prompt), 1
+        ids, mask = left_pad(batch, pad_id=0)
         with torch.inference_mode():
             hf_model.generate(ids, attention_mask=mask, max_new_tokens=max(wanted), min_new_tokens=max(wanted),
                               do_sample=False, eos_token_id=None, pad_token_id=0)

@@ -23,7 +23,7 @@ from lmforge.engine.config import EngineConfig
 from lmforge.engine.llm_engine import LLMEngine
 from lmforge.errors import InputError
 from lmforge.generation.chat import ROLES
-from lmforge.generation.generate import RequestOutput
+from lmforge.generation.generate import RequestOutput, prompt_list
 from lmforge.generation.sampling_params import SamplingParams
 from lmforge.hardware import resolve_dtype
 from lmforge.quant import quantize_model
@@ -56,16 +56,15 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams
                  | Sequence[SamplingParams] | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Complete one prompt or many (text or token ids); one RequestOutput per prompt, in order."""
-        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
-        prompt_list = [prompts] if single else list(prompts)
+        prompts = prompt_list(prompts)
         if isinstance(sampling_params, Sequence):
-            if len(sampling_params) != len(prompt_list):
-                raise InputError(f"got {len(sampling_params)} SamplingParams for {len(prompt_list)} prompts; pass "
+            if len(sampling_params) != len(prompts):
+                raise InputError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts; pass "
                                  "one per prompt or a single one for all.")
             params_list = list(sampling_params)
         else:
-            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
-        return self._run(prompt_list, params_list, use_tqdm)
+            params_list = [sampling_params or SamplingParams()] * len(prompts)
+        return self._run(prompts, params_list, use_tqdm)
 
     def chat(self, messages: Conversation | Sequence[Conversation], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:

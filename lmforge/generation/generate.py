@@ -98,6 +98,13 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def prompt_list(prompts) -> list:
+    """One prompt (text or token ids) or a batch of them, as a list of prompts."""
+    if isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)
+
+
 def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
     """Token ids of a prompt given as text or ids. An empty prompt starts from BOS when there is one."""
     ids = list(prompt) if not isinstance(prompt, str) else tokenizer.encode(prompt)
@@ -183,20 +190,19 @@ def generate(model, tokenizer, prompts: Prompt | Sequence[Prompt], params: Sampl
              observer: Observer | None = None) -> list[RequestOutput]:
     """Complete one prompt or a batch (text or token ids); returns one RequestOutput per prompt."""
     params = params or SamplingParams()
-    single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
-    prompt_list = [prompts] if single else list(prompts)
-    if not prompt_list:
+    prompts = prompt_list(prompts)
+    if not prompts:
         return []
     if params.num_beams > 1:
         from lmforge.generation.beam_search import beam_search
 
-        return [beam_search(model, tokenizer, prompt, params) for prompt in prompt_list]
+        return [beam_search(model, tokenizer, prompt, params) for prompt in prompts]
     finished: dict[tuple[int, int], _Sequence] = {}
-    for seq, step in generate_steps(model, tokenizer, prompt_list, params, observer):
+    for seq, step in generate_steps(model, tokenizer, prompts, params, observer):
         if step.finished:
             finished[(seq.request, seq.index)] = seq
     results = []
-    for request, prompt in enumerate(prompt_list):
+    for request, prompt in enumerate(prompts):
         first = finished[(request, 0)]
         result = RequestOutput(prompt if isinstance(prompt, str) else None, first.prompt_token_ids)
         for index in range(params.n):

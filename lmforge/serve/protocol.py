@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lmforge.generation.generate import prompt_list
 from lmforge.generation.sampling_params import SamplingParams
 
 
@@ -94,10 +95,7 @@ class CompletionRequest(_Sampling):
 
     def prompts(self) -> list[str | list[int]]:
         """One prompt or a batch: a string, strings, token ids, or lists of token ids."""
-        prompt = self.prompt
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-            return [prompt]
-        return list(prompt)
+        return prompt_list(self.prompt)
 
 
 class EmbeddingRequest(_Request):
@@ -107,9 +105,7 @@ class EmbeddingRequest(_Request):
     user: str | None = None
 
     def inputs(self) -> list[str] | list[list[int]]:
-        if isinstance(self.input, str) or (self.input and isinstance(self.input[0], int)):
-            return [self.input]
-        return list(self.input)
+        return prompt_list(self.input)
 
 
 class TokenizeRequest(_Request):
