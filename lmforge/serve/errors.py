@@ -18,10 +18,6 @@ from lmforge.errors import InputError, LMForgeError, UnsupportedError
 
 logger = logging.getLogger("lmforge.serve")
 
-# SamplingParams fields whose OpenAI request name differs.
-_API_FIELD = {"top_logprobs": "top_logprobs"}
-
-
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None):
@@ -42,8 +38,8 @@ def error_response(error: APIError) -> JSONResponse:
 def from_lmforge_error(exc: LMForgeError) -> APIError:
     """A library error caused by the request (bad sampling value, prompt too long, ...) → 400."""
     message = str(exc)
-    field = re.match(r"(?:SamplingParams|EngineConfig)\.(\w+)", message)
-    param = _API_FIELD.get(field[1], field[1]) if field else None
+    field = re.match(r"(?:SamplingParams|EngineConfig)\.(\w+)", message)  # the request field names match
+    param = field[1] if field else None
     if isinstance(exc, UnsupportedError):
         return APIError(400, message, param=param, code="unsupported")
     if isinstance(exc, InputError) and "max_model_len" in message:
