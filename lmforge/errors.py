@@ -34,5 +34,15 @@ class ValidationError(InputError):
     """A request or parameter has an invalid value; the message names the field."""
 
 
+def require_counts(owner: str, values: dict[str, object]) -> None:
+    """Raise a ValidationError naming `owner.field` for the first value that is not an integer >= 1.
+
+    Leave out optional fields that are None.
+    """
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValidationError(f"{owner}.{name} must be an integer >= 1, got {value!r}.")
+
+
 class KVCacheError(LMForgeError, RuntimeError):
     """The KV block bookkeeping was driven wrongly (a double free, allocating without room): an engine bug."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from lmforge.engine.sequence import Sequence
-from lmforge.errors import InputError, KVCacheError, ValidationError
+from lmforge.errors import InputError, KVCacheError, require_counts
 
 Parent = tuple[int, int]  # (block_id, version): one incarnation of the previous block of a chain
 
@@ -43,9 +43,7 @@ class Block:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True):
-        for name, value in (("num_blocks", num_blocks), ("block_size", block_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValidationError(f"BlockManager {name} must be an integer >= 1, got {value!r}.")
+        require_counts("BlockManager", {"num_blocks": num_blocks, "block_size": block_size})
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.engine.scheduler import SchedulerConfig
-from lmforge.errors import ConfigError, ValidationError
+from lmforge.errors import ConfigError, ValidationError, require_counts
 
 
 @dataclass
@@ -29,12 +29,10 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
-            value = getattr(self, name)
-            if value is None and name in ("kv_cache_tokens", "max_model_len"):
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValidationError(f"EngineConfig.{name} must be an integer >= 1, got {value!r}.")
+        counts = ("block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens", "max_model_len")
+        optional = ("kv_cache_tokens", "max_model_len")  # None: sized from memory / the model's context
+        require_counts("EngineConfig", {name: getattr(self, name) for name in counts
+                                        if name not in optional or getattr(self, name) is not None})
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValidationError(f"EngineConfig.kv_cache_memory_fraction must be in (0, 1], "
                                   f"got {self.kv_cache_memory_fraction!r}.")

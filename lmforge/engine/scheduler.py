@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from lmforge.engine.block_manager import BlockManager
 from lmforge.engine.sequence import Sequence, SequenceStatus
-from lmforge.errors import InputError, KVCacheError, ValidationError
+from lmforge.errors import InputError, KVCacheError, ValidationError, require_counts
 from lmforge.generation.stopping import OutputStream
 
 
@@ -27,12 +27,9 @@ class SchedulerConfig:
     long_prefill_token_threshold: int | None = None  # cap one prompt's chunk so others get budget
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "long_prefill_token_threshold"):
-            value = getattr(self, name)
-            if name == "long_prefill_token_threshold" and value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValidationError(f"SchedulerConfig.{name} must be an integer >= 1, got {value!r}.")
+        counts = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "long_prefill_token_threshold")
+        require_counts("SchedulerConfig", {name: getattr(self, name) for name in counts
+                                           if name != "long_prefill_token_threshold" or getattr(self, name) is not None})
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValidationError(
                 f"SchedulerConfig.max_num_batched_tokens={self.max_num_batched_tokens} is below max_model_len="

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmforge import LLM, EngineConfig, LLMEngine, SamplingParams, generate
-from lmforge.errors import ConfigError, InputError, UnsupportedError
+from lmforge.errors import ConfigError, InputError, UnsupportedError, ValidationError
 from tests.generation.test_generate import first_near_tie
 from tests.models.test_gpt2 import hf_gpt2
 from tests.parity import id_tokenizer, ours_from_hf
@@ -173,6 +173,13 @@ def test_bad_input_fails_before_queueing(tiny):
         LLMEngine(model, tokenizer, EngineConfig(kv_cache_tokens=16, max_model_len=64))
     with pytest.raises(InputError, match="tokenizer"):
         LLM(model)
+
+
+@pytest.mark.parametrize("field,value", [("max_num_seqs", 0), ("block_size", 2.5), ("kv_cache_tokens", -1),
+                                         ("max_model_len", True), ("kv_cache_memory_fraction", 1.5)])
+def test_engine_config_errors_name_the_field(field, value):
+    with pytest.raises(ValidationError, match=f"EngineConfig.{field}"):
+        EngineConfig(**{field: value})
 
 
 def test_smollm2_engine_matches_generate_up_to_a_near_tie(smollm2, smollm2_tokenizer):
