@@ -1,11 +1,17 @@
 """Quantized weight formats: how a [out, in] fp32 matrix becomes a few bits per weight plus scales.
 
-- int8: w ≈ q * scale[row], q in [-127, 127] — one scale per output channel (symmetric).
-- int4: w ≈ (q - zero) * scale per group of `group_size` input columns, q in [0, 15] (asymmetric),
-  two weights per byte.
+- int8: w ≈ q * scale, q in [-127, 127] (symmetric), one scale per output channel or per group of
+  `group_size` input columns (group 32 is llama.cpp's Q8_0).
+- int4: w ≈ q * scale + offset per group of `group_size` input columns, q in [0, 15] (asymmetric;
+  the offset is -zero_point * scale, so 0 is exact; group 32 is llama.cpp's Q4_1), two weights per byte.
 - nf4 (QLoRA): w ≈ code[q] * absmax per block of 64 consecutive weights, where the 16 code values
   are quantiles of a normal distribution (weights are roughly normal, so each code is used about
   equally often), two weights per byte.
+
+4-bit codes are packed as llama.cpp packs them: in each run of 32 weights, byte j holds weight j in
+its low nibble and weight j + 16 in its high nibble. Unpacking a run then gives two contiguous
+halves, which is what lets a CPU kernel vectorise the dot product, and GGUF's 4-bit blocks load as
+they are.
 """
 
 from __future__ import annotations
@@ -25,15 +31,22 @@ def _check_matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().float()
 
 
+NIBBLE_RUN = 32  # weights per packing run: byte j = weight j (low nibble) | weight j + 16 (high nibble)
+
+
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes in [0, 15], last dim even → bytes holding two codes each (low nibble first)."""
-    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+    """uint8 codes in [0, 15], last dim a multiple of 32 → [..., n/2] bytes in llama.cpp's 4-bit order."""
+    if codes.shape[-1] % NIBBLE_RUN:
+        raise InputError(f"4-bit packing works on runs of {NIBBLE_RUN} codes; got a last dimension of "
+                         f"{codes.shape[-1]}.")
+    runs = codes.to(torch.uint8).reshape(*codes.shape[:-1], -1, 2, NIBBLE_RUN // 2)
+    return (runs[..., 0, :] | (runs[..., 1, :] << 4)).flatten(-2)
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of `pack_nibbles`: [..., n/2] bytes → [..., n] codes (int64, ready for indexing)."""
-    low, high = (packed & 0x0F).long(), (packed >> 4).long()
-    return torch.stack([low, high], dim=-1).flatten(-2)
+    runs = packed.reshape(*packed.shape[:-1], -1, NIBBLE_RUN // 2)
+    return torch.stack([runs & 0x0F, runs >> 4], dim=-2).flatten(-3).long()
 
 
 class QuantizedWeight(ABC):
@@ -58,47 +71,59 @@ class QuantizedWeight(ABC):
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
 
+def _groups(weight: torch.Tensor, group_size: int, method: str, allowed: tuple[int, ...]) -> torch.Tensor:
+    """[out, in] → [out, in / group_size, group_size], or a clear error when the size does not fit."""
+    rows, cols = weight.shape
+    if group_size not in allowed or cols % group_size:
+        raise ConfigError(f"{method} group_size must be one of {', '.join(map(str, allowed))} and divide the "
+                          f"input dimension {cols}; got {group_size}.")
+    return weight.view(rows, cols // group_size, group_size)
+
+
 @dataclass
 class Int8Weight(QuantizedWeight):
     q: torch.Tensor  # int8 [out, in]
-    scale: torch.Tensor  # float32 [out]
+    scale: torch.Tensor  # float32 [out, in / group_size]
+    group_size: int  # the input dimension itself for one scale per output channel
     name = "int8"
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor) -> Int8Weight:
+    def quantize(cls, weight: torch.Tensor, group_size: int | None = None) -> Int8Weight:
+        """One scale per output channel (group_size None) or per group of 32, 64 or 128 input columns."""
         w = _check_matrix(weight)
-        scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-        return cls(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale)
+        group_size = group_size or w.shape[1]
+        groups = _groups(w, group_size, "int8", (32, 64, 128, w.shape[1]))
+        scale = groups.abs().amax(-1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        q = torch.round(groups / scale[..., None]).clamp(-127, 127).to(torch.int8)
+        return cls(q.view_as(w), scale, group_size)
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)
 
     def dequantize(self) -> torch.Tensor:
-        return self.q.float() * self.scale[:, None]
+        rows, cols = self.shape
+        q = self.q.view(rows, cols // self.group_size, self.group_size).float()
+        return (q * self.scale[..., None]).view(rows, cols)
 
 
 @dataclass
 class Int4Weight(QuantizedWeight):
     packed: torch.Tensor  # uint8 [out, in / 2]
     scale: torch.Tensor  # float32 [out, in / group_size]
-    zero: torch.Tensor  # uint8 [out, in / group_size], in [0, 15]
+    offset: torch.Tensor  # float32 [out, in / group_size]: the value of code 0
     group_size: int
     name = "int4"
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int = 32) -> Int4Weight:
         w = _check_matrix(weight)
-        rows, cols = w.shape
-        if group_size not in (32, 64, 128) or cols % group_size:
-            raise ConfigError(f"int4 group_size must be 32, 64 or 128 and divide the input dimension {cols}; "
-                              f"got {group_size}.")
-        groups = w.view(rows, cols // group_size, group_size)
+        groups = _groups(w, group_size, "int4", (32, 64, 128))
         low, high = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)  # the range always holds 0
         scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
-        zero = torch.round(-low / scale).clamp(0, 15)
+        zero = torch.round(-low / scale).clamp(0, 15)  # the code of 0.0: an integer, so 0 stays exact
         q = torch.round(groups / scale[..., None] + zero[..., None]).clamp(0, 15).to(torch.uint8)
-        return cls(pack_nibbles(q.view(rows, cols)), scale, zero.to(torch.uint8), group_size)
+        return cls(pack_nibbles(q.view_as(w)), scale, -zero * scale, group_size)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -107,7 +132,7 @@ class Int4Weight(QuantizedWeight):
     def dequantize(self) -> torch.Tensor:
         rows, cols = self.shape
         q = unpack_nibbles(self.packed).view(rows, cols // self.group_size, self.group_size).float()
-        return ((q - self.zero[..., None].float()) * self.scale[..., None]).view(rows, cols)
+        return (q * self.scale[..., None] + self.offset[..., None]).view(rows, cols)
 
 
 def nf4_code_book() -> torch.Tensor:

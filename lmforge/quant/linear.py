@@ -1,8 +1,10 @@
 """QuantizedLinear: a drop-in `nn.Linear` whose weight is stored in a quantized format.
 
-The forward pass dequantizes the weight and runs an ordinary matmul: correct on every device,
-and the reference that faster fused kernels (which never materialise the fp32 weight) must
-match. The bias, when there is one, stays in floating point.
+On the CPU, a few rows at a time (decoding) go through a compiled kernel that reads the packed
+bits directly (`kernels.py`): that is where quantization pays, since a decode step is bound by
+the bytes of weight it reads. Many rows (a prompt) and other devices dequantize the weight and run
+an ordinary matmul, which is also the reference the kernels are tested against. The bias, when
+there is one, stays in floating point.
 """
 
 from __future__ import annotations
@@ -12,7 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.quant import kernels
 from lmforge.quant.formats import FORMATS, QuantizedWeight
+
+
+KERNEL_MAX_ROWS = 8
+"""Up to this many rows a kernel call beats dequantize + matmul on this kind of CPU (benchmarks/quant.py)."""
 
 
 class QuantizedLinear(nn.Module):
@@ -26,6 +33,15 @@ class QuantizedLinear(nn.Module):
         for name, tensor in weight.tensors().items():
             self.register_buffer(name, tensor)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    def _apply(self, fn, recurse=True):
+        """Moves and casts apply to the bias; the format's scales stay float32 (their precision is part of
+        the format: a bfloat16 scale would add error on top of the quantization's own)."""
+        super()._apply(fn, recurse)
+        for name in self._tensor_names:
+            if self._buffers[name].is_floating_point():
+                self._buffers[name] = self._buffers[name].float()
+        return self
 
     @property
     def weight_format(self) -> QuantizedWeight:
@@ -41,8 +57,14 @@ class QuantizedLinear(nn.Module):
         return cls(FORMATS[method].quantize(linear.weight, **options), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight_format.dequantize().to(device=x.device, dtype=x.dtype)
-        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        rows = x.numel() // self.in_features
+        weight = self.weight_format
+        if x.device.type == "cpu" and rows <= KERNEL_MAX_ROWS and not x.requires_grad and kernels.supports(weight):
+            out = kernels.quantized_matmul(x.reshape(rows, self.in_features).float(), weight)
+            out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+            return out if bias is None else out + bias
+        return F.linear(x, weight.dequantize().to(device=x.device, dtype=x.dtype), bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -23,12 +23,16 @@ def test_nf4_code_book_is_qloras():
     assert torch.allclose(NF4_CODE, torch.tensor(BITSANDBYTES_NF4), atol=1e-6)
 
 
-def test_nibble_packing_round_trips():
-    codes = torch.randint(0, 16, (3, 10), dtype=torch.uint8)
+def test_nibble_packing_round_trips_in_llama_cpp_order():
+    codes = torch.randint(0, 16, (3, 64), dtype=torch.uint8)
     packed = pack_nibbles(codes)
-    assert packed.shape == (3, 5) and packed.dtype == torch.uint8
+    assert packed.shape == (3, 32) and packed.dtype == torch.uint8
     assert torch.equal(unpack_nibbles(packed), codes.long())
-    assert int(pack_nibbles(torch.tensor([1, 2], dtype=torch.uint8))) == 0x21  # low nibble first
+    run = torch.zeros(32, dtype=torch.uint8)
+    run[0], run[16], run[15], run[31] = 1, 2, 3, 4
+    assert pack_nibbles(run).tolist() == [0x21] + [0] * 14 + [0x43]  # byte j: weight j low, weight j + 16 high
+    with pytest.raises(InputError, match="runs of 32"):
+        pack_nibbles(torch.zeros(3, 10, dtype=torch.uint8))
 
 
 def test_int8_error_is_at_most_half_a_step_per_channel():
@@ -38,6 +42,16 @@ def test_int8_error_is_at_most_half_a_step_per_channel():
     assert q.q.dtype == torch.int8 and q.shape == w.shape
     assert bool(((q.dequantize() - w).abs() <= step[:, None] / 2 + 1e-7).all())
     assert q.nbytes() == w.numel() + 4 * w.shape[0]
+
+
+def test_int8_groups_of_32_are_llama_cpp_q8_0():
+    w = random_weight()
+    q = Int8Weight.quantize(w, group_size=32)
+    groups = w.view(w.shape[0], -1, 32)
+    assert q.scale.shape == (48, 4)
+    assert torch.allclose(q.scale, groups.abs().amax(-1) / 127)  # Q8_0: d = absmax / 127
+    error = (q.dequantize() - w).view_as(groups).abs()
+    assert bool((error <= q.scale[..., None] / 2 + 1e-7).all())
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
@@ -54,7 +68,7 @@ def test_int4_error_is_at_most_half_a_step_per_group(group_size):
 def test_int4_hand_computed_group():
     w = torch.tensor([[-1.5, 0.0, 1.5, 3.0] * 8])  # one group of 32: range [-1.5, 3.0]
     q = Int4Weight.quantize(w, 32)
-    assert float(q.scale) == pytest.approx(0.3) and int(q.zero) == 5  # -1.5 / 0.3 = -5
+    assert float(q.scale) == pytest.approx(0.3) and float(q.offset) == pytest.approx(-1.5)  # zero point 5
     assert torch.allclose(q.dequantize(), w, atol=1e-6)  # every value sits exactly on the grid
 
 

@@ -1,0 +1,186 @@
+"""CPU kernels for quantized matrix–vector products, JIT-compiled with numba.
+
+Decoding one token multiplies every weight matrix by a single activation vector, so its speed is
+the speed of reading the weights: 8- or 4-bit weights are 4-8x fewer bytes than fp32. torch has no
+fast CPU matrix–vector product for these layouts, so the hot loop is written here once per format,
+in plain loops numba compiles to vectorised machine code:
+
+- each output row is one independent dot product over the input;
+- a 4-bit row is read one 32-weight run at a time: byte j holds weights j and j + 16 (see
+  `formats.pack_nibbles`), so 16 bytes pair with 16 contiguous activations;
+- inner loops run over 64 weights (one or two scale groups, the scale picked per lane): LLVM does not
+  vectorise a loop as short as one group of 32;
+- int4's offset (w = q * scale + offset) costs one multiply per group:
+  sum(x * w) = scale * sum(x * q) + offset * sum(x), with sum(x) per group computed once per call.
+
+Threads: the kernels themselves are serial, release the GIL (`nogil`) and cache their machine code
+on disk (`cache`: compiled once per machine, not per process). A large matrix is split by rows
+between the calling thread and one pool thread per extra torch thread; small ones run in the caller,
+where a hand-over would cost more than it saves. numba's own parallel loops were measured and
+rejected: their thread pool (OpenMP, or the workqueue) competes with torch's OpenMP pool for the
+same cores and small products slowed down 10-100x, and the workqueue layer aborts when two
+threads call a kernel at once (the server and a benchmark can). Activations are float32; the
+caller converts. Each kernel has a plain-torch reference, `QuantizedWeight.dequantize()` followed by
+a matmul, which the tests compare against.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+try:
+    import numba
+except ImportError:  # numba is a dependency; without it the torch reference path still works
+    numba = None
+
+SPLIT_MIN_WEIGHTS = 1 << 20
+"""Matrices with at least this many weights are split across threads (smaller ones finish in tens of µs)."""
+
+
+def available() -> bool:
+    """Whether the compiled CPU kernels can run here."""
+    return numba is not None
+
+
+def supports(weight) -> bool:
+    """Whether a kernel reads this weight: the kernels step through the input 64 columns at a time."""
+    return numba is not None and weight.shape[1] % 64 == 0
+
+
+def _jit(function):
+    return numba.njit(nogil=True, fastmath=True, cache=True)(function) if numba is not None else function
+
+
+@_jit
+def _int8_matvec(x, q, scale, group_size, out, start, stop):
+    """out[m, n] = sum_k x[m, k] * q[n, k] * scale[n, k // group_size], for rows start <= n < stop."""
+    cols = q.shape[1]
+    if group_size == cols:  # one scale per row: a single long dot product
+        for n in range(start, stop):
+            for m in range(x.shape[0]):
+                dot = np.float32(0.0)
+                for k in range(cols):
+                    dot += x[m, k] * np.float32(q[n, k])
+                out[m, n] = dot * scale[n, 0]
+        return
+    for n in range(start, stop):  # groups: 64 columns per step (a loop of 32 is too short to vectorise)
+        for m in range(x.shape[0]):
+            total = np.float32(0.0)
+            for chunk in range(cols // 64):
+                first, second = scale[n, chunk * 64 // group_size], scale[n, (chunk * 64 + 32) // group_size]
+                for k in range(64):
+                    total += x[m, chunk * 64 + k] * np.float32(q[n, chunk * 64 + k]) * (first if k < 32 else second)
+            out[m, n] = total
+
+
+@_jit
+def _split_runs(x, group_size):
+    """Per 32-weight run: x_low (the 16 activations paired with low nibbles), x_diff = x_high - 16 * x_low,
+    and the sum of x per group. With b = low + 16 * high, x_low * low + x_high * high = x_low * b + x_diff * high,
+    so a kernel needs one float per byte and its high nibble, and no low-nibble mask."""
+    rows, cols = x.shape
+    low = np.empty((rows, cols // 2), np.float32)
+    diff = np.empty((rows, cols // 2), np.float32)
+    sums = np.zeros((rows, cols // group_size), np.float32)
+    for m in range(rows):
+        for j in range(cols // 2):
+            a, b = x[m, j // 16 * 32 + j % 16], x[m, j // 16 * 32 + 16 + j % 16]
+            low[m, j], diff[m, j] = a, b - np.float32(16.0) * a
+        for k in range(cols):
+            sums[m, k // group_size] += x[m, k]
+    return low, diff, sums
+
+
+@_jit
+def _nibble_matvec(low, diff, packed, scale, group_size, out, start, stop):
+    """out[m, n] = sum over weights of x * code * scale, codes packed in 32-weight runs (see `_split_runs`).
+    64 weights (32 bytes, one or two scale groups) per step: loops of 16 bytes are too short to vectorise."""
+    half = packed.shape[1]
+    for n in range(start, stop):
+        for m in range(low.shape[0]):
+            total = np.float32(0.0)
+            for chunk in range(half // 32):
+                first, second = scale[n, chunk * 64 // group_size], scale[n, (chunk * 64 + 32) // group_size]
+                for j in range(32):
+                    byte = np.float32(packed[n, chunk * 32 + j])
+                    high = np.floor(byte * np.float32(0.0625))
+                    total += (low[m, chunk * 32 + j] * byte + diff[m, chunk * 32 + j] * high) * (first if j < 16 else second)
+            out[m, n] = total
+
+
+@_jit
+def _add_group_offsets(sums, offset, out, start, stop):
+    """int4's w = q * scale + offset: adds sum_g offset[n, g] * sum(x over group g)."""
+    for n in range(start, stop):
+        for m in range(sums.shape[0]):
+            extra = np.float32(0.0)
+            for g in range(offset.shape[1]):
+                extra += offset[n, g] * sums[m, g]
+            out[m, n] += extra
+
+
+@_jit
+def _nf4_matvec(x, packed, absmax, code, out, start, stop):
+    """NF4: each code indexes QLoRA's 16-value table; one absmax per 64 consecutive weights (row-major)."""
+    cols = x.shape[1]
+    for n in range(start, stop):
+        for m in range(x.shape[0]):
+            total = np.float32(0.0)
+            for block in range(cols // 64):
+                dot = np.float32(0.0)
+                start = (n * cols + block * 64) // 2
+                for j in range(32):
+                    byte = packed[start + j]
+                    k = block * 64 + j // 16 * 32 + j % 16
+                    dot += x[m, k] * code[byte & 15] + x[m, k + 16] * code[byte >> 4]
+                total += dot * absmax[n * (cols // 64) + block]
+            out[m, n] = total
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().contiguous().numpy()
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _over_rows(kernel, rows: int, weights: int, *args) -> None:
+    """Run `kernel(*args, start, stop)` over rows [0, rows), split across torch's thread count when large."""
+    global _pool
+    threads = min(torch.get_num_threads(), rows)
+    if threads < 2 or weights < SPLIT_MIN_WEIGHTS:
+        kernel(*args, 0, rows)
+        return
+    if _pool is None or _pool._max_workers < threads - 1:
+        _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="lmforge-kernel")
+    bounds = [rows * i // threads for i in range(threads + 1)]
+    helpers = [_pool.submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    kernel(*args, bounds[0], bounds[1])
+    for helper in helpers:
+        helper.result()
+
+
+def quantized_matmul(x: torch.Tensor, weight) -> torch.Tensor:
+    """x [M, in] float32 on the CPU times the quantized [out, in] weight transposed → [M, out] float32."""
+    from lmforge.quant.formats import NF4_CODE, Int4Weight, Int8Weight, NF4Weight
+
+    rows, cols = weight.shape
+    xs = x.contiguous().numpy()
+    out = torch.empty(x.shape[0], rows, dtype=torch.float32)
+    o = out.numpy()
+    if isinstance(weight, Int8Weight):
+        _over_rows(_int8_matvec, rows, rows * cols, xs, _numpy(weight.q), _numpy(weight.scale), weight.group_size, o)
+    elif isinstance(weight, Int4Weight):
+        low, diff, sums = _split_runs(xs, weight.group_size)
+        _over_rows(_nibble_matvec, rows, rows * cols, low, diff, _numpy(weight.packed), _numpy(weight.scale),
+                   weight.group_size, o)
+        _add_group_offsets(sums, _numpy(weight.offset), o, 0, rows)
+    elif isinstance(weight, NF4Weight):
+        _over_rows(_nf4_matvec, rows, rows * cols, xs, _numpy(weight.packed), _numpy(weight.block_absmax()),
+                   _numpy(NF4_CODE), o)
+    else:
+        raise TypeError(f"no CPU kernel for {type(weight).__name__}")
+    return out
