@@ -1,0 +1,99 @@
+"""Keep a GGUF file's own 4- and 8-bit blocks instead of dequantizing them.
+
+llama.cpp's simplest block formats are exactly lmforge's int4 and int8 formats with groups of 32:
+
+- Q8_0 (34 bytes per 32 weights): fp16 d, 32 int8 q; w = d * q → int8, group_size 32, scale d.
+- Q4_1 (20 bytes): fp16 d, fp16 m, 16 bytes of codes; w = d * q + m → int4, scale d, offset m.
+- Q4_0 (18 bytes): fp16 d, 16 bytes of codes; w = d * (q - 8) → int4, scale d, offset -8 d.
+
+The codes are already packed in the order lmforge uses (byte j of a run: weight j low, j + 16 high)
+and fp16 widens to float32 exactly, so nothing is rounded: the quantized model computes with the
+very weights llama.cpp computes with, in about the same memory. llama.cpp's rotary row order of
+q/k is undone by moving whole rows, which is exact too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.checkpoint.gguf import GGUFFile
+from lmforge.checkpoint.gguf_convert import ARCHITECTURES, hf_tensor_name
+from lmforge.errors import ConfigError, UnsupportedError
+from lmforge.quant.formats import Int4Weight, Int8Weight, QuantizedWeight
+from lmforge.quant.linear import QuantizedLinear
+
+BLOCK = 32
+GGUF_BLOCK_TYPES = ("Q8_0", "Q4_1", "Q4_0")
+
+
+def _fp16(field: torch.Tensor, rows: int) -> torch.Tensor:
+    return field.contiguous().view(torch.float16).float().view(rows, -1)
+
+
+def gguf_weight(gguf_file: GGUFFile, name: str) -> QuantizedWeight | None:
+    """The tensor's blocks as an lmforge quantized weight, or None when its type has no exact mapping."""
+    kind = gguf_file.tensor_type(name)
+    shape = gguf_file.tensor_shape(name)
+    if kind not in GGUF_BLOCK_TYPES or len(shape) != 2:
+        return None
+    rows, cols = shape
+    raw = gguf_file.raw_tensor(name)
+    blocks = raw.view(rows * cols // BLOCK, raw.numel() * BLOCK // (rows * cols))
+    if kind == "Q8_0":
+        q = blocks[:, 2:].contiguous().view(torch.int8).view(rows, cols)
+        return Int8Weight(q, _fp16(blocks[:, :2], rows), BLOCK)
+    scale = _fp16(blocks[:, :2], rows)
+    if kind == "Q4_1":
+        offset, codes = _fp16(blocks[:, 2:4], rows), blocks[:, 4:]
+    else:
+        offset, codes = -8 * scale, blocks[:, 2:]
+    return Int4Weight(codes.contiguous().view(rows, cols // 2), scale, offset, BLOCK)
+
+
+def _reorder_rows(weight: QuantizedWeight, reorder) -> QuantizedWeight:
+    """Apply a row permutation (a function of a [rows, ...] tensor) to every per-row tensor of the weight."""
+    fields = {name: reorder(tensor) for name, tensor in weight.tensors().items()}
+    return type(weight)(**fields, group_size=weight.group_size)
+
+
+def use_gguf_blocks(model: nn.Module, gguf_file: GGUFFile) -> list[str]:
+    """Replace each Linear whose GGUF weight is Q8_0, Q4_1 or Q4_0 by a QuantizedLinear over the file's own
+    blocks; returns the replaced module names. Other tensors keep the floating-point values already loaded."""
+    if any(isinstance(module, QuantizedLinear) for module in model.modules()):
+        raise ConfigError("this model is already quantized; load the GGUF file again to keep its own blocks.")
+    if gguf_file.architecture != "llama":
+        raise UnsupportedError(f"{gguf_file.path}: keeping GGUF blocks is supported for llama-architecture files, "
+                               f"not {gguf_file.architecture!r}; quantize it with 'int8', 'int4' or 'nf4' instead.")
+    arch = ARCHITECTURES["llama"]
+    config = arch.config(gguf_file)
+    keymap = type(model).hf_keymap()
+    gguf_names = {}  # our module name → its GGUF tensor
+    for name in gguf_file.tensor_names:
+        hf_name = hf_tensor_name(name, arch.tensor_names)
+        if hf_name is not None and hf_name.endswith(".weight"):
+            gguf_names[keymap.from_hf(hf_name).removesuffix(".weight")] = name
+    if getattr(model.config, "tie_word_embeddings", False):
+        # A head tied to the token embedding reads the embedding's blocks (llama.cpp does the same): the
+        # embedding keeps its float values for lookups, the head's matrix-vector product reads 8 or 4 bits.
+        for target, source in model.tied_weights.items():
+            if source.removesuffix(".weight") in gguf_names:
+                gguf_names.setdefault(target.removesuffix(".weight"), gguf_names[source.removesuffix(".weight")])
+    replaced = []
+    for module_name, name in gguf_names.items():
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            continue  # e.g. a GGUF tensor this model builds differently
+        if type(module) is not nn.Linear:
+            continue  # the token embedding (tied or not) stays as loaded
+        weight = gguf_weight(gguf_file, name)
+        if weight is None:
+            continue
+        if tuple(weight.shape) != tuple(module.weight.shape):
+            raise ConfigError(f"GGUF tensor {name!r} has shape {tuple(weight.shape)}, but {module_name} expects "
+                              f"{tuple(module.weight.shape)}; the file does not match the model built from it.")
+        weight = _reorder_rows(weight, lambda tensor, name=name: arch.fix_weight(name, tensor, config))
+        model.set_submodule(module_name, QuantizedLinear(weight, module.bias))
+        replaced.append(module_name)
+    return replaced
