@@ -95,9 +95,10 @@ def _split_runs(x, group_size):
 
 
 @_jit
-def _nibble_matvec(low, diff, packed, scale, group_size, out, start, stop):
-    """out[m, n] = sum over weights of x * code * scale, codes packed in 32-weight runs (see `_split_runs`).
-    64 weights (32 bytes, one or two scale groups) per step: loops of 16 bytes are too short to vectorise."""
+def _nibble_matvec(low, diff, sums, packed, scale, offset, group_size, out, start, stop):
+    """int4 rows start <= n < stop: sum over weights of x * (code * scale + offset), codes in 32-weight runs
+    (see `_split_runs`). 64 weights (32 bytes, one or two scale groups) per step: loops of 16 bytes are too
+    short to vectorise."""
     half = packed.shape[1]
     for n in range(start, stop):
         for m in range(low.shape[0]):
@@ -108,18 +109,9 @@ def _nibble_matvec(low, diff, packed, scale, group_size, out, start, stop):
                     byte = np.float32(packed[n, chunk * 32 + j])
                     high = np.floor(byte * np.float32(0.0625))
                     total += (low[m, chunk * 32 + j] * byte + diff[m, chunk * 32 + j] * high) * (first if j < 16 else second)
-            out[m, n] = total
-
-
-@_jit
-def _add_group_offsets(sums, offset, out, start, stop):
-    """int4's w = q * scale + offset: adds sum_g offset[n, g] * sum(x over group g)."""
-    for n in range(start, stop):
-        for m in range(sums.shape[0]):
-            extra = np.float32(0.0)
             for g in range(offset.shape[1]):
-                extra += offset[n, g] * sums[m, g]
-            out[m, n] += extra
+                total += offset[n, g] * sums[m, g]
+            out[m, n] = total
 
 
 @_jit
@@ -131,9 +123,9 @@ def _nf4_matvec(x, packed, absmax, code, out, start, stop):
             total = np.float32(0.0)
             for block in range(cols // 64):
                 dot = np.float32(0.0)
-                start = (n * cols + block * 64) // 2
+                first_byte = (n * cols + block * 64) // 2
                 for j in range(32):
-                    byte = packed[start + j]
+                    byte = packed[first_byte + j]
                     k = block * 64 + j // 16 * 32 + j % 16
                     dot += x[m, k] * code[byte & 15] + x[m, k + 16] * code[byte >> 4]
                 total += dot * absmax[n * (cols // 64) + block]
@@ -163,24 +155,36 @@ def _over_rows(kernel, rows: int, weights: int, *args) -> None:
         helper.result()
 
 
+class KernelWeight:
+    """A quantized weight ready for its kernel: the arrays as numpy views, resolved once (converting them on
+    every call costs more than a small matrix's product). Views share memory with the weight's tensors."""
+
+    def __init__(self, weight):
+        from lmforge.quant.formats import NF4_CODE, Int4Weight, Int8Weight, NF4Weight
+
+        self.rows, cols = weight.shape
+        self.size = self.rows * cols
+        self.split = None  # int4 reads its input as low / diff / group sums
+        if isinstance(weight, Int8Weight):
+            self.kernel, self.arrays = _int8_matvec, (_numpy(weight.q), _numpy(weight.scale), weight.group_size)
+        elif isinstance(weight, Int4Weight):
+            self.kernel, self.split = _nibble_matvec, weight.group_size
+            self.arrays = (_numpy(weight.packed), _numpy(weight.scale), _numpy(weight.offset), weight.group_size)
+        elif isinstance(weight, NF4Weight):
+            self.kernel = _nf4_matvec
+            self.arrays = (_numpy(weight.packed), _numpy(weight.block_absmax()), _numpy(NF4_CODE))
+        else:
+            raise TypeError(f"no CPU kernel for {type(weight).__name__}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in] float32 on the CPU times the weight transposed → [M, out] float32."""
+        xs = x.contiguous().numpy()
+        inputs = (xs,) if self.split is None else _split_runs(xs, self.split)
+        out = torch.empty(x.shape[0], self.rows, dtype=torch.float32)
+        _over_rows(self.kernel, self.rows, self.size, *inputs, *self.arrays, out.numpy())
+        return out
+
+
 def quantized_matmul(x: torch.Tensor, weight) -> torch.Tensor:
     """x [M, in] float32 on the CPU times the quantized [out, in] weight transposed → [M, out] float32."""
-    from lmforge.quant.formats import NF4_CODE, Int4Weight, Int8Weight, NF4Weight
-
-    rows, cols = weight.shape
-    xs = x.contiguous().numpy()
-    out = torch.empty(x.shape[0], rows, dtype=torch.float32)
-    o = out.numpy()
-    if isinstance(weight, Int8Weight):
-        _over_rows(_int8_matvec, rows, rows * cols, xs, _numpy(weight.q), _numpy(weight.scale), weight.group_size, o)
-    elif isinstance(weight, Int4Weight):
-        low, diff, sums = _split_runs(xs, weight.group_size)
-        _over_rows(_nibble_matvec, rows, rows * cols, low, diff, _numpy(weight.packed), _numpy(weight.scale),
-                   weight.group_size, o)
-        _add_group_offsets(sums, _numpy(weight.offset), o, 0, rows)
-    elif isinstance(weight, NF4Weight):
-        _over_rows(_nf4_matvec, rows, rows * cols, xs, _numpy(weight.packed), _numpy(weight.block_absmax()),
-                   _numpy(NF4_CODE), o)
-    else:
-        raise TypeError(f"no CPU kernel for {type(weight).__name__}")
-    return out
+    return KernelWeight(weight)(x)

@@ -33,15 +33,21 @@ class QuantizedLinear(nn.Module):
         for name, tensor in weight.tensors().items():
             self.register_buffer(name, tensor)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self._kernel_weight: kernels.KernelWeight | None = None  # built on the first CPU decode step
 
     def _apply(self, fn, recurse=True):
         """Moves and casts apply to the bias; the format's scales stay float32 (their precision is part of
         the format: a bfloat16 scale would add error on top of the quantization's own)."""
         super()._apply(fn, recurse)
+        self._kernel_weight = None  # the buffers are new tensors now
         for name in self._tensor_names:
             if self._buffers[name].is_floating_point():
                 self._buffers[name] = self._buffers[name].float()
         return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel_weight = None  # loading may assign new tensors
+        super()._load_from_state_dict(*args, **kwargs)
 
     @property
     def weight_format(self) -> QuantizedWeight:
@@ -59,12 +65,16 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         rows = x.numel() // self.in_features
-        weight = self.weight_format
-        if x.device.type == "cpu" and rows <= KERNEL_MAX_ROWS and not x.requires_grad and kernels.supports(weight):
-            out = kernels.quantized_matmul(x.reshape(rows, self.in_features).float(), weight)
+        if x.device.type == "cpu" and rows <= KERNEL_MAX_ROWS and not x.requires_grad and self._kernel_ready():
+            out = self._kernel_weight(x.reshape(rows, self.in_features).float())
             out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)
             return out if bias is None else out + bias
-        return F.linear(x, weight.dequantize().to(device=x.device, dtype=x.dtype), bias)
+        return F.linear(x, self.weight_format.dequantize().to(device=x.device, dtype=x.dtype), bias)
+
+    def _kernel_ready(self) -> bool:
+        if self._kernel_weight is None and kernels.supports(self.weight_format):
+            self._kernel_weight = kernels.KernelWeight(self.weight_format)
+        return self._kernel_weight is not None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
