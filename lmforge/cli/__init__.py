@@ -11,10 +11,10 @@ import argparse
 import os
 import sys
 
-from lmforge.cli import chat, evaluate, generate, info, serve
+from lmforge.cli import chat, evaluate, export, generate, info, serve
 from lmforge.errors import LMForgeError
 
-COMMANDS = (generate, chat, info, serve, evaluate)
+COMMANDS = (generate, chat, info, serve, evaluate, export)
 
 
 def build_parser() -> argparse.ArgumentParser:
