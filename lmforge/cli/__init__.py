@@ -11,10 +11,10 @@ import argparse
 import os
 import sys
 
-from lmforge.cli import chat, evaluate, export, generate, info, serve
+from lmforge.cli import chat, evaluate, export, generate, info, quantize, serve
 from lmforge.errors import LMForgeError
 
-COMMANDS = (generate, chat, info, serve, evaluate, export)
+COMMANDS = (generate, chat, info, serve, evaluate, quantize, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

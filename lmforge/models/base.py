@@ -24,6 +24,7 @@ from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointError
 from lmforge.nn.attention import Attention
 from lmforge.nn.kv_cache import KVCache
+from lmforge.quant.checkpoint import QUANTIZATION_KEY, prepare_quantized_layers, reject_packed_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +159,13 @@ class PreTrainedModel(nn.Module):
 
     # ----- loading and saving --------------------------------------------------------------
 
-    def load_hf_state_dict(self, hf_state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-        """Load weights named the HF way; fail loudly on missing backbone weights or shape mismatches."""
+    def load_hf_state_dict(self, hf_state: dict[str, torch.Tensor], source: str = "checkpoint",
+                           strict: bool = False) -> None:
+        """Load weights named the HF way; fail loudly on missing backbone weights or shape mismatches.
+
+        With `strict` (quantized checkpoints, which must load bit for bit), any missing or unexpected
+        tensor is an error too.
+        """
         hf_state = self.from_hf_layout(self._match_backbone_nesting(hf_state))
         keymap = self.hf_keymap()
         state = {keymap.from_hf(name): tensor for name, tensor in hf_state.items()}
@@ -168,6 +174,13 @@ class PreTrainedModel(nn.Module):
         missing = [name for name in expected
                    if name not in state and name not in tied and name not in self.defaulted_weights]
         unexpected = [name for name in state if name not in expected]
+        if strict and (missing or unexpected):
+            raise CheckpointError(
+                f"{source}: the checkpoint does not match the model its config describes: missing "
+                f"{len(missing)} {[keymap.to_hf(n) for n in missing[:5]]}, unexpected {len(unexpected)} "
+                f"{[keymap.to_hf(n) for n in unexpected[:5]]}; the folder is incomplete or its config.json "
+                "belongs to other weights."
+            )
         missing_backbone = [n for n in missing
                             if (self.is_backbone or n.startswith("model.")) and not self._is_optional(n)]
         if missing_backbone:
@@ -193,6 +206,11 @@ class PreTrainedModel(nn.Module):
                         f"{source}: tensor {keymap.to_hf(name)!r} has shape {tuple(tensor.shape)} in the "
                         f"checkpoint but the model expects {tuple(target.shape)}; the config does not match "
                         "these weights."
+                    )
+                if target.dtype != tensor.dtype and not (target.is_floating_point() and tensor.is_floating_point()):
+                    raise CheckpointError(
+                        f"{source}: tensor {keymap.to_hf(name)!r} is {tensor.dtype} in the checkpoint but the "
+                        f"model expects {target.dtype}; integer codes are copied as they are, never converted."
                     )
                 target.copy_(tensor)
         self.tie_weights()
@@ -227,9 +245,19 @@ class PreTrainedModel(nn.Module):
     @classmethod
     def from_hf_state_dict(cls, config_dict: dict[str, Any], hf_state: dict[str, torch.Tensor], source: str,
                            dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+        """Build the model `config_dict` describes and load `hf_state` into it.
+
+        A config with a "quantization" block (see lmforge.quant.checkpoint) gets the same quantized layers,
+        empty, before the strict load fills them; `dtype` applies to the weights that are not quantized.
+        """
         with skip_weight_init():  # every weight is about to be overwritten: do not draw random ones first
             model = cls.from_config(cls.config_class.from_dict(config_dict), dtype, attn_implementation)
-        model.load_hf_state_dict(hf_state, source)
+        block = config_dict.get(QUANTIZATION_KEY)
+        if block is None:
+            reject_packed_tensors(hf_state, source)
+        else:
+            prepare_quantized_layers(model, block, source)
+        model.load_hf_state_dict(hf_state, source, strict=block is not None)
         return model.eval()
 
     @classmethod

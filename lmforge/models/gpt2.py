@@ -76,7 +76,7 @@ class GPT2PreTrainedModel(PreTrainedModel):
                 chunks = [state[f"{parts[1]}{p}.{parts[2]}"] for p in QKV]
                 fused = torch.cat([c.t() for c in chunks], dim=1) if parts[2] == "weight" else torch.cat(chunks)
                 out[f"{parts[1]}c_attn.{parts[2]}"] = fused.contiguous()
-            elif not re.search(r"\.attn\.(k|v)_proj\.", name):
+            elif not re.search(r"\.attn\.(k|v)_proj\.(weight|bias)$", name):  # fused into c_attn above
                 out[name] = tensor.t().contiguous() if CONV1D_WEIGHT.search(name) else tensor
         return out
 
