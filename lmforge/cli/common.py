@@ -19,6 +19,7 @@ from lmforge.generation.sampling_params import SamplingParams
 from lmforge.sources import DEFAULT_MODEL
 
 DEFAULTS = SamplingParams()
+QUANTIZATION_CHOICES = ("int8", "int4", "nf4", "gguf")  # --quantization: a method, or a GGUF file's own blocks
 CLI_MAX_TOKENS = 256  # SamplingParams' 16 cuts nearly every answer short
 
 # (flag, type, help) for the flags that keep SamplingParams' default; the flag names the field (--top-p → top_p).

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from lmforge.cli.common import add_model_argument
+from lmforge.cli.common import QUANTIZATION_CHOICES, add_model_argument
 from lmforge.errors import InputError
 
 EXAMPLES = """examples:
@@ -32,8 +32,9 @@ def add_parser(subparsers) -> None:
     ppl.add_argument("--stride", type=int, default=None,
                      help="tokens between window starts; smaller = more context per token, slower "
                           "(default: the context)")
-    ppl.add_argument("--quantization", choices=["int8", "int4", "nf4"], default=None,
-                     help="quantize the model's Linear layers first (default: none)")
+    ppl.add_argument("--quantization", choices=QUANTIZATION_CHOICES, default=None,
+                     help="quantize the model's Linear layers first; gguf keeps a GGUF file's own Q8_0/Q4_1/Q4_0 "
+                          "blocks (default: none)")
     ppl.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64 or 128 (default: 32)")
     ppl.set_defaults(handler=run_perplexity)
 
@@ -41,7 +42,7 @@ def add_parser(subparsers) -> None:
 def run_perplexity(args: argparse.Namespace) -> int:
     from lmforge import AutoModelForCausalLM, AutoTokenizer
     from lmforge.evaluation import perplexity
-    from lmforge.quant import quantize_model
+    from lmforge.quant import quantize_loaded, quantize_model
 
     path = Path(args.text)
     if not path.is_file():
@@ -49,9 +50,10 @@ def run_perplexity(args: argparse.Namespace) -> int:
     text = path.read_text(encoding="utf-8")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model)
-    if args.quantization:
-        options = {"group_size": args.group_size} if args.quantization == "int4" else {}
-        quantize_model(model, args.quantization, **options)
+    if args.quantization == "int4":
+        quantize_model(model, "int4", group_size=args.group_size)
+    else:
+        quantize_loaded(model, args.model, args.quantization)
     ids = tokenizer.encode(text)
     start = time.perf_counter()
     result = perplexity(model, ids, args.context, args.stride, progress=True)

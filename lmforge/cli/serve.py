@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 
-from lmforge.cli.common import add_model_argument
+from lmforge.cli.common import QUANTIZATION_CHOICES, add_model_argument
 from lmforge.sources import DEFAULT_MODEL
 
 EXAMPLES = """examples:
@@ -41,8 +41,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="weights and activations; auto = bfloat16 where this machine multiplies it natively "
                              "(AMX, AVX512-BF16, GPUs), else float32 (default: auto)")
-    parser.add_argument("--quantization", choices=["int8", "int4", "nf4"], default=None,
-                        help="quantize the model's Linear layers at load time (default: none)")
+    parser.add_argument("--quantization", choices=QUANTIZATION_CHOICES, default=None,
+                        help="quantize the model's Linear layers at load time; gguf keeps a GGUF file's own "
+                             "Q8_0/Q4_1/Q4_0 blocks (default: none)")
     parser.add_argument("--embedding-model", default="all-minilm-l6-v2",
                         help="encoder serving /v1/embeddings; 'none' turns the route off (default: all-minilm-l6-v2)")
     parser.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together (default: 32)")

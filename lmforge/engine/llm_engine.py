@@ -97,13 +97,13 @@ class LLMEngine:
                         quantization: str | None = None):
         """Load a model and its tokenizer (embedded short name, HF folder or GGUF file) into an engine.
         dtype "auto" is bfloat16 where this machine multiplies it natively (batched steps gain most), else float32;
-        `quantization` ("int8", "int4", "nf4") quantizes the Linear layers at load time."""
-        from lmforge.quant import quantize_model
+        `quantization` ("int8", "int4", "nf4") quantizes the Linear layers at load time; "gguf" keeps a GGUF
+        file's own 4-/8-bit blocks."""
+        from lmforge.quant import quantize_loaded
         from lmforge.registry import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=resolve_dtype(dtype))
-        if quantization is not None:
-            quantize_model(model, quantization)
+        quantize_loaded(model, ref, quantization)
         return cls(model, AutoTokenizer.from_pretrained(ref), config)
 
     # ----- requests ----------------------------------------------------------------------

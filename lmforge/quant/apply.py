@@ -15,6 +15,7 @@ from lmforge.errors import ConfigError
 from lmforge.nn.fusion import unfuse_projections
 from lmforge.nn.inject import replace_modules
 from lmforge.quant.checkpoint import format_options, quantization_block
+from lmforge.quant.formats import FORMATS
 from lmforge.quant.linear import QuantizedLinear
 
 
@@ -49,3 +50,24 @@ def quantize_model(model: nn.Module, method: str, progress: bool = False, **opti
     if isinstance(extra, dict):  # a ModelConfig: save_pretrained writes the record into config.json
         extra["quantization"] = quantization_block(method, options, names)
     return names
+
+
+def quantize_loaded(model: nn.Module, source: str | None, quantization: str | None) -> None:
+    """Apply a load-time `quantization` choice (LLM, the engine, `lmforge serve`/`eval`) to a model just loaded
+    from `source`: a method to quantize with, "gguf" to keep a GGUF file's own Q8_0/Q4_1/Q4_0 blocks, or None."""
+    if quantization is None:
+        return
+    if quantization not in (*FORMATS, "gguf"):
+        raise ConfigError(f"unknown quantization {quantization!r}; use one of: {', '.join(FORMATS)}, gguf.")
+    if quantization != "gguf":
+        quantize_model(model, quantization)
+        return
+    from lmforge.checkpoint.gguf import open_gguf
+    from lmforge.quant.gguf_blocks import use_gguf_blocks
+    from lmforge.sources import is_gguf, resolve
+
+    path = resolve(source) if source is not None else None
+    if path is None or not is_gguf(path):
+        raise ConfigError(f"quantization 'gguf' keeps a GGUF file's own 4-/8-bit blocks, but {source or 'this model'} "
+                          "is not loaded from a GGUF file; use 'int8', 'int4' or 'nf4' to quantize it.")
+    use_gguf_blocks(model, open_gguf(path))

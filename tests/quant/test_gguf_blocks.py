@@ -77,3 +77,19 @@ def test_smollm2_keeps_its_q4_1_and_q8_0_blocks(smollm2_path, smollm2, smollm2_t
 def test_non_llama_files_are_refused_clearly():
     with pytest.raises(UnsupportedError, match="llama-architecture"):
         use_gguf_blocks(torch.nn.Linear(2, 2), FakeGGUF("Q8_0", architecture="gpt2"))
+
+
+def test_gguf_blocks_as_a_load_time_choice(smollm2_tokenizer):
+    from lmforge import LLM
+    from lmforge.quant import quantize_loaded
+
+    llm = LLM("smollm2-135m-instruct", dtype="float32", quantization="gguf", kv_cache_tokens=256,
+              max_model_len=256)
+    assert isinstance(llm.engine.runner.model.lm_head, QuantizedLinear)
+    answer = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                      SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+    assert "Paris" in answer.outputs[0].text
+    with pytest.raises(ConfigError, match="not loaded from a GGUF file"):
+        quantize_loaded(torch.nn.Linear(2, 2), None, "gguf")
+    with pytest.raises(ConfigError, match="unknown quantization 'int3'.*gguf"):
+        quantize_loaded(torch.nn.Linear(2, 2), None, "int3")
