@@ -70,6 +70,11 @@ class QuantizedWeight(ABC):
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
+    def select_rows(self, index: torch.Tensor) -> QuantizedWeight:
+        """The weight of rows `index` only (an embedding lookup); for formats whose tensors are all per row."""
+        settings = {k: v for k, v in vars(self).items() if not isinstance(v, torch.Tensor)}
+        return type(self)(**{k: v.index_select(0, index) for k, v in self.tensors().items()}, **settings)
+
 
 def _groups(weight: torch.Tensor, group_size: int, method: str, allowed: tuple[int, ...]) -> torch.Tensor:
     """[out, in] → [out, in / group_size, group_size], or a clear error when the size does not fit."""

@@ -8,8 +8,9 @@ llama.cpp's simplest block formats are exactly lmforge's int4 and int8 formats w
 
 The codes are already packed in the order lmforge uses (byte j of a run: weight j low, j + 16 high)
 and fp16 widens to float32 exactly, so nothing is rounded: the quantized model computes with the
-very weights llama.cpp computes with, in about the same memory. llama.cpp's rotary row order of
-q/k is undone by moving whole rows, which is exact too.
+very weights llama.cpp computes with, in about the same memory (a tied token embedding looks its
+rows up in the head's blocks). llama.cpp's rotary row order of q/k is undone by moving whole rows,
+which is exact too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lmforge.checkpoint.gguf import GGUFFile
 from lmforge.checkpoint.gguf_convert import ARCHITECTURES, hf_tensor_name
 from lmforge.errors import ConfigError, UnsupportedError
 from lmforge.quant.formats import Int4Weight, Int8Weight, QuantizedWeight
+from lmforge.quant.embedding import QuantizedEmbedding
 from lmforge.quant.linear import QuantizedLinear
 
 BLOCK = 32
@@ -59,7 +61,8 @@ def _reorder_rows(weight: QuantizedWeight, reorder) -> QuantizedWeight:
 
 def use_gguf_blocks(model: nn.Module, gguf_file: GGUFFile) -> list[str]:
     """Replace each Linear whose GGUF weight is Q8_0, Q4_1 or Q4_0 by a QuantizedLinear over the file's own
-    blocks; returns the replaced module names. Other tensors keep the floating-point values already loaded."""
+    blocks; returns the replaced module names. Other tensors keep the floating-point values already loaded,
+    except a token embedding tied to a replaced head, which then reads the head's blocks."""
     if any(isinstance(module, QuantizedLinear) for module in model.modules()):
         raise ConfigError("this model is already quantized; load the GGUF file again to keep its own blocks.")
     if gguf_file.architecture != "llama":
@@ -73,12 +76,14 @@ def use_gguf_blocks(model: nn.Module, gguf_file: GGUFFile) -> list[str]:
         hf_name = hf_tensor_name(name, arch.tensor_names)
         if hf_name is not None and hf_name.endswith(".weight"):
             gguf_names[keymap.from_hf(hf_name).removesuffix(".weight")] = name
+    tied = {}  # head module → the embedding module it is tied to
     if getattr(model.config, "tie_word_embeddings", False):
-        # A head tied to the token embedding reads the embedding's blocks (llama.cpp does the same): the
-        # embedding keeps its float values for lookups, the head's matrix-vector product reads 8 or 4 bits.
+        # A head tied to the token embedding reads the embedding's blocks, as in llama.cpp.
         for target, source in model.tied_weights.items():
-            if source.removesuffix(".weight") in gguf_names:
-                gguf_names.setdefault(target.removesuffix(".weight"), gguf_names[source.removesuffix(".weight")])
+            head, embedding = target.removesuffix(".weight"), source.removesuffix(".weight")
+            if embedding in gguf_names:
+                gguf_names.setdefault(head, gguf_names[embedding])
+                tied[head] = embedding
     replaced = []
     for module_name, name in gguf_names.items():
         try:
@@ -96,4 +101,9 @@ def use_gguf_blocks(model: nn.Module, gguf_file: GGUFFile) -> list[str]:
         weight = _reorder_rows(weight, lambda tensor, name=name: arch.fix_weight(name, tensor, config))
         model.set_submodule(module_name, QuantizedLinear(weight, module.bias))
         replaced.append(module_name)
+    for head, embedding in tied.items():
+        if head in replaced:  # the token lookups read the head's rows too: no float copy of the table
+            table = model.get_submodule(embedding)
+            model.set_submodule(embedding, QuantizedEmbedding(model.get_submodule(head), table.weight.dtype,
+                                                              getattr(table, "scale", 1.0)))
     return replaced

@@ -9,6 +9,8 @@ from lmforge.checkpoint.gguf_dequant import dequantize
 from lmforge.errors import ConfigError, UnsupportedError
 from lmforge.generation import SamplingParams
 from lmforge.quant import Int4Weight, Int8Weight, QuantizedLinear, quantize_model
+from lmforge.cli.info import weight_memory
+from lmforge.quant.embedding import QuantizedEmbedding
 from lmforge.quant.gguf_blocks import gguf_weight, use_gguf_blocks
 
 BYTES_PER_BLOCK = {"Q8_0": 34, "Q4_1": 20, "Q4_0": 18}
@@ -59,6 +61,11 @@ def test_smollm2_keeps_its_q4_1_and_q8_0_blocks(smollm2_path, smollm2, smollm2_t
     reference = smollm2.model.layers[0].self_attn.q_proj.weight  # the dequantized load, q/k rows reordered
     assert torch.equal(q_proj.weight_format.dequantize(), reference)
     assert isinstance(model.lm_head.weight_format, Int8Weight)
+    embedding = model.model.embed_tokens  # tied: looks tokens up in the head's Q8_0 rows, no float table
+    assert isinstance(embedding, QuantizedEmbedding) and not list(embedding.parameters())
+    ids_grid = torch.tensor([[0, 5], [49151, 2]])
+    assert torch.equal(embedding(ids_grid), smollm2.model.embed_tokens(ids_grid))
+    assert weight_memory(model)[0] < 130e6  # llama.cpp holds this file's tensors in 98 MB; fp32 is 538 MB
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253]])
     with torch.no_grad():
         expected = smollm2(ids).logits

@@ -1,0 +1,39 @@
+"""A token embedding that reads its table from a tied, quantized LM head.
+
+With tied embeddings the token table and the output head are one [vocab, dim] matrix. Once the
+head is quantized, keeping a float copy for lookups would cost more memory than all the quantized
+layers together (SmolLM2: 113 MB in float32). `QuantizedEmbedding` looks tokens up in the head's
+own packed rows instead, dequantizing only the rows a batch asks for.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.errors import InputError
+from lmforge.quant.linear import QuantizedLinear
+
+
+class QuantizedEmbedding(nn.Module):
+    def __init__(self, head: QuantizedLinear, dtype: torch.dtype, scale: float = 1.0):
+        super().__init__()
+        self._head = [head]  # a plain list: the head is registered where it lives (lm_head), not twice
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.output_dtype = dtype
+        self.scale = scale
+
+    def _apply(self, fn, recurse=True):
+        self.output_dtype = fn(torch.empty(0, dtype=self.output_dtype)).dtype  # follow .to(dtype) of the model
+        return super()._apply(fn, recurse)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.num_embeddings):
+            raise InputError(f"token id out of range: ids must lie in [0, {self.num_embeddings}) but got "
+                             f"min={int(input_ids.min())}, max={int(input_ids.max())}; use the model's own tokenizer.")
+        rows = self._head[0].weight_format.select_rows(input_ids.flatten()).dequantize()
+        out = rows.view(*input_ids.shape, self.embedding_dim).to(self.output_dtype)
+        return out * self.scale if self.scale != 1.0 else out
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows read from the tied quantized head"
