@@ -6,7 +6,8 @@ launches by one larger, faster one — it matters most when decoding one token.
 This is an inference-time transform: the canonical modules (`q_proj`, ...) stay
 in place with their names, their weights become views into the fused matrix
 (no copy, so checkpoints, in-place updates and LoRA targeting still see them),
-and `unfuse` undoes it.
+and `unfuse` undoes it. Quantized layers whose class can `concatenate` them
+(lmforge.quant's QuantizedLinear) fuse the same way, into one quantized layer.
 """
 
 from __future__ import annotations
@@ -27,8 +28,13 @@ class FusedProjections:
             layers = [getattr(self, name) for name in names]
             if getattr(self, f"{fused}_weight", None) is not None:
                 continue  # already fused
+            if fused in self.__dict__.get("_fused_modules", {}):
+                continue
+            if all(type(layer) is type(layers[0]) for layer in layers) and hasattr(layers[0], "concatenate"):
+                self._fuse_modules(fused, layers)
+                continue
             if not all(type(layer) is nn.Linear for layer in layers):
-                continue  # wrapped (e.g. by an adapter) or quantized: leave it unfused
+                continue  # wrapped (e.g. by an adapter): leave it unfused
             has_bias = [layer.bias is not None for layer in layers]
             if any(has_bias) and not all(has_bias):
                 continue
@@ -43,6 +49,13 @@ class FusedProjections:
         self.__dict__.setdefault("_fused_sizes", {})[fused] = [layer.out_features for layer in layers]
         self._point_children_at(fused, layers)
 
+    def _fuse_modules(self, fused: str, layers: list[nn.Module]) -> None:
+        """Layers that know how to stack themselves (quantized ones) become one module of that kind."""
+        module = type(layers[0]).concatenate(layers)
+        if module is not None:  # kept out of the module tree: the children still own (views of) its tensors
+            self.__dict__.setdefault("_fused_modules", {})[fused] = module
+            self.__dict__.setdefault("_fused_sizes", {})[fused] = [layer.out_features for layer in layers]
+
     def _point_children_at(self, fused: str, layers: list[nn.Linear]) -> None:
         weight, bias = getattr(self, f"{fused}_weight"), getattr(self, f"{fused}_bias")
         start = 0
@@ -56,6 +69,12 @@ class FusedProjections:
 
     def unfuse(self) -> None:
         """Give each child its own weight again and drop the fused buffers."""
+        for fused in list(self.__dict__.get("_fused_modules", {})):
+            for name in self.fused_groups[fused]:
+                layer = getattr(self, name)
+                layer._apply(lambda t: t.clone())  # own storage again (views of the stacked tensors before)
+            del self._fused_modules[fused]
+            del self._fused_sizes[fused]
         for fused, names in self.fused_groups.items():
             if getattr(self, f"{fused}_weight", None) is None:
                 continue
@@ -72,6 +91,9 @@ class FusedProjections:
         """The group's outputs side by side ([..., sum of out_features]) from one matmul, or None if unfused."""
         if fused not in self.__dict__.get("_fused_sizes", {}):  # plain dict lookups: this runs every step
             return None
+        modules = self.__dict__.get("_fused_modules")
+        if modules and fused in modules:
+            return modules[fused](x)
         buffers = self._buffers
         return F.linear(x, buffers[f"{fused}_weight"], buffers[f"{fused}_bias"])
 
@@ -81,7 +103,11 @@ class FusedProjections:
         return None if out is None else list(out.split(self._fused_sizes[fused], dim=-1))
 
     def _apply(self, fn, recurse=True):
-        # .to()/.cuda() convert parameters and buffers separately; re-link the views afterwards.
+        # .to()/.cuda() convert parameters and buffers separately; re-link the views afterwards. A fused
+        # module kept outside the tree would be left behind: drop it (generation fuses again when it starts).
+        for fused in list(self.__dict__.get("_fused_modules", {})):
+            del self._fused_modules[fused]
+            del self._fused_sizes[fused]
         module = super()._apply(fn, recurse)
         for fused, names in self.fused_groups.items():
             if getattr(self, f"{fused}_weight", None) is not None:

@@ -56,6 +56,33 @@ class QuantizedLinear(nn.Module):
         return FORMATS[self.method](**tensors, **self._settings)
 
     @classmethod
+    def concatenate(cls, layers: list[QuantizedLinear]) -> QuantizedLinear | None:
+        """One layer computing `layers` side by side (q/k/v, gate/up), or None when they cannot share one.
+
+        Rows are independent in the row-major formats (int8, int4), so stacking each packed tensor along
+        the rows is exact; the children's buffers become views into the stacked ones (no second copy)."""
+        first = layers[0]
+        if first.method not in ("int8", "int4") or any(
+                layer.method != first.method or layer._settings != first._settings
+                or layer.in_features != first.in_features for layer in layers):
+            return None
+        if sum(layer.bias is not None for layer in layers) not in (0, len(layers)):
+            return None
+        tensors = {name: torch.cat([getattr(layer, name) for layer in layers]) for name in first._tensor_names}
+        bias = torch.cat([layer.bias for layer in layers]) if first.bias is not None else None
+        fused = cls(FORMATS[first.method](**tensors, **first._settings), bias)
+        start = 0
+        for layer in layers:
+            rows = slice(start, start + layer.out_features)
+            for name in layer._tensor_names:
+                layer._buffers[name] = getattr(fused, name)[rows]
+            if bias is not None:
+                layer.bias = nn.Parameter(fused.bias[rows], requires_grad=False)
+            layer._kernel_weight = None
+            start += layer.out_features
+        return fused
+
+    @classmethod
     def from_linear(cls, linear: nn.Linear, method: str, **options) -> QuantizedLinear:
         """Quantize an `nn.Linear` with `method` ("int8", "int4" with group_size, "nf4")."""
         if method not in FORMATS:

@@ -57,3 +57,31 @@ def test_kernels_release_the_gil_cache_their_code_and_run_from_several_threads(m
     with ThreadPoolExecutor(4) as pool:  # the workqueue threading layer would abort here
         results = list(pool.map(lambda _: kernels.quantized_matmul(x, weight), range(16)))
     assert all(torch.equal(r, expected) for r in results)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_projections_fuse_exactly_into_views(method, tmp_path):
+    from lmforge import AutoModelForCausalLM
+    from lmforge.nn.fusion import fuse_projections, unfuse_projections
+    from lmforge.quant import quantize_model
+    from lmforge.quant.checkpoint import save_quantized
+    from tests.models.test_llama import hf_llama
+    from tests.parity import ours_from_hf
+
+    model = ours_from_hf(hf_llama(hidden_size=64, intermediate_size=128, num_key_value_heads=2), "causal-lm")
+    quantize_model(model, method)
+    ids = torch.randint(0, 97, (1, 1))  # one token: the kernel path
+    with torch.no_grad():
+        before = model(ids).logits
+        fuse_projections(model)
+        attention = model.model.layers[0].self_attn
+        fused = attention._fused_modules["qkv"]
+        assert fused.out_features == sum(p.out_features for p in (attention.q_proj, attention.k_proj, attention.v_proj))
+        first = fused._tensor_names[0]
+        assert getattr(attention.q_proj, first).data_ptr() == getattr(fused, first).data_ptr()  # a view, no copy
+        assert torch.allclose(model(ids).logits, before, atol=1e-5)
+        save_quantized(model, tmp_path / "fused")  # the canonical per-layer tensors, as before fusing
+        assert torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path / "fused")(ids).logits, before, atol=1e-5)
+        unfuse_projections(model)
+        assert getattr(attention.q_proj, first).data_ptr() != getattr(fused, first).data_ptr()
+        assert torch.allclose(model(ids).logits, before, atol=1e-5)
