@@ -44,9 +44,9 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of `pack_nibbles`: [..., n/2] bytes → [..., n] codes (int64, ready for indexing)."""
+    """The inverse of `pack_nibbles`: [..., n/2] bytes → [..., n] uint8 codes."""
     runs = packed.reshape(*packed.shape[:-1], -1, NIBBLE_RUN // 2)
-    return torch.stack([runs & 0x0F, runs >> 4], dim=-2).flatten(-3).long()
+    return torch.stack([runs & 0x0F, runs >> 4], dim=-2).flatten(-3)
 
 
 class QuantizedWeight(ABC):
@@ -204,7 +204,7 @@ class NF4Weight(QuantizedWeight):
         return groups.flatten()[:self.absmax_q.numel()] + self.absmax_offset
 
     def dequantize(self) -> torch.Tensor:
-        codes = unpack_nibbles(self.packed).view(-1, NF4_BLOCK)
+        codes = unpack_nibbles(self.packed).view(-1, NF4_BLOCK).int()
         return (NF4_CODE[codes] * self.block_absmax()[:, None]).view(self.rows, self.cols)
 
 

@@ -27,7 +27,7 @@ def test_nibble_packing_round_trips_in_llama_cpp_order():
     codes = torch.randint(0, 16, (3, 64), dtype=torch.uint8)
     packed = pack_nibbles(codes)
     assert packed.shape == (3, 32) and packed.dtype == torch.uint8
-    assert torch.equal(unpack_nibbles(packed), codes.long())
+    assert torch.equal(unpack_nibbles(packed), codes)
     run = torch.zeros(32, dtype=torch.uint8)
     run[0], run[16], run[15], run[31] = 1, 2, 3, 4
     assert pack_nibbles(run).tolist() == [0x21] + [0] * 14 + [0x43]  # byte j: weight j low, weight j + 16 high
