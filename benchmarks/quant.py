@@ -16,6 +16,7 @@ Usage: python -m benchmarks.quant [--text /usr/share/common-licenses/GPL-3] [--r
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -33,6 +34,12 @@ LMFORGE_SYSTEMS = {"lmforge fp32": None, "lmforge int8": "int8", "lmforge int4-g
 LLAMA_CPP = "llama.cpp Q4_1 (llama-cpp-python)"
 HF = "HF transformers fp32"
 LLAMA_CPP_SAFE_BATCH = 16
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (after loading: what the model keeps, not the loading peak)."""
+    gc.collect()
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -89,6 +96,7 @@ def measure_lmforge(method: str | None, args) -> dict:
         use_gguf_blocks(model, open_gguf(path))
     elif method is not None:
         quantize_model(model, method)
+    loaded = resident_bytes()
     prompt = prompt_ids()
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     long_ids = torch.randint(0, 49152, (1, args.prefill_tokens), generator=torch.Generator().manual_seed(0))
@@ -97,7 +105,7 @@ def measure_lmforge(method: str | None, args) -> dict:
         prefill = median_seconds(lambda: model(long_ids, logits_to_keep=1), args.repeats)
         ppl = windowed_nll(lambda window: model(torch.tensor([window])).logits[0], text_ids(args), args.context)
     return {"decode": args.new_tokens / decode, "prefill": args.prefill_tokens / prefill,
-            "weight_bytes": weight_memory(model)[0], "perplexity": ppl}
+            "weight_bytes": weight_memory(model)[0], "loaded_rss": loaded, "perplexity": ppl}
 
 
 def measure_llama_cpp(args) -> dict:
@@ -109,6 +117,7 @@ def measure_llama_cpp(args) -> dict:
     threads = torch.get_num_threads()
     llm = Llama(path, n_ctx=max(args.context, args.prefill_tokens + 8, 1024), n_threads=threads,
                 n_threads_batch=threads, n_batch=512, logits_all=True, verbose=False)
+    loaded = resident_bytes()
     prompt = prompt_ids()
 
     def decode():
@@ -132,7 +141,8 @@ def measure_llama_cpp(args) -> dict:
 
     return {"decode": args.new_tokens / median_seconds(decode, args.repeats),
             "prefill": args.prefill_tokens / median_seconds(prefill, args.repeats),
-            "weight_bytes": os.path.getsize(path), "perplexity": windowed_nll(logits_of, text_ids(args), args.context)}
+            "weight_bytes": os.path.getsize(path), "loaded_rss": loaded,
+            "perplexity": windowed_nll(logits_of, text_ids(args), args.context)}
 
 
 def measure_hf(args) -> dict:
@@ -142,6 +152,7 @@ def measure_hf(args) -> dict:
 
     path = resolve("smollm2-135m-instruct")
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    loaded = resident_bytes()
     prompt = torch.tensor([prompt_ids()])
     long_ids = torch.randint(0, 49152, (1, args.prefill_tokens), generator=torch.Generator().manual_seed(0))
 
@@ -155,7 +166,7 @@ def measure_hf(args) -> dict:
         ppl = windowed_nll(lambda window: model(torch.tensor([window])).logits[0], text_ids(args), args.context)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"decode": args.new_tokens / decode_s, "prefill": args.prefill_tokens / prefill_s,
-            "weight_bytes": weight_bytes, "perplexity": ppl}
+            "weight_bytes": weight_bytes, "loaded_rss": loaded, "perplexity": ppl}
 
 
 def measure(system: str, args) -> dict:
@@ -213,7 +224,7 @@ def write_report(results: dict[str, dict], args) -> None:
     for system, r in results.items():
         delta = f"{r['perplexity'] / baseline - 1:+.1%}" if baseline and system != "lmforge fp32" else ""
         rows.append([system, f"{r['decode']:.1f}", f"{r['prefill']:.0f}", f"{r['weight_bytes'] / 1e6:.0f}",
-                     f"{r['peak_rss'] / 1e6:.0f}", f"{r['perplexity']:.2f}", delta])
+                     f"{r['loaded_rss'] / 1e6:.0f}", f"{r['peak_rss'] / 1e6:.0f}", f"{r['perplexity']:.2f}", delta])
     try:
         import llama_cpp
 
@@ -223,13 +234,15 @@ def write_report(results: dict[str, dict], args) -> None:
     body = (f"## Quantized decode, prefill, memory and quality: SmolLM2-135M-Instruct (`benchmarks/quant.py`)\n\n"
             f"Machine: {machine_line()}{peer}. Median of {args.repeats} runs; each system in its own process. "
             f"Decode: {args.new_tokens} greedy tokens after a short chat prompt. Prefill: {args.prefill_tokens} "
-            f"tokens. Perplexity: first {args.ppl_tokens} tokens of {Path(args.text).name}, windows of "
-            f"{args.context} (the same token ids for every system). The fp32 baseline is SmolLM2's Q4_1 GGUF "
+            f"tokens. RSS after load: the process once the model is ready (Python, torch and the tokenizer "
+            f"included); peak RSS includes lmforge's float32 load before quantizing. Perplexity: first "
+            f"{args.ppl_tokens} tokens of {Path(args.text).name}, windows of {args.context} (the same token ids "
+            f"for every system). The fp32 baseline is SmolLM2's Q4_1 GGUF "
             f"dequantized, so int4/nf4 re-quantize already-quantized weights. llama.cpp's perplexity is computed "
             f"{LLAMA_CPP_SAFE_BATCH} tokens per eval: on an AMX CPU its batched path (used by its prefill figure) "
             f"returned logits that disagree with every other implementation.\n\n"
-            + markdown_table(["system", "decode tok/s", "prefill tok/s", "weights MB", "peak RSS MB", "perplexity",
-                              "vs fp32"], rows))
+            + markdown_table(["system", "decode tok/s", "prefill tok/s", "weights MB", "RSS after load MB",
+                              "peak RSS MB", "perplexity", "vs fp32"], rows))
     write_section("quant", body)
     print(body)
 
