@@ -8,8 +8,9 @@ in plain loops numba compiles to vectorised machine code:
 - each output row is one independent dot product over the input;
 - a 4-bit row is read one 32-weight run at a time: byte j holds weights j and j + 16 (see
   `formats.pack_nibbles`), so 16 bytes pair with 16 contiguous activations;
-- inner loops run over 64 weights (one or two scale groups, the scale picked per lane): LLVM does not
-  vectorise a loop as short as one group of 32;
+- inner loops run over 64 weights (one or two scale groups side by side) into per-lane partial sums
+  that are added up once per row: LLVM does not vectorise a loop as short as one group of 32, and a
+  vector reduced to one number per group costs more than the group's arithmetic;
 - int4's offset (w = q * scale + offset) costs one multiply per group:
   sum(x * w) = scale * sum(x * q) + offset * sum(x), with sum(x) per group computed once per call.
 
@@ -36,8 +37,10 @@ try:
 except ImportError:  # numba is a dependency; without it the torch reference path still works
     numba = None
 
-SPLIT_MIN_WEIGHTS = 1 << 20
-"""Matrices with at least this many weights are split across threads (smaller ones finish in tens of µs)."""
+SPLIT_MIN_WEIGHTS = 2 << 20
+"""int8 matrices with at least this many weights (~150 µs of one core's work) are split across threads;
+smaller ones finish before a hand-over to a pool thread (~30 µs each way) pays. Grouped and 4-bit kernels
+do about twice the work per weight, so they split from half this size."""
 
 
 def available() -> bool:
@@ -66,14 +69,17 @@ def _int8_matvec(x, q, scale, group_size, out, start, stop):
                     dot += x[m, k] * np.float32(q[n, k])
                 out[m, n] = dot * scale[n, 0]
         return
-    for n in range(start, stop):  # groups: 64 columns per step (a loop of 32 is too short to vectorise)
+    lanes = np.empty(32, np.float32)  # per-lane partial sums, added up once per row (see `_nibble_matvec`)
+    for n in range(start, stop):  # groups: 64 columns per step, the two 32-column halves side by side
         for m in range(x.shape[0]):
-            total = np.float32(0.0)
+            lanes[:] = 0
             for chunk in range(cols // 64):
                 first, second = scale[n, chunk * 64 // group_size], scale[n, (chunk * 64 + 32) // group_size]
-                for k in range(64):
-                    total += x[m, chunk * 64 + k] * np.float32(q[n, chunk * 64 + k]) * (first if k < 32 else second)
-            out[m, n] = total
+                k = chunk * 64
+                for j in range(32):
+                    lanes[j] += (x[m, k + j] * np.float32(q[n, k + j]) * first
+                                 + x[m, k + 32 + j] * np.float32(q[n, k + 32 + j]) * second)
+            out[m, n] = lanes.sum()
 
 
 @_jit
@@ -97,18 +103,24 @@ def _split_runs(x, group_size):
 @_jit
 def _nibble_matvec(low, diff, sums, packed, scale, offset, group_size, out, start, stop):
     """int4 rows start <= n < stop: sum over weights of x * (code * scale + offset), codes in 32-weight runs
-    (see `_split_runs`). 64 weights (32 bytes, one or two scale groups) per step: loops of 16 bytes are too
-    short to vectorise."""
+    (see `_split_runs`). Each step reads 32 bytes = 64 weights = one or two scale groups, the two 16-byte
+    halves side by side, into 16 per-lane partial sums that are added up once per row: a loop over one
+    group is too short to vectorise, and reducing a vector to one number per group costs more than the
+    group's arithmetic."""
     half = packed.shape[1]
+    lanes = np.empty(16, np.float32)
     for n in range(start, stop):
         for m in range(low.shape[0]):
-            total = np.float32(0.0)
+            lanes[:] = 0
             for chunk in range(half // 32):
                 first, second = scale[n, chunk * 64 // group_size], scale[n, (chunk * 64 + 32) // group_size]
-                for j in range(32):
-                    byte = np.float32(packed[n, chunk * 32 + j])
-                    high = np.floor(byte * np.float32(0.0625))
-                    total += (low[m, chunk * 32 + j] * byte + diff[m, chunk * 32 + j] * high) * (first if j < 16 else second)
+                b = chunk * 32
+                for j in range(16):
+                    byte, byte2 = np.float32(packed[n, b + j]), np.float32(packed[n, b + 16 + j])
+                    high, high2 = np.floor(byte * np.float32(0.0625)), np.floor(byte2 * np.float32(0.0625))
+                    lanes[j] += ((low[m, b + j] * byte + diff[m, b + j] * high) * first
+                                 + (low[m, b + 16 + j] * byte2 + diff[m, b + 16 + j] * high2) * second)
+            total = lanes.sum()
             for g in range(offset.shape[1]):
                 total += offset[n, g] * sums[m, g]
             out[m, n] = total
@@ -139,11 +151,11 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 _pool: ThreadPoolExecutor | None = None
 
 
-def _over_rows(kernel, rows: int, weights: int, *args) -> None:
+def _over_rows(kernel, rows: int, work: int, *args) -> None:
     """Run `kernel(*args, start, stop)` over rows [0, rows), split across torch's thread count when large."""
     global _pool
     threads = min(torch.get_num_threads(), rows)
-    if threads < 2 or weights < SPLIT_MIN_WEIGHTS:
+    if threads < 2 or work < SPLIT_MIN_WEIGHTS:
         kernel(*args, 0, rows)
         return
     if _pool is None or _pool._max_workers < threads - 1:
@@ -163,15 +175,16 @@ class KernelWeight:
         from lmforge.quant.formats import NF4_CODE, Int4Weight, Int8Weight, NF4Weight
 
         self.rows, cols = weight.shape
-        self.size = self.rows * cols
+        self.work = self.rows * cols  # in int8-per-channel weights: grouped and 4-bit kernels cost more per weight
         self.split = None  # int4 reads its input as low / diff / group sums
         if isinstance(weight, Int8Weight):
             self.kernel, self.arrays = _int8_matvec, (_numpy(weight.q), _numpy(weight.scale), weight.group_size)
+            self.work *= 1 if weight.group_size == cols else 2
         elif isinstance(weight, Int4Weight):
-            self.kernel, self.split = _nibble_matvec, weight.group_size
+            self.kernel, self.split, self.work = _nibble_matvec, weight.group_size, 2 * self.work
             self.arrays = (_numpy(weight.packed), _numpy(weight.scale), _numpy(weight.offset), weight.group_size)
         elif isinstance(weight, NF4Weight):
-            self.kernel = _nf4_matvec
+            self.kernel, self.work = _nf4_matvec, 4 * self.work
             self.arrays = (_numpy(weight.packed), _numpy(weight.block_absmax()), _numpy(NF4_CODE))
         else:
             raise TypeError(f"no CPU kernel for {type(weight).__name__}")
@@ -181,7 +194,7 @@ class KernelWeight:
         xs = x.contiguous().numpy()
         inputs = (xs,) if self.split is None else _split_runs(xs, self.split)
         out = torch.empty(x.shape[0], self.rows, dtype=torch.float32)
-        _over_rows(self.kernel, self.rows, self.size, *inputs, *self.arrays, out.numpy())
+        _over_rows(self.kernel, self.rows, self.work, *inputs, *self.arrays, out.numpy())
         return out
 
 
