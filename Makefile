@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 APT := DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) apt-get
 
-.PHONY: setup run generate test clean
+.PHONY: setup run generate test bench-quant clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ generate: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Quantized formats next to llama.cpp (llama-cpp-python is compiled on first install) and HF: docs/benchmarks.md.
+bench-quant: setup
+	$(PY) -c "import llama_cpp" 2>/dev/null || $(PIP) install --quiet -e ".[bench]"
+	$(PY) -m benchmarks.quant
 
 clean:
 	rm -rf $(VENV) .pytest_cache
