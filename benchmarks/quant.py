@@ -82,20 +82,13 @@ def windowed_nll(logits_of, ids: list[int], context: int) -> float:
 
 def measure_lmforge(method: str | None, args) -> dict:
     from lmforge import AutoModelForCausalLM, AutoTokenizer, generate
-    from lmforge.checkpoint.gguf import open_gguf
     from lmforge.cli.info import weight_memory
     from lmforge.generation import SamplingParams
-    from lmforge.quant import quantize_model
-    from lmforge.quant.gguf_blocks import use_gguf_blocks
-    from lmforge.sources import resolve
+    from lmforge.quant import quantize_loaded
 
-    path = resolve("smollm2-135m-instruct")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    if method == "gguf":
-        use_gguf_blocks(model, open_gguf(path))
-    elif method is not None:
-        quantize_model(model, method)
+    tokenizer = AutoTokenizer.from_pretrained("smollm2-135m-instruct")
+    model = AutoModelForCausalLM.from_pretrained("smollm2-135m-instruct")
+    quantize_loaded(model, "smollm2-135m-instruct", method)  # what LLM(..., quantization=method) does
     loaded = resident_bytes()
     prompt = prompt_ids()
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)

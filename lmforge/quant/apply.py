@@ -8,6 +8,9 @@ recorded in the config (`config.extra["quantization"]`), so `save_pretrained` wr
 
 from __future__ import annotations
 
+import ctypes
+import gc
+
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -61,6 +64,7 @@ def quantize_loaded(model: nn.Module, source: str | None, quantization: str | No
         raise ConfigError(f"unknown quantization {quantization!r}; use one of: {', '.join(FORMATS)}, gguf.")
     if quantization != "gguf":
         quantize_model(model, quantization)
+        _return_freed_memory()
         return
     from lmforge.checkpoint.gguf import open_gguf
     from lmforge.quant.gguf_blocks import use_gguf_blocks
@@ -71,3 +75,14 @@ def quantize_loaded(model: nn.Module, source: str | None, quantization: str | No
         raise ConfigError(f"quantization 'gguf' keeps a GGUF file's own 4-/8-bit blocks, but {source or 'this model'} "
                           "is not loaded from a GGUF file; use 'int8', 'int4' or 'nf4' to quantize it.")
     use_gguf_blocks(model, open_gguf(path))
+    _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed float32 weights back to the OS. glibc keeps freed heap pages for reuse, so without this
+    a model quantized at load would keep the resident memory of its float32 copy."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): the allocator decides
+        pass
