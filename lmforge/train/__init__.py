@@ -2,9 +2,12 @@
 
 `data` reads, splits and tokenizes documents; `collate` turns tokenized
 examples into batches; `tokenizer_trainer` learns a BPE vocabulary for a model
-trained from scratch. See docs/training.md.
+trained from scratch; `trainer` runs the loop with `optim` (AdamW), `schedules`
+(warmup + decay), `metrics` (token-summed losses) and `checkpoint` (exact resume).
+See docs/training.md.
 """
 
+from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.collate import (
     IGNORE_INDEX,
     MLMCollator,
@@ -24,7 +27,18 @@ from lmforge.train.data import (
     tokenize_documents,
     train_validation_split,
 )
+from lmforge.train.metrics import classification_metrics
+from lmforge.train.optim import build_optimizer
+from lmforge.train.schedules import build_scheduler, lr_multiplier
 from lmforge.train.tokenizer_trainer import save_tokenizer, train_bpe_tokenizer
+from lmforge.train.trainer import (
+    Trainer,
+    TrainerCallback,
+    TrainerState,
+    TrainingArguments,
+    TrainingDivergedError,
+    set_seed,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -32,14 +46,27 @@ __all__ = [
     "MLMCollator",
     "PaddingCollator",
     "Split",
+    "Trainer",
+    "TrainerCallback",
+    "TrainerState",
+    "TrainingArguments",
+    "TrainingDivergedError",
+    "build_optimizer",
+    "build_scheduler",
+    "classification_metrics",
     "from_hf_dataset",
     "iter_texts",
+    "latest_checkpoint",
+    "load_checkpoint",
     "load_documents",
+    "lr_multiplier",
     "pack_sequences",
     "read_csv",
     "read_jsonl",
     "read_text",
+    "save_checkpoint",
     "save_tokenizer",
+    "set_seed",
     "shuffled",
     "tokenize_documents",
     "train_bpe_tokenizer",

@@ -1,0 +1,387 @@
+"""The training loop: batches → forward → loss → backward → clip → AdamW → schedule, with evaluation,
+checkpoints that resume exactly, early stopping, callbacks and logs.
+
+One optimizer step may span several micro-batches (gradient accumulation), so a
+large effective batch fits in a small memory. The loss of the step is the sum of
+per-token losses over *all* its micro-batches divided by their total number of
+target tokens: the gradient is then exactly that of one big batch, whatever the
+sequence lengths. (Averaging per-micro-batch means would let a micro-batch of
+short sequences weigh as much as one of long ones.)
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lmforge.errors import LMForgeError, ValidationError
+from lmforge.registry import MODEL_REGISTRY
+from lmforge.train.checkpoint import (
+    checkpoint_name,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from lmforge.train.metrics import (
+    LOSS_TASKS,
+    aligned_logits,
+    classification_metrics,
+    count_targets,
+    loss_sum,
+)
+from lmforge.train.optim import build_optimizer
+from lmforge.train.schedules import build_scheduler
+
+logger = logging.getLogger(__name__)
+
+LOG_FILE = "log.jsonl"
+LOSS_CURVE = "loss_curve.png"
+
+
+class TrainingDivergedError(LMForgeError, FloatingPointError):
+    """The loss or the gradient became NaN or infinite; training stopped before applying the update."""
+
+
+@dataclass
+class TrainingArguments:
+    """How to train. Steps count optimizer updates; one update sees
+    `per_device_batch_size × gradient_accumulation_steps` examples.
+
+    Give `max_steps`, or `num_epochs` (the number of steps follows from the data).
+    `warmup_ratio` is a fraction of the total steps, used when `warmup_steps` is 0.
+    `eval_steps`, `save_steps` and `logging_steps` of 0 mean "never" (a checkpoint is
+    still written at the end). `bf16` autocasts forward passes to bfloat16 on CUDA;
+    on CPU training stays in float32.
+    """
+
+    output_dir: str | Path
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    lr_scheduler: str = "linear"
+    max_steps: int | None = None
+    num_epochs: int | None = None
+    per_device_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    eval_steps: int = 0
+    save_steps: int = 0
+    logging_steps: int = 10
+    seed: int = 0
+    early_stopping_patience: int | None = None
+    bf16: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.max_steps is None) == (self.num_epochs is None):
+            raise ValidationError("TrainingArguments needs exactly one of max_steps and num_epochs; got "
+                                  f"max_steps={self.max_steps}, num_epochs={self.num_epochs}.")
+        for name in ("max_steps", "num_epochs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValidationError(f"TrainingArguments.{name} must be >= 1, got {value}.")
+        if self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValidationError("TrainingArguments.per_device_batch_size and gradient_accumulation_steps must be "
+                                  f">= 1; got {self.per_device_batch_size} and {self.gradient_accumulation_steps}.")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValidationError(f"TrainingArguments.warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if self.learning_rate <= 0:
+            raise ValidationError(f"TrainingArguments.learning_rate must be > 0, got {self.learning_rate}.")
+
+
+@dataclass
+class TrainerState:
+    """Where the run is: `global_step` updates done, `epoch` and the micro-batches of it consumed."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    best_eval_loss: float | None = None
+    evals_without_improvement: int = 0
+    last_checkpoint: str | None = None
+    loss: float | None = None  # the loss of the latest step
+    should_stop: bool = False  # set by a callback (or early stopping) to end training after this step
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class TrainerCallback:
+    """Hooks the Trainer calls; subclass and override those you need. Set `trainer.state.should_stop`
+    to end training early."""
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        pass
+
+    def on_evaluate(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_save(self, trainer: Trainer, folder: Path) -> None:
+        pass
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) at once."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def infer_task(model: torch.nn.Module) -> str:
+    """The task a registered model class stands for (e.g. LlamaForCausalLM → "causal-lm")."""
+    for tasks in MODEL_REGISTRY.values():
+        for task, cls in tasks.items():
+            if type(model) is cls and task in LOSS_TASKS:
+                return task
+    raise ValidationError(f"cannot tell which loss {type(model).__name__} trains with; pass task= one of "
+                          f"{', '.join(LOSS_TASKS)}.")
+
+
+class Trainer:
+    """Train `model` on tokenized examples (dicts of lists, as `tokenize_documents` or `pack_sequences`
+    make them) batched by `collator`. `train()` runs; `evaluate()` measures the eval set."""
+
+    def __init__(self, model: torch.nn.Module, args: TrainingArguments, train_dataset: Sequence[dict],
+                 collator: Callable[[Sequence[dict]], dict[str, torch.Tensor]],
+                 eval_dataset: Sequence[dict] | None = None, task: str | None = None,
+                 callbacks: Sequence[TrainerCallback] = ()):
+        if len(train_dataset) == 0:
+            raise ValidationError("train_dataset is empty; give the Trainer at least one example.")
+        self.model, self.args, self.collator = model, args, collator
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.task = task or infer_task(model)
+        if self.task not in LOSS_TASKS:
+            raise ValidationError(f"task must be one of {', '.join(LOSS_TASKS)}; got {self.task!r}.")
+        self.callbacks = list(callbacks)
+        self.output_dir = Path(args.output_dir)
+        self.device = next(model.parameters()).device
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if args.bf16 and self.device.type == "cuda"
+                         else nullcontext())
+        self._forward_names = set(inspect.signature(model.forward).parameters)
+        self.batches_per_epoch = math.ceil(len(train_dataset) / args.per_device_batch_size)
+        steps_per_epoch = math.ceil(self.batches_per_epoch / args.gradient_accumulation_steps)
+        self.total_steps = args.max_steps or args.num_epochs * steps_per_epoch
+        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * self.total_steps)
+        self.optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, args.lr_scheduler, warmup, self.total_steps)
+        self.state = TrainerState()
+
+    # ----- data -------------------------------------------------------------------------------
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """The example order of `epoch`: a permutation seeded by (seed, epoch), so a resumed run replays it."""
+        generator = torch.Generator().manual_seed(self.args.seed * 100_003 + epoch)
+        return torch.randperm(len(self.train_dataset), generator=generator).tolist()
+
+    def _next_step_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches of the next optimizer step (fewer at the end of an epoch); advances the position."""
+        if self.state.batches_in_epoch >= self.batches_per_epoch:
+            self.state.epoch, self.state.batches_in_epoch = self.state.epoch + 1, 0
+        order = self._epoch_order(self.state.epoch)
+        size = self.args.per_device_batch_size
+        first = self.state.batches_in_epoch
+        last = min(first + self.args.gradient_accumulation_steps, self.batches_per_epoch)
+        self.state.batches_in_epoch = last
+        return [self.collator([self.train_dataset[i] for i in order[b * size:(b + 1) * size]])
+                for b in range(first, last)]
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels" and k in self._forward_names}
+        with self.autocast:
+            return self.model(**inputs).logits
+
+    # ----- one optimizer step -------------------------------------------------------------------
+
+    def accumulate_gradients(self, batches: list[dict[str, torch.Tensor]]) -> float:
+        """Backpropagate the loss of one optimizer step over its micro-batches; return that loss.
+
+        Each micro-batch contributes (sum of its token losses) / (target tokens of the whole step),
+        so the accumulated gradient equals that of the concatenated batch.
+        """
+        total = sum(count_targets(self.task, batch["labels"]) for batch in batches)
+        if total == 0:
+            raise ValidationError(f"step {self.state.global_step + 1}: no label in its batches is a target (all "
+                                  "are -100); check the collator (causal_lm_labels=True?) and the data.")
+        self.model.train()
+        loss = 0.0
+        for batch in batches:
+            micro = loss_sum(self.task, self._forward(batch), batch["labels"].to(self.device)) / total
+            micro.backward()
+            loss += micro.item()
+        return loss
+
+    def training_step(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        """Accumulate gradients over `batches`, clip them, update; return (loss, gradient norm)."""
+        loss = self.accumulate_gradients(batches)
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(parameters, self.args.max_grad_norm or float("inf")).item()
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            where = (f"the last good checkpoint is {self.state.last_checkpoint}" if self.state.last_checkpoint
+                     else "no checkpoint was saved yet")
+            raise TrainingDivergedError(
+                f"step {self.state.global_step + 1}: loss {loss}, gradient norm {norm} is not finite, so the update "
+                f"was not applied; {where}. Lower learning_rate, set max_grad_norm, add warmup, or check the "
+                "data for empty or corrupt examples, then resume.")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, norm
+
+    # ----- the loop -------------------------------------------------------------------------------
+
+    def train(self, resume_from: str | Path | None = None) -> TrainerState:
+        """Run until `max_steps` (or `num_epochs`), early stopping, or a callback's `should_stop`.
+
+        `resume_from` is a checkpoint folder or "latest" (the newest under `output_dir`): model,
+        optimizer, schedule, RNGs and data position are restored, so the run continues as if it
+        had never stopped.
+        """
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        set_seed(self.args.seed)
+        if resume_from is not None:
+            self._resume(resume_from)
+        bar = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not self.args.progress,
+                   desc="train")
+        try:
+            while self.state.global_step < self.total_steps and not self.state.should_stop:
+                started = time.perf_counter()
+                batches = self._next_step_batches()
+                lr = self.scheduler.get_last_lr()[0]
+                loss, norm = self.training_step(batches)
+                self.state.global_step += 1
+                self.state.loss = loss
+                tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                             for b in batches)
+                speed = tokens / max(time.perf_counter() - started, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
+                step = self.state.global_step
+                if self.args.logging_steps and step % self.args.logging_steps == 0:
+                    self._log({"step": step, "epoch": self.state.epoch, "loss": loss, "lr": lr, "grad_norm": norm,
+                               "tokens_per_second": speed})
+                for callback in self.callbacks:
+                    callback.on_step_end(self)
+                if self.eval_dataset is not None and self.args.eval_steps and step % self.args.eval_steps == 0:
+                    self._evaluate_and_maybe_stop()
+                if self.args.save_steps and step % self.args.save_steps == 0:
+                    self.save()
+        finally:
+            bar.close()
+        if self.state.last_checkpoint != str(self.output_dir / checkpoint_name(self.state.global_step)):
+            self.save()
+        self._plot_loss_curve()
+        return self.state
+
+    def _resume(self, resume_from: str | Path) -> None:
+        folder = latest_checkpoint(self.output_dir) if resume_from == "latest" else Path(resume_from)
+        if folder is None:
+            raise ValidationError(f"resume_from='latest' but {self.output_dir} holds no checkpoint-NNNNNN folder; "
+                                  "train without resume_from first, or pass a checkpoint folder.")
+        saved = load_checkpoint(folder, self.model, self.optimizer, self.scheduler)
+        self.state = TrainerState(**{**saved["trainer"], "history": []})
+        if "collator_rng" in saved:
+            self._collator_generator().set_state(torch.tensor(saved["collator_rng"], dtype=torch.uint8))
+        self.state.last_checkpoint = str(folder)
+        if saved["seed"] != self.args.seed:
+            logger.warning("resuming %s with seed %d, saved with %d: the data order will differ from the "
+                           "original run.", folder, self.args.seed, saved["seed"])
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.state.history.append(record)
+        with open(self.output_dir / LOG_FILE, "a") as log:
+            log.write(json.dumps(record) + "\n")
+
+    def _evaluate_and_maybe_stop(self) -> None:
+        metrics = self.evaluate()
+        self._log({"step": self.state.global_step, **{f"eval_{k}": v for k, v in metrics.items()}})
+        for callback in self.callbacks:
+            callback.on_evaluate(self, metrics)
+        if self.state.best_eval_loss is None or metrics["loss"] < self.state.best_eval_loss:
+            self.state.best_eval_loss, self.state.evals_without_improvement = metrics["loss"], 0
+        else:
+            self.state.evals_without_improvement += 1
+            patience = self.args.early_stopping_patience
+            if patience is not None and self.state.evals_without_improvement >= patience:
+                logger.info("early stopping at step %d: eval loss has not improved on %.4f for %d evaluations.",
+                            self.state.global_step, self.state.best_eval_loss, patience)
+                self.state.should_stop = True
+
+    # ----- evaluation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Sequence[dict] | None = None) -> dict[str, float]:
+        """Per-token loss over the whole set (sum / count, not a mean of batch means), with perplexity
+        for language models and accuracy + macro F1 for classification."""
+        dataset = self.eval_dataset if dataset is None else dataset
+        if not dataset:
+            raise ValidationError("evaluate() needs a non-empty dataset; pass one or set eval_dataset.")
+        self.model.eval()
+        size = self.args.per_device_batch_size
+        total_loss, total_count, predictions, labels = 0.0, 0, [], []
+        for start in range(0, len(dataset), size):
+            batch = self.collator([dataset[i] for i in range(start, min(start + size, len(dataset)))])
+            logits, target = self._forward(batch), batch["labels"].to(self.device)
+            total_loss += loss_sum(self.task, logits, target).item()
+            total_count += count_targets(self.task, target)
+            if self.task.endswith("classification"):
+                predictions.append(aligned_logits(self.task, logits).argmax(-1).flatten().cpu())
+                labels.append(target.flatten().cpu())
+        self.model.train()
+        loss = total_loss / max(total_count, 1)
+        if predictions:
+            return {"loss": loss, **classification_metrics(torch.cat(predictions), torch.cat(labels))}
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+    # ----- checkpoints ------------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        """Write `output_dir/checkpoint-NNNNNN` (step number) atomically; see lmforge.train.checkpoint."""
+        trainer = {k: v for k, v in asdict(self.state).items() if k not in ("history", "should_stop")}
+        saved = {"trainer": trainer, "seed": self.args.seed, "total_steps": self.total_steps}
+        if self._collator_generator() is not None:  # MLMCollator draws its masks from its own generator
+            saved["collator_rng"] = self._collator_generator().get_state().tolist()
+        folder = save_checkpoint(self.output_dir / checkpoint_name(self.state.global_step), self.model,
+                                 self.optimizer, self.scheduler, saved)
+        self.state.last_checkpoint = str(folder)
+        for callback in self.callbacks:
+            callback.on_save(self, folder)
+        return folder
+
+    def _collator_generator(self) -> torch.Generator | None:
+        generator = getattr(self.collator, "generator", None)
+        return generator if isinstance(generator, torch.Generator) else None
+
+    def _plot_loss_curve(self) -> None:
+        """Draw loss against step to `loss_curve.png` when matplotlib is installed (it is optional)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        train = [(r["step"], r["loss"]) for r in self.state.history if "loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in self.state.history if "eval_loss" in r]
+        if not train:
+            return
+        figure, axes = plt.subplots(figsize=(6, 4))
+        axes.plot(*zip(*train), label="train")
+        if evals:
+            axes.plot(*zip(*evals), marker="o", label="eval")
+        axes.set(xlabel="step", ylabel="loss", title="loss")
+        axes.legend()
+        figure.savefig(self.output_dir / LOSS_CURVE, dpi=100)
+        plt.close(figure)
