@@ -81,14 +81,13 @@ def windowed_nll(logits_of, ids: list[int], context: int) -> float:
 
 
 def measure_lmforge(method: str | None, args) -> dict:
-    from lmforge import AutoModelForCausalLM, AutoTokenizer, generate
+    from lmforge import AutoTokenizer, generate
     from lmforge.cli.info import weight_memory
     from lmforge.generation import SamplingParams
-    from lmforge.quant import quantize_loaded
+    from lmforge.quant import load_quantized
 
     tokenizer = AutoTokenizer.from_pretrained("smollm2-135m-instruct")
-    model = AutoModelForCausalLM.from_pretrained("smollm2-135m-instruct")
-    quantize_loaded(model, "smollm2-135m-instruct", method)  # what LLM(..., quantization=method) does
+    model = load_quantized("smollm2-135m-instruct", quantization=method)  # as LLM(..., quantization=method) loads
     loaded = resident_bytes()
     prompt = prompt_ids()
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)

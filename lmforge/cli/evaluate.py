@@ -42,18 +42,18 @@ def add_parser(subparsers) -> None:
 def run_perplexity(args: argparse.Namespace) -> int:
     from lmforge import AutoModelForCausalLM, AutoTokenizer
     from lmforge.evaluation import perplexity
-    from lmforge.quant import quantize_loaded, quantize_model
+    from lmforge.quant import load_quantized, quantize_model
 
     path = Path(args.text)
     if not path.is_file():
         raise InputError(f"text file {str(path)!r} not found; pass an existing UTF-8 file with --text.")
     text = path.read_text(encoding="utf-8")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model)
     if args.quantization == "int4":
+        model = AutoModelForCausalLM.from_pretrained(args.model)
         quantize_model(model, "int4", group_size=args.group_size)
     else:
-        quantize_loaded(model, args.model, args.quantization)
+        model = load_quantized(args.model, quantization=args.quantization)
     ids = tokenizer.encode(text)
     start = time.perf_counter()
     result = perplexity(model, ids, args.context, args.stride, progress=True)

@@ -26,7 +26,7 @@ from lmforge.generation.chat import ROLES
 from lmforge.generation.generate import RequestOutput, prompt_list
 from lmforge.generation.sampling_params import SamplingParams
 from lmforge.hardware import resolve_dtype
-from lmforge.quant import quantize_loaded
+from lmforge.quant import load_quantized, quantize_loaded
 
 Prompt = str | Sequence[int]
 Conversation = list[dict[str, Any]]
@@ -40,15 +40,15 @@ class LLM:
         """`model`: a name/folder/GGUF to load (in `dtype`; "auto" = bfloat16 where this machine multiplies
         it natively, else float32), or a loaded model with its `tokenizer`. `quantization` ("int8", "int4",
         "nf4") quantizes its Linear layers at load time; "gguf" keeps a GGUF file's own 4-/8-bit blocks."""
-        source = str(model) if isinstance(model, (str, Path)) else None
         if isinstance(model, (str, Path)):
-            from lmforge.registry import AutoModelForCausalLM, AutoTokenizer
+            from lmforge.registry import AutoTokenizer
 
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
-            model = AutoModelForCausalLM.from_pretrained(model, dtype=resolve_dtype(dtype))
+            model = load_quantized(model, resolve_dtype(dtype), quantization)
         elif tokenizer is None:
             raise InputError("LLM(model) with a model object needs its tokenizer too: LLM(model, tokenizer).")
-        quantize_loaded(model, source, quantization)
+        else:
+            quantize_loaded(model, quantization)
         self.engine = LLMEngine(model, tokenizer, EngineConfig(**engine_options))
         self.tokenizer = tokenizer
         self._ids = count()

@@ -99,12 +99,10 @@ class LLMEngine:
         dtype "auto" is bfloat16 where this machine multiplies it natively (batched steps gain most), else float32;
         `quantization` ("int8", "int4", "nf4") quantizes the Linear layers at load time; "gguf" keeps a GGUF
         file's own 4-/8-bit blocks."""
-        from lmforge.quant import quantize_loaded
-        from lmforge.registry import AutoModelForCausalLM, AutoTokenizer
+        from lmforge.quant import load_quantized
+        from lmforge.registry import AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=resolve_dtype(dtype))
-        quantize_loaded(model, ref, quantization)
-        return cls(model, AutoTokenizer.from_pretrained(ref), config)
+        return cls(load_quantized(ref, resolve_dtype(dtype), quantization), AutoTokenizer.from_pretrained(ref), config)
 
     # ----- requests ----------------------------------------------------------------------
 

@@ -8,9 +8,10 @@ model, `gguf_blocks` keeps a GGUF file's own Q8_0/Q4_1/Q4_0 blocks, and `checkpo
 loads quantized model folders.
 """
 
-from lmforge.quant.apply import quantize_loaded, quantize_model
+from lmforge.quant.apply import load_quantized, quantize_loaded, quantize_model
 from lmforge.quant.formats import FORMATS, Int4Weight, Int8Weight, NF4Weight, QuantizedWeight
 from lmforge.quant.linear import QuantizedLinear
 
-__all__ = ["FORMATS", "Int4Weight", "Int8Weight", "NF4Weight", "QuantizedLinear", "QuantizedWeight", "quantize_loaded",
+__all__ = ["FORMATS", "Int4Weight", "Int8Weight", "NF4Weight", "QuantizedLinear", "QuantizedWeight", "load_quantized",
+           "quantize_loaded",
            "quantize_model"]

@@ -55,26 +55,34 @@ def quantize_model(model: nn.Module, method: str, progress: bool = False, **opti
     return names
 
 
-def quantize_loaded(model: nn.Module, source: str | None, quantization: str | None) -> None:
-    """Apply a load-time `quantization` choice (LLM, the engine, `lmforge serve`/`eval`) to a model just loaded
-    from `source`: a method to quantize with, "gguf" to keep a GGUF file's own Q8_0/Q4_1/Q4_0 blocks, or None."""
+def load_quantized(ref, dtype=None, quantization: str | None = None) -> nn.Module:
+    """A causal LM loaded by name for inference (LLM, the engine, `lmforge serve`/`eval`), quantized as asked:
+    None, a method ("int8", "int4", "nf4"), or "gguf" — built straight from a GGUF file's own Q8_0/Q4_1/Q4_0
+    blocks, never holding the float weights (loading peaks near the memory the model keeps)."""
+    import torch
+
+    from lmforge.quant.gguf_blocks import load_with_gguf_blocks
+    from lmforge.registry import AutoModelForCausalLM
+
+    dtype = dtype or torch.float32
+    if quantization == "gguf":
+        return load_with_gguf_blocks(ref, dtype)
+    model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
+    quantize_loaded(model, quantization)
+    return model
+
+
+def quantize_loaded(model: nn.Module, quantization: str | None) -> None:
+    """Apply a load-time `quantization` method to a model already loaded in floating point (None: nothing)."""
     if quantization is None:
         return
-    if quantization not in (*FORMATS, "gguf"):
+    if quantization == "gguf":
+        raise ConfigError("quantization 'gguf' builds the model from a GGUF file's own blocks; pass the file by name "
+                          "(e.g. LLM('model.gguf', quantization='gguf')) instead of a loaded model, or use 'int8', "
+                          "'int4' or 'nf4'.")
+    if quantization not in FORMATS:
         raise ConfigError(f"unknown quantization {quantization!r}; use one of: {', '.join(FORMATS)}, gguf.")
-    if quantization != "gguf":
-        quantize_model(model, quantization)
-        _return_freed_memory()
-        return
-    from lmforge.checkpoint.gguf import open_gguf
-    from lmforge.quant.gguf_blocks import use_gguf_blocks
-    from lmforge.sources import is_gguf, resolve
-
-    path = resolve(source) if source is not None else None
-    if path is None or not is_gguf(path):
-        raise ConfigError(f"quantization 'gguf' keeps a GGUF file's own 4-/8-bit blocks, but {source or 'this model'} "
-                          "is not loaded from a GGUF file; use 'int8', 'int4' or 'nf4' to quantize it.")
-    use_gguf_blocks(model, open_gguf(path))
+    quantize_model(model, quantization)
     _return_freed_memory()
 
 

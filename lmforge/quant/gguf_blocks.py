@@ -20,7 +20,7 @@ from torch import nn
 
 from lmforge.checkpoint.gguf import GGUFFile
 from lmforge.checkpoint.gguf_convert import ARCHITECTURES, hf_tensor_name
-from lmforge.errors import ConfigError, UnsupportedError
+from lmforge.errors import CheckpointError, ConfigError, UnsupportedError
 from lmforge.quant.formats import Int4Weight, Int8Weight, QuantizedWeight
 from lmforge.quant.embedding import QuantizedEmbedding
 from lmforge.quant.linear import QuantizedLinear
@@ -107,3 +107,47 @@ def use_gguf_blocks(model: nn.Module, gguf_file: GGUFFile) -> list[str]:
             model.set_submodule(embedding, QuantizedEmbedding(model.get_submodule(head), table.weight.dtype,
                                                               getattr(table, "scale", 1.0)))
     return replaced
+
+
+def load_with_gguf_blocks(ref, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A causal LM built straight from a GGUF file, its Q8_0/Q4_1/Q4_0 blocks kept as they are.
+
+    Unlike loading in float and then calling `use_gguf_blocks`, no block tensor is ever dequantized: the
+    model skeleton is built without touching its memory, the quantized layers take the file's blocks, and
+    only the remaining tensors (norms, untied embeddings) are read as floats — so loading peaks near the
+    memory the model keeps, as in llama.cpp.
+    """
+    from lmforge.checkpoint.gguf import open_gguf
+    from lmforge.checkpoint.gguf_convert import gguf_config
+    from lmforge.models.base import skip_weight_init
+    from lmforge.registry import model_class
+    from lmforge.sources import is_gguf, resolve
+
+    path = resolve(ref)
+    if not is_gguf(path):
+        raise ConfigError(f"quantization 'gguf' keeps a GGUF file's own 4-/8-bit blocks, but {ref} is not a GGUF "
+                          "file; use 'int8', 'int4' or 'nf4' to quantize it.")
+    gguf_file = open_gguf(path)
+    config = gguf_config(gguf_file)
+    cls = model_class(config["model_type"], "causal-lm")
+    with skip_weight_init():  # memory no one writes is never made resident
+        model = cls.from_config(cls.config_class.from_dict(config), dtype)
+    replaced = set(use_gguf_blocks(model, gguf_file))
+    arch, keymap = ARCHITECTURES["llama"], cls.hf_keymap()
+    filled = set()
+    with torch.no_grad():
+        for name in gguf_file.tensor_names:
+            ours = keymap.from_hf(hf_tensor_name(name, arch.tensor_names) or name)
+            module_name, _, attr = ours.rpartition(".")
+            module = model.get_submodule(module_name)
+            if (attr == "weight" and module_name in replaced) or isinstance(module, QuantizedEmbedding):
+                continue  # already holds the file's blocks
+            target = getattr(module, attr)
+            target.copy_(arch.fix_weight(name, gguf_file.load_tensor(name), config).view_as(target))
+            filled.add(ours)
+    missing = [n for n, _ in model.named_parameters() if n not in filled and n.rpartition(".")[0] not in replaced
+               and n not in getattr(model, "tied_weights", {})]
+    if missing:
+        raise CheckpointError(f"{path}: no tensor for {', '.join(missing[:5])}; the file does not hold every "
+                              "weight this model needs.")
+    return model.eval()

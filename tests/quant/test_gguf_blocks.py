@@ -88,7 +88,7 @@ def test_non_llama_files_are_refused_clearly():
 
 def test_gguf_blocks_as_a_load_time_choice(smollm2_tokenizer):
     from lmforge import LLM
-    from lmforge.quant import quantize_loaded
+    from lmforge.quant import load_quantized, quantize_loaded
 
     llm = LLM("smollm2-135m-instruct", dtype="float32", quantization="gguf", kv_cache_tokens=256,
               max_model_len=256)
@@ -96,7 +96,27 @@ def test_gguf_blocks_as_a_load_time_choice(smollm2_tokenizer):
     answer = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                       SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
     assert "Paris" in answer.outputs[0].text
-    with pytest.raises(ConfigError, match="not loaded from a GGUF file"):
-        quantize_loaded(torch.nn.Linear(2, 2), None, "gguf")
+    with pytest.raises(ConfigError, match="pass the file by name"):
+        quantize_loaded(torch.nn.Linear(2, 2), "gguf")
     with pytest.raises(ConfigError, match="unknown quantization 'int3'.*gguf"):
-        quantize_loaded(torch.nn.Linear(2, 2), None, "int3")
+        quantize_loaded(torch.nn.Linear(2, 2), "int3")
+
+
+def test_gguf_blocks_load_without_a_float_copy(smollm2_path, tmp_path):
+    from lmforge.quant import load_quantized
+
+    direct = load_quantized(smollm2_path, quantization="gguf")  # blocks straight from the file
+    via_float = AutoModelForCausalLM.from_pretrained(smollm2_path)
+    use_gguf_blocks(via_float, open_gguf(smollm2_path))
+    ours, reference = dict(direct.named_parameters()), dict(via_float.named_parameters())
+    assert set(ours) == set(reference) and all(torch.equal(ours[k], reference[k]) for k in ours)
+    buffers, reference_buffers = dict(direct.named_buffers()), dict(via_float.named_buffers())
+    assert all(torch.equal(buffers[k], reference_buffers[k]) for k in reference_buffers)
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253]])
+    with torch.no_grad():
+        assert torch.equal(direct(ids).logits, via_float(ids).logits)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not a GGUF file"):
+        load_quantized(folder, quantization="gguf")
