@@ -85,6 +85,21 @@ def main() -> int:
     out = generate(bf16, tokenizer, prompts, greedy)
     results.append(check("cuda bf16 generation runs", all(len(r.outputs[0].token_ids) == 24 for r in out)))
 
+    # Quantized layers on the GPU take the dequantize + matmul path: same logits as on the CPU's reference path.
+    from lmforge.quant import quantize_model
+
+    for method in ("int8", "int4", "nf4"):
+        quantized = ours_from_hf(hf, "causal-lm")
+        quantize_model(quantized, method)
+        with torch.inference_mode():
+            cpu_logits = quantized(ids, mask).logits
+            gpu_logits = quantized.to("cuda")(ids.cuda(), mask.cuda()).logits.cpu()
+        diff = max_abs_diff(gpu_logits[mask.bool()], cpu_logits[mask.bool()])
+        results.append(check(f"cuda {method} quantized logits == cpu", diff <= 1e-4, f"max diff {diff:.2e}"))
+        out = generate(quantized, tokenizer, prompts, greedy)
+        results.append(check(f"cuda {method} quantized generation runs",
+                             all(len(r.outputs[0].token_ids) == 24 for r in out)))
+
     # Decode speed of a mid-size random model (no real weights travel to this machine).
     config = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
