@@ -177,13 +177,16 @@ class Trainer:
         self.optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, args.lr_scheduler, warmup, self.total_steps)
         self.state = TrainerState()
+        self._order: tuple[int | None, list[int]] = (None, [])  # the current epoch's permutation, cached
 
     # ----- data -------------------------------------------------------------------------------
 
     def _epoch_order(self, epoch: int) -> list[int]:
         """The example order of `epoch`: a permutation seeded by (seed, epoch), so a resumed run replays it."""
-        generator = torch.Generator().manual_seed(self.args.seed * 100_003 + epoch)
-        return torch.randperm(len(self.train_dataset), generator=generator).tolist()
+        if self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.args.seed * 100_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.train_dataset), generator=generator).tolist())
+        return self._order[1]
 
     def _next_step_batches(self) -> list[dict[str, torch.Tensor]]:
         """The micro-batches of the next optimizer step (fewer at the end of an epoch); advances the position."""
