@@ -3,7 +3,7 @@
 import json
 
 from lmforge.cli import main
-from lmforge.cli.info import parameter_components, tied_parameters
+from lmforge.cli.info import parameter_components, quantized_weight_count, tied_parameters
 
 
 def test_json_describes_the_encoder(capsys):
@@ -41,7 +41,9 @@ def test_weight_memory_counts_quantized_layers_packed():
     model = LlamaForCausalLM(config)
     before, formats = weight_memory(model)
     assert before == model.num_parameters() * 4 and formats == {"float32": 1}
+    parameters = model.num_parameters()
     quantize_model(model, "int8")
+    assert model.num_parameters() + quantized_weight_count(model) == parameters  # packed weights still count
     after, formats = weight_memory(model)
     linear = 4 * 64 * 64 + 3 * 64 * 128 + 64 * 64  # q, k, v, o; gate, up, down; the untied head
     assert formats == {"int8": 8, "float32": 1}
