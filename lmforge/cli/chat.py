@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from lmforge.cli.common import (
     add_model_argument,
+    add_quantization_argument,
     add_sampling_arguments,
     load_generator,
     note,
@@ -37,6 +38,7 @@ def add_parser(subparsers) -> None:
                                    description=__doc__ + "\n" + COMMAND_HELP, epilog=EXAMPLES,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_argument(parser)
+    add_quantization_argument(parser)
     parser.add_argument("--system", metavar="TEXT", help="system prompt (change it later with /system)")
     add_sampling_arguments(parser)
     parser.set_defaults(handler=handle)
@@ -108,7 +110,7 @@ def run_command(history: ChatHistory, line: str) -> bool:
 
 def handle(args: argparse.Namespace) -> int:
     params = sampling_params(args)  # bad values fail before the model loads
-    model, tokenizer = load_generator(args.model)
+    model, tokenizer = load_generator(args.model, args.quantization)
     if not tokenizer.chat_template:
         raise UnsupportedError(f"{args.model} has no chat template, so it cannot hold a conversation; use a chat "
                                f"model, or complete plain text with: lmforge generate --raw --model {args.model} TEXT")

@@ -41,6 +41,12 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
                         help=f"embedded short name, HF model folder or .gguf file (default: {DEFAULT_MODEL})")
 
 
+def add_quantization_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantization", choices=QUANTIZATION_CHOICES, default=None,
+                        help="quantize the model's Linear layers at load time; gguf keeps a GGUF file's own "
+                             "Q8_0/Q4_1/Q4_0 blocks (default: none)")
+
+
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling (SamplingParams fields)")
     group.add_argument("--max-tokens", type=int, default=CLI_MAX_TOKENS, metavar="N",
@@ -64,9 +70,11 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(**{name: getattr(args, name) for name in names if getattr(args, name) is not None})
 
 
-def load_generator(ref: str):
-    """Tokenizer and a text-generating model (causal LM, else seq2seq LM) for `ref`, timed on stderr."""
+def load_generator(ref: str, quantization: str | None = None):
+    """Tokenizer and a text-generating model (causal LM, else seq2seq LM) for `ref`, quantized as asked (see
+    `--quantization`), timed on stderr."""
     from lmforge import AutoTokenizer
+    from lmforge.quant import load_quantized, parameter_count, quantize_loaded
     from lmforge.registry import MODEL_REGISTRY, config_class
     from lmforge.sources import load_config
 
@@ -79,8 +87,13 @@ def load_generator(ref: str):
         raise UnsupportedError(f"{ref} is a {model_type} model, which cannot generate text (it has no causal-lm "
                                f"or seq2seq-lm head); pick a decoder such as {DEFAULT_MODEL}.")
     tokenizer = AutoTokenizer.from_pretrained(ref)
-    model = tasks[task].from_pretrained(ref)
-    note(f"loaded {ref} ({type(model).__name__}, {model.num_parameters() / 1e6:.1f}M parameters) "
+    if task == "causal-lm":
+        model = load_quantized(ref, quantization=quantization)
+    else:
+        model = tasks[task].from_pretrained(ref)
+        quantize_loaded(model, quantization)
+    how = f", {quantization}" if quantization else ""
+    note(f"loaded {ref} ({type(model).__name__}{how}, {parameter_count(model) / 1e6:.1f}M parameters) "
          f"in {time.perf_counter() - start:.1f}s")
     return model, tokenizer
 

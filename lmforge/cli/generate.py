@@ -13,6 +13,7 @@ import sys
 
 from lmforge.cli.common import (
     add_model_argument,
+    add_quantization_argument,
     add_sampling_arguments,
     load_generator,
     note,
@@ -36,6 +37,7 @@ def add_parser(subparsers) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", help="the prompt text, or - to read it from stdin")
     add_model_argument(parser)
+    add_quantization_argument(parser)
     parser.add_argument("--raw", action="store_true",
                         help="send the text as is instead of wrapping it in the model's chat template")
     parser.add_argument("--system", metavar="TEXT", help="system prompt for the chat template")
@@ -48,7 +50,7 @@ def handle(args: argparse.Namespace) -> int:
     if args.raw and args.system is not None:
         raise InputError("--system needs the chat template, which --raw turns off; drop one of them.")
     text = sys.stdin.read().rstrip("\r\n") if args.prompt == "-" else args.prompt
-    model, tokenizer = load_generator(args.model)
+    model, tokenizer = load_generator(args.model, args.quantization)
     templated = not args.raw and bool(tokenizer.chat_template)
     if templated:
         history = ChatHistory(system=args.system)

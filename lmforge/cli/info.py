@@ -91,13 +91,6 @@ def weight_memory(model: nn.Module) -> tuple[int, dict[str, int]]:
     return total, dict(formats)
 
 
-def quantized_weight_count(model: nn.Module) -> int:
-    """Weights held packed by quantized layers (buffers, so `num_parameters` does not see them)."""
-    from lmforge.quant import QuantizedLinear
-
-    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
-
-
 def model_class_for(config: dict[str, Any]) -> type:
     """The registered class named in config["architectures"] (its head included), else the bare backbone."""
     from lmforge.registry import MODEL_REGISTRY, model_class
@@ -109,6 +102,8 @@ def model_class_for(config: dict[str, Any]) -> type:
 
 def describe(model: nn.Module, tokenizer: Tokenizer | None) -> dict[str, Any]:
     """Architecture, size per component, dtype, context and tokenizer facts, as JSON-ready values."""
+    from lmforge.quant import parameter_count
+
     config = model.config
     weight_bytes, weight_formats = weight_memory(model)
     info: dict[str, Any] = {
@@ -118,7 +113,7 @@ def describe(model: nn.Module, tokenizer: Tokenizer | None) -> dict[str, Any]:
         "context_length": config.context_length,
         "vocab_size": getattr(config, "vocab_size", None),
         "blocks": sum(isinstance(m, TransformerBlock) for m in model.modules()),
-        "parameters": model.num_parameters() + quantized_weight_count(model),
+        "parameters": parameter_count(model),
         "weight_bytes": weight_bytes,
         "weight_formats": weight_formats,
         "components": parameter_components(model),

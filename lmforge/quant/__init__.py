@@ -10,8 +10,7 @@ loads quantized model folders.
 
 from lmforge.quant.apply import load_quantized, quantize_loaded, quantize_model
 from lmforge.quant.formats import FORMATS, Int4Weight, Int8Weight, NF4Weight, QuantizedWeight
-from lmforge.quant.linear import QuantizedLinear
+from lmforge.quant.linear import QuantizedLinear, parameter_count
 
 __all__ = ["FORMATS", "Int4Weight", "Int8Weight", "NF4Weight", "QuantizedLinear", "QuantizedWeight", "load_quantized",
-           "quantize_loaded",
-           "quantize_model"]
+           "parameter_count", "quantize_loaded", "quantize_model"]

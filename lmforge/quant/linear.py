@@ -106,3 +106,10 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"format={self.weight_format.name}, bytes={self.weight_format.nbytes()}")
+
+
+def parameter_count(model: nn.Module) -> int:
+    """The model's parameters, counting the weights quantized layers hold packed (buffers, which
+    `parameters()` does not list) as the parameters they stand for."""
+    packed = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
+    return sum(p.numel() for p in model.parameters()) + packed

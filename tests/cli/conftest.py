@@ -19,8 +19,8 @@ def run_lmforge(*args: str, stdin: str = "", cwd=None) -> subprocess.CompletedPr
 def loaded_smollm2(monkeypatch, smollm2, smollm2_tokenizer):
     """In-process commands reuse the session's SmolLM2 instead of loading it again for every test."""
 
-    def load_generator(ref: str):
-        assert ref == DEFAULT_MODEL
+    def load_generator(ref: str, quantization: str | None = None):
+        assert ref == DEFAULT_MODEL and quantization is None
         return smollm2, smollm2_tokenizer
 
     for module in (generate, chat):

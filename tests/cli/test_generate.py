@@ -77,3 +77,12 @@ def test_every_command_explains_itself(capsys, command):
         main([command, "--help"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and f"`lmforge {command}`" in out and f"examples:\n  lmforge {command}" in out
+
+
+def test_quantized_at_load_time(capsys):
+    """--quantization gguf: the embedded GGUF's own blocks, loaded directly (no float copy)."""
+    assert main(["generate", "The capital of France is", "--raw", "--temperature", "0", "--max-tokens", "2",
+                 "--quantization", "gguf"]) == 0
+    out, err = capsys.readouterr()
+    assert out == " Paris."
+    assert "(LlamaForCausalLM, gguf, 134.5M parameters)" in err

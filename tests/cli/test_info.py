@@ -3,7 +3,7 @@
 import json
 
 from lmforge.cli import main
-from lmforge.cli.info import parameter_components, quantized_weight_count, tied_parameters
+from lmforge.cli.info import parameter_components, tied_parameters
 
 
 def test_json_describes_the_encoder(capsys):
@@ -34,7 +34,7 @@ def test_weight_memory_counts_quantized_layers_packed():
     from lmforge.cli.info import weight_memory
     from lmforge.config import LlamaConfig
     from lmforge.models.llama import LlamaForCausalLM
-    from lmforge.quant import quantize_model
+    from lmforge.quant import parameter_count, quantize_model
 
     config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                          num_attention_heads=4, tie_word_embeddings=False)
@@ -43,7 +43,7 @@ def test_weight_memory_counts_quantized_layers_packed():
     assert before == model.num_parameters() * 4 and formats == {"float32": 1}
     parameters = model.num_parameters()
     quantize_model(model, "int8")
-    assert model.num_parameters() + quantized_weight_count(model) == parameters  # packed weights still count
+    assert parameter_count(model) == parameters  # packed weights still count
     after, formats = weight_memory(model)
     linear = 4 * 64 * 64 + 3 * 64 * 128 + 64 * 64  # q, k, v, o; gate, up, down; the untied head
     assert formats == {"int8": 8, "float32": 1}
