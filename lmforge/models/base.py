@@ -23,6 +23,7 @@ from lmforge.checkpoint.keymap import KeyMap
 from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointError
 from lmforge.nn.attention import Attention
+from lmforge.nn.block import TransformerBlock
 from lmforge.nn.kv_cache import KVCache
 from lmforge.quant.checkpoint import QUANTIZATION_KEY, prepare_quantized_layers, reject_packed_tensors
 
@@ -111,6 +112,13 @@ class PreTrainedModel(nn.Module):
     def _resolve(self, name: str) -> tuple[nn.Module, str]:
         module_name, _, attr = name.rpartition(".")
         return self.get_submodule(module_name), attr
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each transformer block's activations in the backward pass instead of keeping them
+        (less memory, about one more forward pass of compute); affects training only."""
+        for module in self.modules():
+            if isinstance(module, TransformerBlock):
+                module.gradient_checkpointing = enabled
 
     def set_attention_implementation(self, name: str) -> None:
         """Switch every attention layer to the 'eager', 'sdpa' or 'flash' kernel."""

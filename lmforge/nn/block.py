@@ -4,12 +4,18 @@ Pre-norm (GPT-2, Llama): x + sublayer(norm(x)) — the residual stream is never
 normalised, which keeps deep stacks stable. Post-norm (original Transformer,
 BERT, BART): norm(x + sublayer(x)). Decoders of encoder–decoder models insert
 cross-attention over the encoder output between the two.
+
+Gradient checkpointing (`gradient_checkpointing = True`, set for a whole model with
+`PreTrainedModel.set_gradient_checkpointing`) trades compute for memory in training: a
+block keeps only its input for the backward pass and recomputes its activations then,
+so activation memory grows with the number of blocks, not with everything inside them.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.nn.attention import Attention
 from lmforge.nn.kv_cache import KVCache
@@ -33,6 +39,7 @@ class TransformerBlock(nn.Module):
         self.mlp, self.mlp_norm = mlp, mlp_norm
         self.pre_norm = pre_norm
         self.dropout = nn.Dropout(dropout)
+        self.gradient_checkpointing = False
 
     def _input(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         """What a sublayer reads: the normalised stream (pre-norm) or the stream itself (post-norm)."""
@@ -53,6 +60,13 @@ class TransformerBlock(nn.Module):
         encoder_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None:
+            # Recompute in backward; the RNG state is replayed, so dropout masks are the same both times.
+            return checkpoint(self._forward, x, attention_mask, rotary, encoder_states, encoder_mask, None,
+                              use_reentrant=False)
+        return self._forward(x, attention_mask, rotary, encoder_states, encoder_mask, kv_cache)
+
+    def _forward(self, x, attention_mask, rotary, encoder_states, encoder_mask, kv_cache) -> torch.Tensor:
         out = self.self_attn(self._input(x, self.attn_norm), attention_mask, rotary, kv_cache=kv_cache)
         x = self._merge(x, out, self.attn_norm)
         if self.cross_attn is not None:

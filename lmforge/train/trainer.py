@@ -64,7 +64,8 @@ class TrainingArguments:
     `warmup_ratio` is a fraction of the total steps, used when `warmup_steps` is 0.
     `eval_steps`, `save_steps` and `logging_steps` of 0 mean "never" (a checkpoint is
     still written at the end). `bf16` autocasts forward passes to bfloat16 on CUDA;
-    on CPU training stays in float32.
+    on CPU training stays in float32. `gradient_checkpointing` recomputes each block's
+    activations in the backward pass: less memory for about one more forward pass.
     """
 
     output_dir: str | Path
@@ -84,6 +85,7 @@ class TrainingArguments:
     seed: int = 0
     early_stopping_patience: int | None = None
     bf16: bool = True
+    gradient_checkpointing: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -164,6 +166,11 @@ class Trainer:
         self.task = task or infer_task(model)
         if self.task not in LOSS_TASKS:
             raise ValidationError(f"task must be one of {', '.join(LOSS_TASKS)}; got {self.task!r}.")
+        if args.gradient_checkpointing:
+            if not hasattr(model, "set_gradient_checkpointing"):
+                raise ValidationError(f"gradient_checkpointing needs an lmforge model; {type(model).__name__} has no "
+                                      "set_gradient_checkpointing(); turn the option off.")
+            model.set_gradient_checkpointing(True)
         self.callbacks = list(callbacks)
         self.output_dir = Path(args.output_dir)
         self.device = next(model.parameters()).device
