@@ -13,17 +13,12 @@ import time
 
 import torch
 
-from benchmarks.report import machine_line, markdown_table, write_section
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from benchmarks.report import (
+    machine_line,
+    markdown_table,
+    median_seconds,
+    write_section,
+)
 
 
 def main() -> None:

@@ -16,18 +16,24 @@ Usage: python -m benchmarks.quant [--text /usr/share/common-licenses/GPL-3] [--r
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.report import (
+    machine_line,
+    markdown_table,
+    median_seconds,
+    write_section,
+)
 
 LMFORGE_SYSTEMS = {"lmforge fp32": None, "lmforge int8": "int8", "lmforge int4-g32": "int4", "lmforge nf4": "nf4",
                    "lmforge GGUF blocks (Q4_1 + Q8_0 head)": "gguf"}
@@ -42,28 +48,20 @@ def resident_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (JIT compilation, caches)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+@functools.cache
+def smollm2_tokenizer():
+    from lmforge import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained("smollm2-135m-instruct")
 
 
 def text_ids(args) -> list[int]:
-    from lmforge import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained("smollm2-135m-instruct")
-    return tokenizer.encode(Path(args.text).read_text())[:args.ppl_tokens]
+    return smollm2_tokenizer().encode(Path(args.text).read_text())[:args.ppl_tokens]
 
 
 def prompt_ids() -> list[int]:
-    from lmforge import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained("smollm2-135m-instruct")
-    return tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a long story about a robot."}],
+    return smollm2_tokenizer().apply_chat_template([{"role": "user", "content": "Tell me a long story about a robot."}],
                                          tokenize=True)
 
 
@@ -81,12 +79,12 @@ def windowed_nll(logits_of, ids: list[int], context: int) -> float:
 
 
 def measure_lmforge(method: str | None, args) -> dict:
-    from lmforge import AutoTokenizer, generate
+    from lmforge import generate
     from lmforge.cli.info import weight_memory
     from lmforge.generation import SamplingParams
     from lmforge.quant import load_quantized
 
-    tokenizer = AutoTokenizer.from_pretrained("smollm2-135m-instruct")
+    tokenizer = smollm2_tokenizer()
     model = load_quantized("smollm2-135m-instruct", quantization=method)  # as LLM(..., quantization=method) loads
     loaded = resident_bytes()
     prompt = prompt_ids()
@@ -197,7 +195,7 @@ def main() -> None:
         return
     if not Path(args.text).is_file():
         parser.error(f"--text {args.text} does not exist; pass any natural-language text file.")
-    argv = [a for a in sys.argv[1:]]
+    argv = sys.argv[1:]
     results = {}
     for system in [*LMFORGE_SYSTEMS, LLAMA_CPP, HF]:
         print(f"measuring {system} ...", flush=True)
@@ -209,8 +207,6 @@ def main() -> None:
 
 
 def write_report(results: dict[str, dict], args) -> None:
-    from benchmarks.report import machine_line, markdown_table, write_section
-
     baseline = results.get("lmforge fp32", {}).get("perplexity")
     rows = []
     for system, r in results.items():

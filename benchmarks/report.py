@@ -2,6 +2,7 @@
 
 Each benchmark script owns a section delimited by HTML comments, so scripts can
 be re-run in any order and the page always shows the latest table of each.
+`median_seconds` is the scripts' shared timer.
 """
 
 from __future__ import annotations
@@ -9,12 +10,25 @@ from __future__ import annotations
 import os
 import platform
 import re
+import statistics
+import time
 from pathlib import Path
 
 import torch
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 TITLE = "# Benchmarks\n\nEach section is written by the script named in it; re-run a script to refresh its table.\n"
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of `repeats` calls of `fn`, after one warm-up call (JIT compilation, caches)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def machine_line() -> str:
