@@ -19,7 +19,9 @@ from lmforge.quant.formats import FORMATS, QuantizedWeight
 
 
 KERNEL_MAX_ROWS = 8
-"""Up to this many rows a kernel call beats dequantize + matmul on this kind of CPU (benchmarks/quant.py)."""
+"""Rows (tokens) up to which the matrix-vector kernels run. They read every weight again for each row, so
+for a prompt's many rows dequantizing once and running one matmul is the faster way; the crossover was
+chosen, not measured."""
 
 
 class QuantizedLinear(nn.Module):
