@@ -115,6 +115,8 @@ def test_quantized_linear_equals_a_matmul_on_its_dequantized_weight(method, opti
 def test_bad_input_is_named():
     with pytest.raises(ConfigError, match="group_size"):
         Int4Weight.quantize(random_weight(cols=96), 64)
+    with pytest.raises(ConfigError, match="int8 group_size must be one of 32, 64, 128, 96 .* got 48"):
+        Int8Weight.quantize(random_weight(cols=96), 48)
     with pytest.raises(ConfigError, match="multiple of 64"):
         NF4Weight.quantize(torch.randn(3, 7))
     with pytest.raises(InputError, match="floating-point"):
