@@ -25,6 +25,7 @@ from lmforge.errors import CheckpointError
 from lmforge.nn.attention import Attention
 from lmforge.nn.block import TransformerBlock
 from lmforge.nn.kv_cache import KVCache
+from lmforge.peft.adapters import ADAPTERS_KEY, prepare_adapter_layers
 from lmforge.quant.checkpoint import QUANTIZATION_KEY, prepare_quantized_layers, reject_packed_tensors
 
 logger = logging.getLogger(__name__)
@@ -257,6 +258,7 @@ class PreTrainedModel(nn.Module):
 
         A config with a "quantization" block (see lmforge.quant.checkpoint) gets the same quantized layers,
         empty, before the strict load fills them; `dtype` applies to the weights that are not quantized.
+        An "adapters" block (see lmforge.peft.adapters) gets its adapters back the same way.
         """
         with skip_weight_init():  # every weight is about to be overwritten: do not draw random ones first
             model = cls.from_config(cls.config_class.from_dict(config_dict), dtype, attn_implementation)
@@ -265,6 +267,8 @@ class PreTrainedModel(nn.Module):
             reject_packed_tensors(hf_state, source)
         else:
             prepare_quantized_layers(model, block, source)
+        if ADAPTERS_KEY in config_dict:
+            prepare_adapter_layers(model, config_dict[ADAPTERS_KEY], source)
         model.load_hf_state_dict(hf_state, source, strict=block is not None)
         return model.eval()
 

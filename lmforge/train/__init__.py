@@ -1,9 +1,10 @@
 """Training: data → collate (pad, pack, mask) → forward → loss → backward → optimizer.
 
-`data` reads, splits and tokenizes documents; `collate` turns tokenized
-examples into batches; `tokenizer_trainer` learns a BPE vocabulary for a model
-trained from scratch; `trainer` runs the loop with `optim` (AdamW), `schedules`
-(warmup + decay), `metrics` (token-summed losses) and `checkpoint` (exact resume).
+`data` reads, splits and tokenizes documents (`stdlib_data` makes a classification
+set that needs no download); `collate` turns tokenized examples into batches;
+`tokenizer_trainer` learns a BPE vocabulary for a model trained from scratch;
+`trainer` runs the loop with `optim` (AdamW), `schedules` (warmup + decay),
+`metrics` (token-summed losses) and `checkpoint` (exact resume).
 See docs/training.md.
 """
 
@@ -19,6 +20,7 @@ from lmforge.train.data import (
     Split,
     from_hf_dataset,
     iter_texts,
+    label_vocabulary,
     load_documents,
     read_csv,
     read_jsonl,
@@ -30,6 +32,7 @@ from lmforge.train.data import (
 from lmforge.train.metrics import classification_metrics
 from lmforge.train.optim import build_optimizer
 from lmforge.train.schedules import build_scheduler, lr_multiplier
+from lmforge.train.stdlib_data import stdlib_docstrings
 from lmforge.train.tokenizer_trainer import save_tokenizer, train_bpe_tokenizer
 from lmforge.train.trainer import (
     Trainer,
@@ -56,6 +59,7 @@ __all__ = [
     "classification_metrics",
     "from_hf_dataset",
     "iter_texts",
+    "label_vocabulary",
     "latest_checkpoint",
     "load_checkpoint",
     "load_documents",
@@ -68,6 +72,7 @@ __all__ = [
     "save_tokenizer",
     "set_seed",
     "shuffled",
+    "stdlib_docstrings",
     "tokenize_documents",
     "train_bpe_tokenizer",
     "train_validation_split",

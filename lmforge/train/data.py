@@ -279,6 +279,24 @@ def tokenize_documents(documents: Iterable[Document], tokenizer: Tokenizer, max_
     return examples
 
 
+def label_vocabulary(documents: Iterable[Document]) -> dict[Any, int]:
+    """Class ids for the labels of `documents` (the `label_to_id` of `tokenize_documents`): the distinct
+    labels in sorted order get 0, 1, …; numerically when all are integers (CSV's "10" after "9")."""
+    labels = set()
+    for document in documents:
+        if document.label is None:
+            raise InputError(f"{document.source}: no label; every document of a classification dataset needs one "
+                             "(pass label_column=...).")
+        if not isinstance(document.label, (str, int)):
+            raise InputError(f"{document.source}: label {document.label!r} is a {type(document.label).__name__}; a "
+                             "class label must be a string or an integer.")
+        labels.add(document.label)
+    numeric = all(isinstance(label, int) or (isinstance(label, str) and label.strip().lstrip("-").isdigit())
+                  for label in labels)
+    ordered = sorted(labels, key=(lambda label: (int(label), str(label))) if numeric else str)
+    return {label: index for index, label in enumerate(ordered)}
+
+
 def _label_id(document: Document, label_to_id: Mapping[Any, int] | None) -> int:
     label = document.label
     if label_to_id is not None:

@@ -11,6 +11,7 @@ from lmforge.errors import InputError
 from lmforge.train.data import (
     Document,
     from_hf_dataset,
+    label_vocabulary,
     load_documents,
     read_csv,
     read_jsonl,
@@ -244,3 +245,13 @@ def test_labels_become_integers(minilm):
     assert tokenize_documents([Document("csv row", "c", label="3")], minilm)[0]["labels"] == 3
     with pytest.raises(InputError, match="label 'positive' is not an integer; pass label_to_id"):
         tokenize_documents(documents, minilm)
+
+
+def test_label_vocabulary_numbers_the_classes_in_sorted_order():
+    rows = [Document("t", f"data.csv:{i}", label=label) for i, label in enumerate(["10", "9", "2", "9"])]
+    assert label_vocabulary(rows) == {"2": 0, "9": 1, "10": 2}  # numerically: CSV labels are text
+    assert label_vocabulary([Document("t", "a", label="pos"), Document("t", "b", label="neg")]) == {"neg": 0, "pos": 1}
+    with pytest.raises(InputError, match="data.jsonl:2: no label; every document of a classification dataset"):
+        label_vocabulary([Document("t", "data.jsonl:1", label=1), Document("t", "data.jsonl:2")])
+    with pytest.raises(InputError, match=r"data.jsonl:1: label \[1, 2\] is a list; a class label must be"):
+        label_vocabulary([Document("t", "data.jsonl:1", label=[1, 2])])
