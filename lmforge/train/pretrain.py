@@ -156,14 +156,14 @@ def pretrain(config: RunConfig, out: str | Path, resume: bool = False,
     config.validate()
     model_config(config)  # shapes that cannot work fail now, not after the data is prepared
     check_run_folder(out, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    config.save(out / RUN_CONFIG)
     tokenizer = Tokenizer.from_folder(out) if resume else None
     log("preparing the data" + ("" if resume else " and training the tokenizer"))
     data = prepare_data(config, tokenizer, progress=config.training.progress)
+    log(data.describe())
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run whose data fails leaves no folder behind
+    config.save(out / RUN_CONFIG)
     if not resume:
         save_tokenizer(data.tokenizer, out)
-    log(data.describe())
     model = build_model(config, data.tokenizer)
     log(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     trainer = build_trainer(config, data, model, out / CHECKPOINTS)

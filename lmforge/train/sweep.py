@@ -30,6 +30,7 @@ from lmforge.train.pretrain import (
     prepare_data,
 )
 from lmforge.train.run_config import RunConfig, set_value
+from lmforge.train.tokenizer_trainer import save_tokenizer
 from lmforge.train.trainer import Trainer, TrainerCallback, TrainingDivergedError
 
 logger = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def run_sweep(config: RunConfig, out: str | Path, trials: int, max_steps_per_tri
     model_config(config)
     seed = config.training.seed if seed is None else seed
     data = prepare_data(config, progress=config.training.progress)
-    data.tokenizer.save_pretrained(out / "tokenizer")
+    save_tokenizer(data.tokenizer, out / "tokenizer")
     log(data.describe())
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -4,6 +4,7 @@ import csv
 
 import pytest
 
+from lmforge import AutoTokenizer
 from lmforge.cli import main
 from lmforge.train.run_config import load_run_config
 from lmforge.train.sweep import suggest
@@ -33,6 +34,7 @@ def swept(tmp_path_factory):
 def test_sweep_writes_table_plot_and_best_config(swept, capsys):
     assert {"sweep.csv", "sweep.md", "sweep.png", "best.yaml", "tokenizer", "trials"} <= {
         p.name for p in swept.iterdir()}
+    assert AutoTokenizer.from_pretrained(swept / "tokenizer").vocab_size == 320  # a tokenizer-only folder resolves
     results = rows(swept)
     assert [row["trial"] for row in results] == ["0", "1", "2"]
     assert list(results[0]) == ["trial", "state", "eval_loss", "steps", "seconds", *PARAMS]
