@@ -175,9 +175,8 @@ class PreTrainedModel(nn.Module):
         With `strict` (quantized checkpoints, which must load bit for bit), any missing or unexpected
         tensor is an error too.
         """
-        hf_state = self.from_hf_layout(self._match_backbone_nesting(hf_state))
         keymap = self.hf_keymap()
-        state = {keymap.from_hf(name): tensor for name, tensor in hf_state.items()}
+        state = self.state_from_hf(hf_state)
         expected = self.state_dict()
         tied = set(self.tied_weights) if getattr(self.config, "tie_word_embeddings", False) else set()
         missing = [name for name in expected
@@ -224,25 +223,36 @@ class PreTrainedModel(nn.Module):
                 target.copy_(tensor)
         self.tie_weights()
 
+    def state_from_hf(self, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """HF-named weights renamed and laid out as this model's own `state_dict()` (tied copies absent)."""
+        hf_state = self.from_hf_layout(self._match_backbone_nesting(hf_state))
+        keymap = self.hf_keymap()
+        return {keymap.from_hf(name): tensor for name, tensor in hf_state.items()}
+
     def _is_optional(self, name: str) -> bool:
         """Whether a missing weight may be randomly initialised (with a warning) instead of failing the load."""
         prefix = "" if self.is_backbone else "model."
         return name.startswith(tuple(prefix + optional for optional in self.optional_backbone_weights))
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """Our weights under HF names and layout, tied copies removed."""
+    def hf_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Our weights (or `state`, a full `state_dict()` gathered elsewhere) under HF names and layout,
+        tied copies removed."""
         tied = set(self.tied_weights) if getattr(self.config, "tie_word_embeddings", False) else set()
         keymap = self.hf_keymap()
-        state = {keymap.to_hf(name): t for name, t in self.state_dict().items() if name not in tied}
-        return self.to_hf_layout(state)
+        state = self.state_dict() if state is None else state
+        return self.to_hf_layout({keymap.to_hf(name): t for name, t in state.items() if name not in tied})
 
-    def save_pretrained(self, folder: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
-        """Write `config.json` + `model.safetensors` (sharded above `max_shard_bytes`) that HF can load."""
+    def save_pretrained(self, folder: str | Path, max_shard_bytes: int = 5 * 2**30,
+                        state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write `config.json` + `model.safetensors` (sharded above `max_shard_bytes`) that HF can load.
+
+        `state` replaces the module's own weights, e.g. a full state gathered from FSDP shards.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.config.architectures = [self.hf_architecture]
         self.config.save(folder)
-        save_hf_weights(self.hf_state_dict(), folder, max_shard_bytes)
+        save_hf_weights(self.hf_state_dict(state), folder, max_shard_bytes)
 
     @classmethod
     def from_config(cls, config: ModelConfig, dtype: torch.dtype = torch.float32,

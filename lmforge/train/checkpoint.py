@@ -6,6 +6,8 @@ for inference), the optimizer's moment tensors (safetensors) with their structur
 and the position in the data. Nothing is pickled: a checkpoint can be opened
 safely whoever made it. The folder is written under a temporary name and renamed
 when complete, so a crash mid-save never damages the previous checkpoint.
+Data-parallel runs write the same files (gathered from every process's shards) and
+resume from them with any number of processes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.checkpoint.hf import load_hf_weights
+from lmforge.distributed.data_parallel import is_sharded, load_full_model_state, load_full_optimizer_state
 from lmforge.errors import CheckpointError
 
 OPTIMIZER_TENSORS = "optimizer.safetensors"
@@ -45,9 +48,8 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 # ----- optimizer state: tensors to safetensors, the rest to JSON ---------------------------------
 
 
-def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split `optimizer.state_dict()` into flat tensors ("state.<param>.<name>") and a JSON layout."""
-    state_dict = optimizer.state_dict()
+def optimizer_to_files(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an `optimizer.state_dict()` into flat tensors ("state.<param>.<name>") and a JSON layout."""
     tensors, scalars = {}, {}
     for index, values in state_dict["state"].items():
         for name, value in values.items():
@@ -99,18 +101,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer, scheduler,
-                    trainer_state: dict[str, Any]) -> Path:
+                    trainer_state: dict[str, Any], model_state: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
     """Write a complete checkpoint to `folder` atomically: into `.<name>.tmp`, then one rename.
 
-    If anything fails before the rename, the temporary folder is removed and an existing
-    checkpoint of the same name, or any earlier one, is untouched.
+    `model_state` and `optimizer_state` replace the model's and optimizer's own state dicts
+    (full states gathered from shards). If anything fails before the rename, the temporary
+    folder is removed and an existing checkpoint of the same name, or any earlier one, is untouched.
     """
     folder = Path(folder)
     temporary = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)  # left over by a crash during an earlier save
     try:
-        model.save_pretrained(temporary)
-        tensors, layout = optimizer_to_files(optimizer)
+        model.save_pretrained(temporary, state=model_state)
+        tensors, layout = optimizer_to_files(optimizer.state_dict() if optimizer_state is None else optimizer_state)
         save_file(tensors, temporary / OPTIMIZER_TENSORS)
         (temporary / OPTIMIZER_LAYOUT).write_text(json.dumps(layout))
         state = {**trainer_state, "scheduler": scheduler.state_dict(), "rng": rng_state()}
@@ -130,16 +134,23 @@ def save_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer,
 
 
 def load_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer, scheduler) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and RNG states from `folder`; return the trainer state."""
+    """Restore model, optimizer, scheduler and RNG states from `folder`; return the trainer state.
+
+    A model sharded by FSDP receives the full state, each process keeping its own shards.
+    """
     folder = Path(folder)
     missing = [name for name in (OPTIMIZER_TENSORS, OPTIMIZER_LAYOUT, TRAINER_STATE) if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(f"{folder}: not a complete training checkpoint (missing {', '.join(missing)}); "
                               "resume from a checkpoint-NNNNNN folder that the Trainer wrote, or from 'latest'.")
-    model.load_hf_state_dict(load_hf_weights(folder), str(folder), strict=True)
+    if is_sharded(model):
+        load_full_model_state(model, model.state_from_hf(load_hf_weights(folder)))
+    else:
+        model.load_hf_state_dict(load_hf_weights(folder), str(folder), strict=True)
     layout = json.loads((folder / OPTIMIZER_LAYOUT).read_text())
     try:
-        optimizer.load_state_dict(optimizer_from_files(load_file(folder / OPTIMIZER_TENSORS), layout))
+        load_full_optimizer_state(model, optimizer,
+                                  optimizer_from_files(load_file(folder / OPTIMIZER_TENSORS), layout))
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"{folder}: the optimizer state does not fit this model's trainable parameters "
                               f"({exc}); resume with the same model and the same frozen parameters.") from exc

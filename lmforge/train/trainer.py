@@ -7,6 +7,12 @@ per-token losses over *all* its micro-batches divided by their total number of
 target tokens: the gradient is then exactly that of one big batch, whatever the
 sequence lengths. (Averaging per-micro-batch means would let a micro-batch of
 short sequences weigh as much as one of long ones.)
+
+Launched with `torchrun --nproc_per_node N`, the same Trainer trains data-parallel:
+each process takes its share of every batch, DistributedDataParallel (or FSDP2's
+`fully_shard`) averages the gradients, and the target-token count of the step is
+summed over all processes, so N processes with batch B each compute exactly the
+step one process computes with batch N×B.
 """
 
 from __future__ import annotations
@@ -27,6 +33,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lmforge.distributed.data_parallel import (
+    DATA_PARALLEL,
+    full_model_state,
+    full_optimizer_state,
+    gradient_sync,
+    wrap_for_data_parallel,
+)
+from lmforge.distributed.process_group import all_reduce_sum, barrier, gather_tensors, init_distributed
 from lmforge.errors import LMForgeError, ValidationError
 from lmforge.registry import MODEL_REGISTRY
 from lmforge.train.checkpoint import (
@@ -35,6 +49,7 @@ from lmforge.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from lmforge.train.collate import IGNORE_INDEX
 from lmforge.train.metrics import (
     LOSS_TASKS,
     aligned_logits,
@@ -66,6 +81,12 @@ class TrainingArguments:
     still written at the end). `bf16` autocasts forward passes to bfloat16 on CUDA;
     on CPU training stays in float32. `gradient_checkpointing` recomputes each block's
     activations in the backward pass: less memory for about one more forward pass.
+
+    Under torchrun, `per_device_batch_size` is per process (the global batch is N times
+    larger) and `data_parallel` picks "ddp" (every process holds the whole model) or
+    "fsdp" (parameters, gradients and optimizer state sharded over the processes).
+    `find_unused_parameters` lets DDP train a model some of whose trainable weights get
+    no gradient in a step (slower; DDP's error message says when it is needed).
     """
 
     output_dir: str | Path
@@ -86,6 +107,8 @@ class TrainingArguments:
     early_stopping_patience: int | None = None
     bf16: bool = True
     gradient_checkpointing: bool = False
+    data_parallel: str = "ddp"
+    find_unused_parameters: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -103,6 +126,9 @@ class TrainingArguments:
             raise ValidationError(f"TrainingArguments.warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
         if self.learning_rate <= 0:
             raise ValidationError(f"TrainingArguments.learning_rate must be > 0, got {self.learning_rate}.")
+        if self.data_parallel not in DATA_PARALLEL:
+            raise ValidationError(f"TrainingArguments.data_parallel must be one of {', '.join(DATA_PARALLEL)}; "
+                                  f"got {self.data_parallel!r}.")
 
 
 @dataclass
@@ -173,11 +199,17 @@ class Trainer:
             model.set_gradient_checkpointing(True)
         self.callbacks = list(callbacks)
         self.output_dir = Path(args.output_dir)
+        self.context = init_distributed()
+        if self.context.device.type == "cuda":
+            model.to(self.context.device)
         self.device = next(model.parameters()).device
+        # `model` stays the user's module (evaluation, saving); `trained` runs the training forward.
+        self.trained = wrap_for_data_parallel(model, self.context, args.data_parallel, args.find_unused_parameters)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if args.bf16 and self.device.type == "cuda"
                          else nullcontext())
         self._forward_names = set(inspect.signature(model.forward).parameters)
-        self.batches_per_epoch = math.ceil(len(train_dataset) / args.per_device_batch_size)
+        self.global_batch_size = args.per_device_batch_size * self.context.world_size
+        self.batches_per_epoch = math.ceil(len(train_dataset) / self.global_batch_size)
         steps_per_epoch = math.ceil(self.batches_per_epoch / args.gradient_accumulation_steps)
         self.total_steps = args.max_steps or args.num_epochs * steps_per_epoch
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * self.total_steps)
@@ -196,21 +228,36 @@ class Trainer:
         return self._order[1]
 
     def _next_step_batches(self) -> list[dict[str, torch.Tensor]]:
-        """The micro-batches of the next optimizer step (fewer at the end of an epoch); advances the position."""
+        """This process's micro-batches of the next optimizer step (fewer at the end of an epoch);
+        advances the position.
+
+        Every process walks the same global order; of each global micro-batch, process r takes
+        examples r, r+N, r+2N, ... Which process holds which example does not change the step,
+        since losses are summed over tokens. A process left without an example (a last batch
+        smaller than N) runs one with every label ignored: it adds nothing to loss or gradient
+        but keeps the processes' collective operations in step.
+        """
         if self.state.batches_in_epoch >= self.batches_per_epoch:
             self.state.epoch, self.state.batches_in_epoch = self.state.epoch + 1, 0
         order = self._epoch_order(self.state.epoch)
-        size = self.args.per_device_batch_size
+        size, rank, world = self.global_batch_size, self.context.rank, self.context.world_size
         first = self.state.batches_in_epoch
         last = min(first + self.args.gradient_accumulation_steps, self.batches_per_epoch)
         self.state.batches_in_epoch = last
-        return [self.collator([self.train_dataset[i] for i in order[b * size:(b + 1) * size]])
-                for b in range(first, last)]
+        batches = []
+        for b in range(first, last):
+            chosen = order[b * size:(b + 1) * size]
+            mine = chosen[rank::world]
+            batch = self.collator([self.train_dataset[i] for i in mine or chosen[:1]])
+            if not mine:
+                batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+            batches.append(batch)
+        return batches
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _forward(self, batch: dict[str, torch.Tensor], module: torch.nn.Module | None = None) -> torch.Tensor:
         inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels" and k in self._forward_names}
         with self.autocast:
-            return self.model(**inputs).logits
+            return (module or self.model)(**inputs).logits
 
     # ----- one optimizer step -------------------------------------------------------------------
 
@@ -218,25 +265,32 @@ class Trainer:
         """Backpropagate the loss of one optimizer step over its micro-batches; return that loss.
 
         Each micro-batch contributes (sum of its token losses) / (target tokens of the whole step),
-        so the accumulated gradient equals that of the concatenated batch.
+        so the accumulated gradient equals that of the concatenated batch. With N processes the
+        target count is summed over all of them and each loss is scaled by N, because data
+        parallelism averages the N gradients; gradients are exchanged once, after the last micro-batch.
         """
-        total = sum(count_targets(self.task, batch["labels"]) for batch in batches)
+        local = sum(count_targets(self.task, batch["labels"]) for batch in batches)
+        total = all_reduce_sum(local, self.context)
         if total == 0:
             raise ValidationError(f"step {self.state.global_step + 1}: no label in its batches is a target (all "
                                   "are -100); check the collator (causal_lm_labels=True?) and the data.")
-        self.model.train()
+        scale = self.context.world_size / total
+        self.trained.train()
         loss = 0.0
-        for batch in batches:
-            micro = loss_sum(self.task, self._forward(batch), batch["labels"].to(self.device)) / total
-            micro.backward()
+        for index, batch in enumerate(batches):
+            with gradient_sync(self.trained, enabled=index == len(batches) - 1):
+                logits = self._forward(batch, self.trained)
+                micro = loss_sum(self.task, logits, batch["labels"].to(self.device)) * scale
+                micro.backward()
             loss += micro.item()
-        return loss
+        return all_reduce_sum(loss, self.context) / self.context.world_size
 
     def training_step(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         """Accumulate gradients over `batches`, clip them, update; return (loss, gradient norm)."""
         loss = self.accumulate_gradients(batches)
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(parameters, self.args.max_grad_norm or float("inf")).item()
+        norm = torch.nn.utils.clip_grad_norm_(parameters, self.args.max_grad_norm or float("inf"))
+        norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor
         if not (math.isfinite(loss) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             where = (f"the last good checkpoint is {self.state.last_checkpoint}" if self.state.last_checkpoint
@@ -263,8 +317,8 @@ class Trainer:
         set_seed(self.args.seed)
         if resume_from is not None:
             self._resume(resume_from)
-        bar = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not self.args.progress,
-                   desc="train")
+        bar = tqdm(total=self.total_steps, initial=self.state.global_step,
+                   disable=not (self.args.progress and self.context.is_main), desc="train")
         try:
             while self.state.global_step < self.total_steps and not self.state.should_stop:
                 started = time.perf_counter()
@@ -273,8 +327,8 @@ class Trainer:
                 loss, norm = self.training_step(batches)
                 self.state.global_step += 1
                 self.state.loss = loss
-                tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                             for b in batches)
+                tokens = all_reduce_sum(sum(int(b["attention_mask"].sum()) if "attention_mask" in b
+                                            else b["input_ids"].numel() for b in batches), self.context)
                 speed = tokens / max(time.perf_counter() - started, 1e-9)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
@@ -292,7 +346,8 @@ class Trainer:
             bar.close()
         if self.state.last_checkpoint != str(self.output_dir / checkpoint_name(self.state.global_step)):
             self.save()
-        self._plot_loss_curve()
+        if self.context.is_main:
+            self._plot_loss_curve()
         return self.state
 
     def _resume(self, resume_from: str | Path) -> None:
@@ -311,8 +366,9 @@ class Trainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         self.state.history.append(record)
-        with open(self.output_dir / LOG_FILE, "a") as log:
-            log.write(json.dumps(record) + "\n")
+        if self.context.is_main:
+            with open(self.output_dir / LOG_FILE, "a") as log:
+                log.write(json.dumps(record) + "\n")
 
     def _evaluate_and_maybe_stop(self) -> None:
         metrics = self.evaluate()
@@ -334,25 +390,37 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, dataset: Sequence[dict] | None = None) -> dict[str, float]:
         """Per-token loss over the whole set (sum / count, not a mean of batch means), with perplexity
-        for language models and accuracy + macro F1 for classification."""
+        for language models and accuracy + macro F1 for classification.
+
+        With N processes each evaluates every N-th batch and the sums are added up; all run the
+        same number of forward passes (a process out of batches repeats one and discards it),
+        since a sharded model gathers its weights collectively in every forward.
+        """
         dataset = self.eval_dataset if dataset is None else dataset
         if not dataset:
             raise ValidationError("evaluate() needs a non-empty dataset; pass one or set eval_dataset.")
         self.model.eval()
-        size = self.args.per_device_batch_size
+        size, rank, world = self.args.per_device_batch_size, self.context.rank, self.context.world_size
+        starts = range(0, len(dataset), size)
         total_loss, total_count, predictions, labels = 0.0, 0, [], []
-        for start in range(0, len(dataset), size):
+        for index in range(rank, world * math.ceil(len(starts) / world), world):
+            start = starts[min(index, len(starts) - 1)]
             batch = self.collator([dataset[i] for i in range(start, min(start + size, len(dataset)))])
             logits, target = self._forward(batch), batch["labels"].to(self.device)
+            if index >= len(starts):
+                continue
             total_loss += loss_sum(self.task, logits, target).item()
             total_count += count_targets(self.task, target)
             if self.task.endswith("classification"):
                 predictions.append(aligned_logits(self.task, logits).argmax(-1).flatten().cpu())
                 labels.append(target.flatten().cpu())
         self.model.train()
-        loss = total_loss / max(total_count, 1)
-        if predictions:
-            return {"loss": loss, **classification_metrics(torch.cat(predictions), torch.cat(labels))}
+        loss = all_reduce_sum(total_loss, self.context) / max(all_reduce_sum(total_count, self.context), 1)
+        if self.task.endswith("classification"):
+            predictions = gather_tensors(torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long),
+                                         self.context)
+            labels = gather_tensors(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long), self.context)
+            return {"loss": loss, **classification_metrics(predictions, labels)}
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 
     # ----- checkpoints ------------------------------------------------------------------------------
@@ -363,8 +431,12 @@ class Trainer:
         saved = {"trainer": trainer, "seed": self.args.seed, "total_steps": self.total_steps}
         if self._collator_generator() is not None:  # MLMCollator draws its masks from its own generator
             saved["collator_rng"] = self._collator_generator().get_state().tolist()
-        folder = save_checkpoint(self.output_dir / checkpoint_name(self.state.global_step), self.model,
-                                 self.optimizer, self.scheduler, saved)
+        folder = self.output_dir / checkpoint_name(self.state.global_step)
+        model_state = full_model_state(self.model)  # collective under FSDP: every process takes part
+        optimizer_state = full_optimizer_state(self.model, self.optimizer)
+        if self.context.is_main:
+            save_checkpoint(folder, self.model, self.optimizer, self.scheduler, saved, model_state, optimizer_state)
+        barrier(self.context)  # nobody reads or prunes checkpoints before rank 0 has written this one
         self.state.last_checkpoint = str(folder)
         for callback in self.callbacks:
             callback.on_save(self, folder)

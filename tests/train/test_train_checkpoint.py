@@ -90,7 +90,7 @@ def test_checkpoint_holds_no_pickles_and_roundtrips_the_optimizer(tmp_path, data
     folder = latest_checkpoint(tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "optimizer.json",
                                                        "optimizer.safetensors", "trainer_state.json"]
-    tensors, layout = optimizer_to_files(trainer.optimizer)
+    tensors, layout = optimizer_to_files(trainer.optimizer.state_dict())
     rebuilt = optimizer_from_files(tensors, layout)
     original = trainer.optimizer.state_dict()
     assert rebuilt["param_groups"] == original["param_groups"]
@@ -115,12 +115,12 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, data, monkeypat
             trainer.save()
     assert latest_checkpoint(tmp_path) == previous
     assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000002", "log.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000002", "log.jsonl", "loss_curve.png"]
 
     monkeypatch.undo()
     trainer.state.global_step = 2
     trainer.save()  # re-saving an existing step replaces it whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000002", "log.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000002", "log.jsonl", "loss_curve.png"]
 
 
 def test_resume_errors_say_what_to_do(tmp_path, data):
