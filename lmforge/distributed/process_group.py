@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -106,10 +107,15 @@ def barrier(context: DistributedContext) -> None:
         dist.barrier()
 
 
+def gather_objects(value: Any, context: DistributedContext) -> list[Any]:
+    """The `value` of every process, in rank order (JSON-like values: they travel pickled between processes)."""
+    if not context.is_distributed:
+        return [value]
+    gathered: list[Any] = [None] * context.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def gather_tensors(tensor: torch.Tensor, context: DistributedContext) -> torch.Tensor:
     """The 1-D tensors of all processes concatenated in rank order (the tensor itself when alone)."""
-    if not context.is_distributed:
-        return tensor
-    gathered: list[torch.Tensor | None] = [None] * context.world_size
-    dist.all_gather_object(gathered, tensor.cpu())
-    return torch.cat(gathered)
+    return torch.cat(gather_objects(tensor.cpu(), context))

@@ -40,7 +40,7 @@ from lmforge.distributed.data_parallel import (
     gradient_sync,
     wrap_for_data_parallel,
 )
-from lmforge.distributed.process_group import all_reduce_sum, barrier, gather_tensors, init_distributed
+from lmforge.distributed.process_group import all_reduce_sum, barrier, gather_objects, gather_tensors, init_distributed
 from lmforge.errors import LMForgeError, ValidationError
 from lmforge.registry import MODEL_REGISTRY
 from lmforge.train.checkpoint import (
@@ -205,6 +205,9 @@ class Trainer:
         self.device = next(model.parameters()).device
         # `model` stays the user's module (evaluation, saving); `trained` runs the training forward.
         self.trained = wrap_for_data_parallel(model, self.context, args.data_parallel, args.find_unused_parameters)
+        if self.context.is_distributed and self._collator_generator() is not None:
+            # each process masks different examples: give each its own random stream, or all would mask alike
+            self._collator_generator().manual_seed(self._collator_generator().initial_seed() + self.context.rank)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if args.bf16 and self.device.type == "cuda"
                          else nullcontext())
         self._forward_names = set(inspect.signature(model.forward).parameters)
@@ -358,7 +361,11 @@ class Trainer:
         saved = load_checkpoint(folder, self.model, self.optimizer, self.scheduler)
         self.state = TrainerState(**{**saved["trainer"], "history": []})
         if "collator_rng" in saved:
-            self._collator_generator().set_state(torch.tensor(saved["collator_rng"], dtype=torch.uint8))
+            states = saved["collator_rng"]  # one generator state per process
+            if len(states) != self.context.world_size:
+                raise ValidationError(f"{folder} was saved by {len(states)} process(es) drawing MLM masks, this run "
+                                      f"has {self.context.world_size}; resume with the same number of processes.")
+            self._collator_generator().set_state(torch.tensor(states[self.context.rank], dtype=torch.uint8))
         self.state.last_checkpoint = str(folder)
         if saved["seed"] != self.args.seed:
             logger.warning("resuming %s with seed %d, saved with %d: the data order will differ from the "
@@ -430,7 +437,7 @@ class Trainer:
         trainer = {k: v for k, v in asdict(self.state).items() if k not in ("history", "should_stop")}
         saved = {"trainer": trainer, "seed": self.args.seed, "total_steps": self.total_steps}
         if self._collator_generator() is not None:  # MLMCollator draws its masks from its own generator
-            saved["collator_rng"] = self._collator_generator().get_state().tolist()
+            saved["collator_rng"] = gather_objects(self._collator_generator().get_state().tolist(), self.context)
         folder = self.output_dir / checkpoint_name(self.state.global_step)
         model_state = full_model_state(self.model)  # collective under FSDP: every process takes part
         optimizer_state = full_optimizer_state(self.model, self.optimizer)

@@ -4,7 +4,9 @@ import torch
 
 from lmforge.config import LlamaConfig
 from lmforge.models.llama import LlamaForCausalLM
-from lmforge.train import PaddingCollator, Trainer, TrainerCallback, TrainingArguments
+from lmforge.models.bert import BertForMaskedLM
+from lmforge.config import BertConfig
+from lmforge.train import MLMCollator, PaddingCollator, Trainer, TrainerCallback, TrainingArguments
 
 WORLD = 2
 TINY = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -39,3 +41,20 @@ def run(output_dir, per_device_batch_size, data_parallel="ddp", resume_from=None
                       eval_dataset=sequences(5, seed=2), callbacks=[recorder])
     trainer.train(resume_from=resume_from)
     return recorder.losses, trainer.evaluate(), trainer
+
+
+def run_mlm(output_dir, resume_from=None):
+    """A tiny BERT trained 4 steps with MLM masking (saving at step 2); returns the losses and the
+    collator's first random draw after setup, which must differ between processes."""
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, max_position_embeddings=64, pad_token_id=0,
+                                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    collator = MLMCollator(mask_token_id=3, pad_token_id=0, vocab_size=64, seed=7)
+    arguments = TrainingArguments(output_dir=output_dir, max_steps=4, per_device_batch_size=2, save_steps=2,
+                                  learning_rate=1e-2, logging_steps=1, progress=False)
+    recorder = LossRecorder()
+    trainer = Trainer(model, arguments, sequences(16, seed=3), collator, callbacks=[recorder])
+    first_draw = torch.rand(1, generator=torch.Generator().set_state(collator.generator.get_state())).item()
+    trainer.train(resume_from=resume_from)
+    return recorder.losses, first_draw
