@@ -1,0 +1,170 @@
+"""Training speed on this CPU: lmforge's Trainer next to HF transformers' Trainer, same model, data and optimizer.
+
+Both train the same ~10M-parameter Llama-style decoder (vocabulary 16384, 8 layers, width 256, GQA 8/4
+heads, tied embeddings) from the same initial weights on the same random token blocks of --seq-len
+tokens, batch --batch, AdamW (lr 3e-4, weight decay 0.01, linear schedule), gradient clipping at 1.0,
+float32, for --steps optimizer steps; the first --warmup steps are not timed. Each system runs in its
+own process, so the peak RSS is its own. Reported: training tokens/s (median over the timed steps),
+peak RSS, and the losses of the first and last step (the two must agree: same weights, same data).
+Writes the table to docs/benchmarks.md (section "train").
+Usage: python -m benchmarks.train [--steps 12] [--warmup 2] [--batch 8] [--seq-len 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from benchmarks.report import machine_line, markdown_table, write_section
+
+SYSTEMS = ("lmforge Trainer", "HF transformers Trainer")
+CONFIG = {"vocab_size": 16384, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 8,
+          "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 512,
+          "tie_word_embeddings": True, "rms_norm_eps": 1e-5, "pad_token_id": 0}
+LEARNING_RATE, WEIGHT_DECAY, SEED = 3e-4, 0.01, 0
+
+
+def token_blocks(args) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(SEED)
+    count = args.batch * args.steps
+    return torch.randint(1, CONFIG["vocab_size"], (count, args.seq_len), generator=generator).tolist()
+
+
+def initial_weights(folder: str) -> None:
+    """One set of initial weights for both systems: an lmforge model saved in HF layout."""
+    from lmforge.config import LlamaConfig
+    from lmforge.models.llama import LlamaForCausalLM
+
+    torch.manual_seed(SEED)
+    LlamaForCausalLM(LlamaConfig(**CONFIG)).save_pretrained(folder)
+
+
+class StepClock:
+    """Wall time and loss of every optimizer step."""
+
+    def __init__(self):
+        self.last, self.durations, self.losses = time.perf_counter(), [], []
+
+    def tick(self, loss: float) -> None:
+        now = time.perf_counter()
+        self.durations.append(now - self.last)
+        self.losses.append(loss)
+        self.last = now
+
+
+def train_lmforge(folder: str, blocks, args, clock: StepClock) -> None:
+    from lmforge import AutoModelForCausalLM
+    from lmforge.train import PaddingCollator, Trainer, TrainerCallback, TrainingArguments
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, trainer):
+            clock.tick(trainer.state.loss)
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    arguments = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=args.steps,
+                                  per_device_batch_size=args.batch, learning_rate=LEARNING_RATE,
+                                  weight_decay=WEIGHT_DECAY, lr_scheduler="linear", max_grad_norm=1.0,
+                                  logging_steps=0, progress=False, seed=SEED)
+    examples = [{"input_ids": block} for block in blocks]
+    trainer = Trainer(model, arguments, examples, PaddingCollator(pad_token_id=0, causal_lm_labels=True),
+                      callbacks=[Clock()])
+    clock.last = time.perf_counter()
+    trainer.train()
+
+
+def train_hf(folder: str, blocks, args, clock: StepClock) -> None:
+    import transformers
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_end(self, arguments, state, control, **kwargs):
+            control.should_log = True
+
+        def on_log(self, arguments, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                clock.tick(logs["loss"])
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    arguments = transformers.TrainingArguments(
+        output_dir=tempfile.mkdtemp(), max_steps=args.steps, per_device_train_batch_size=args.batch,
+        learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, lr_scheduler_type="linear", max_grad_norm=1.0,
+        optim="adamw_torch", bf16=False, fp16=False, use_cpu=True, save_strategy="no", report_to=[],
+        logging_steps=1, disable_tqdm=True, seed=SEED, dataloader_num_workers=0)
+    dataset = [{"input_ids": torch.tensor(block), "labels": torch.tensor(block)} for block in blocks]
+    trainer = transformers.Trainer(model=model, args=arguments, train_dataset=dataset, callbacks=[Clock()])
+    clock.last = time.perf_counter()
+    trainer.train()
+
+
+def measure(system: str, args) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        initial_weights(folder)
+        blocks = token_blocks(args)
+        clock = StepClock()
+        (train_lmforge if system == SYSTEMS[0] else train_hf)(folder, blocks, args, clock)
+    timed = clock.durations[args.warmup:]
+    return {"tokens_per_second": args.batch * args.seq_len / statistics.median(timed),
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "first_loss": clock.losses[0], "last_loss": clock.losses[-1], "steps": len(clock.losses)}
+
+
+def run_isolated(system: str, argv: list[str]) -> dict:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.train", *argv, "--only", system],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{system} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def write_report(results: dict[str, dict], args) -> None:
+    rows = [[name, f"{r['tokens_per_second']:.0f}", f"{r['peak_rss'] / 2**20:.0f}",
+             f"{r['first_loss']:.4f}", f"{r['last_loss']:.4f}"] for name, r in results.items()]
+    table = markdown_table(["system", "train tokens/s", "peak RSS MB", "loss step 1", f"loss step {args.steps}"],
+                           rows)
+    from lmforge.config import LlamaConfig
+    from lmforge.models.llama import LlamaForCausalLM
+
+    parameters = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**CONFIG)).parameters())
+    write_section("train", f"""
+## Training speed: lmforge Trainer vs HF Trainer (`benchmarks/train.py`)
+
+{machine_line()}. A {parameters / 1e6:.1f}M-parameter Llama-style decoder trained from the same initial
+weights on the same random blocks: batch {args.batch} × {args.seq_len} tokens, AdamW lr {LEARNING_RATE}, linear
+schedule, clipping 1.0, float32, {args.steps} steps of which the first {args.warmup} are not timed; each system
+in its own process. Tokens/s is the median over timed steps.
+
+{table}
+""")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per system")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    parser.add_argument("--only", choices=SYSTEMS, help=argparse.SUPPRESS)  # run one system in this process
+    args = parser.parse_args()
+    if args.steps <= args.warmup:
+        parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}) to time any step.")
+    if args.only:
+        print(json.dumps(measure(args.only, args)))
+        return
+    argv = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--batch={args.batch}", f"--seq-len={args.seq_len}"]
+    results = {}
+    for system in SYSTEMS:
+        print(f"{system} ...", flush=True)
+        results[system] = run_isolated(system, argv)
+        print(f"  {json.dumps(results[system])}", flush=True)
+    write_report(results, args)
+
+
+if __name__ == "__main__":
+    main()
