@@ -17,6 +17,7 @@ step one process computes with batch N×B.
 
 from __future__ import annotations
 
+import csv
 import inspect
 import json
 import logging
@@ -63,7 +64,10 @@ from lmforge.train.schedules import build_scheduler
 logger = logging.getLogger(__name__)
 
 LOG_FILE = "log.jsonl"
+LOG_TABLE = "log.csv"
 LOSS_CURVE = "loss_curve.png"
+TENSORBOARD_DIR = "tensorboard"
+REPORT_TARGETS = ("tensorboard",)
 
 
 class TrainingDivergedError(LMForgeError, FloatingPointError):
@@ -87,6 +91,9 @@ class TrainingArguments:
     "fsdp" (parameters, gradients and optimizer state sharded over the processes).
     `find_unused_parameters` lets DDP train a model some of whose trainable weights get
     no gradient in a step (slower; DDP's error message says when it is needed).
+
+    Logs go to `log.jsonl` as they happen and to `log.csv` at the end; `report_to=("tensorboard",)`
+    also writes TensorBoard event files under `output_dir/tensorboard` (needs `tensorboard`).
     """
 
     output_dir: str | Path
@@ -109,6 +116,7 @@ class TrainingArguments:
     gradient_checkpointing: bool = False
     data_parallel: str = "ddp"
     find_unused_parameters: bool = False
+    report_to: tuple[str, ...] = ()
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -126,6 +134,10 @@ class TrainingArguments:
             raise ValidationError(f"TrainingArguments.warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
         if self.learning_rate <= 0:
             raise ValidationError(f"TrainingArguments.learning_rate must be > 0, got {self.learning_rate}.")
+        unknown = sorted(set(self.report_to) - set(REPORT_TARGETS))
+        if unknown:
+            raise ValidationError(f"TrainingArguments.report_to has unknown targets {unknown}; choose from "
+                                  f"{', '.join(REPORT_TARGETS)} (JSONL and CSV logs are always written).")
         if self.data_parallel not in DATA_PARALLEL:
             raise ValidationError(f"TrainingArguments.data_parallel must be one of {', '.join(DATA_PARALLEL)}; "
                                   f"got {self.data_parallel!r}.")
@@ -158,6 +170,15 @@ class TrainerCallback:
 
     def on_save(self, trainer: Trainer, folder: Path) -> None:
         pass
+
+
+def _tensorboard_writer(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValidationError("report_to=('tensorboard',) needs the tensorboard package: pip install tensorboard "
+                              "(or lmforge[train]), or drop the option.") from None
+    return SummaryWriter(str(folder))
 
 
 def set_seed(seed: int) -> None:
@@ -219,6 +240,8 @@ class Trainer:
         self.optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, args.lr_scheduler, warmup, self.total_steps)
         self.state = TrainerState()
+        self._tensorboard = None  # a SummaryWriter, opened by train() when report_to asks for it
+        self._max_positions = getattr(getattr(model, "config", None), "context_length", None)
         self._order: tuple[int | None, list[int]] = (None, [])  # the current epoch's permutation, cached
 
     # ----- data -------------------------------------------------------------------------------
@@ -258,6 +281,11 @@ class Trainer:
         return batches
 
     def _forward(self, batch: dict[str, torch.Tensor], module: torch.nn.Module | None = None) -> torch.Tensor:
+        length = batch["input_ids"].shape[-1]
+        if self._max_positions is not None and length > self._max_positions:
+            raise ValidationError(f"a batch holds sequences of {length} tokens but the model attends over at most "
+                                  f"{self._max_positions} positions; tokenize with max_length={self._max_positions} "
+                                  "and truncation=True, or pack into shorter blocks.")
         inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels" and k in self._forward_names}
         with self.autocast:
             return (module or self.model)(**inputs).logits
@@ -320,6 +348,8 @@ class Trainer:
         set_seed(self.args.seed)
         if resume_from is not None:
             self._resume(resume_from)
+        if "tensorboard" in self.args.report_to and self.context.is_main:
+            self._tensorboard = _tensorboard_writer(self.output_dir / TENSORBOARD_DIR)
         bar = tqdm(total=self.total_steps, initial=self.state.global_step,
                    disable=not (self.args.progress and self.context.is_main), desc="train")
         try:
@@ -347,9 +377,13 @@ class Trainer:
                     self.save()
         finally:
             bar.close()
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+                self._tensorboard = None
         if self.state.last_checkpoint != str(self.output_dir / checkpoint_name(self.state.global_step)):
             self.save()
         if self.context.is_main:
+            self._write_log_table()
             self._plot_loss_curve()
         return self.state
 
@@ -376,6 +410,20 @@ class Trainer:
         if self.context.is_main:
             with open(self.output_dir / LOG_FILE, "a") as log:
                 log.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for name, value in record.items():
+                if name != "step" and isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(name, value, record["step"])
+
+    def _write_log_table(self) -> None:
+        """`log.csv`: one row per log record of this run, one column per quantity ever logged."""
+        if not self.state.history:
+            return
+        columns = list(dict.fromkeys(name for record in self.state.history for name in record))
+        with open(self.output_dir / LOG_TABLE, "w", newline="") as table:
+            writer = csv.DictWriter(table, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.state.history)
 
     def _evaluate_and_maybe_stop(self) -> None:
         metrics = self.evaluate()

@@ -1,6 +1,7 @@
 """The training loop on tiny random models: token-normalised accumulation, overfitting, evaluation,
 early stopping, callbacks, logs and divergence."""
 
+import csv
 import json
 import math
 
@@ -146,6 +147,33 @@ def test_logs_callbacks_and_final_checkpoint(tmp_path):
     assert len(recorder.losses) == 6 and len(recorder.evaluations) == 2
     assert recorder.saves == ["checkpoint-000004", "checkpoint-000006"]
     assert latest_checkpoint(tmp_path).name == "checkpoint-000006"
+    with open(tmp_path / "log.csv", newline="") as table:
+        rows = list(csv.DictReader(table))
+    assert [(row["step"], bool(row["loss"]), bool(row["eval_loss"])) for row in rows] == \
+        [("2", True, False), ("3", False, True), ("4", True, False), ("6", True, False), ("6", False, True)]
+    assert float(rows[0]["loss"]) == pytest.approx(train_lines[0]["loss"])
+    assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensorboard_receives_every_logged_scalar(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = sequences(4)
+    Trainer(tiny_llama(), args(tmp_path, max_steps=3, eval_steps=3, report_to=("tensorboard",)), data, CLM,
+            eval_dataset=data).train()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"loss", "lr", "grad_norm", "eval_loss", "eval_perplexity"} <= set(events.Tags()["scalars"])
+    assert [event.step for event in events.Scalars("loss")] == [1, 2, 3]
+    with pytest.raises(ValidationError, match="unknown targets"):
+        args(tmp_path, report_to=("wandb",))
+
+
+def test_sequences_longer_than_the_model_positions_are_refused(tmp_path):
+    long = [{"input_ids": list(range(1, 41)) * 2}]  # 80 tokens, the tiny model has 64 positions
+    trainer = Trainer(tiny_llama(), args(tmp_path), long, CLM)
+    with pytest.raises(ValidationError, match="at most 64 positions; tokenize with max_length=64"):
+        trainer.train()
 
 
 def test_early_stopping_on_eval_loss(tmp_path, monkeypatch):
