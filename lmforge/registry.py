@@ -79,14 +79,17 @@ class _AutoModelBase:
         return model_class(config.model_type, cls.task).from_config(config, dtype, attn_implementation)
 
     @classmethod
-    def from_pretrained(cls, ref: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
-        """Load a model from an embedded short name, a local HF folder or a GGUF file."""
+    def from_pretrained(cls, ref: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+                        **config_overrides: Any):
+        """Load a model from an embedded short name, a local HF folder or a GGUF file; `config_overrides`
+        replace config fields first (e.g. `num_labels=6` for a new classification head)."""
         from lmforge.sources import load_config
 
         config_dict = load_config(ref)  # route first, so an unsupported model fails before reading weights
         if "model_type" not in config_dict:
             raise UnsupportedError(f"{ref}: config has no 'model_type'; cannot tell which architecture it is.")
-        return model_class(config_dict["model_type"], cls.task).from_pretrained(ref, dtype, attn_implementation)
+        return model_class(config_dict["model_type"], cls.task).from_pretrained(ref, dtype, attn_implementation,
+                                                                                **config_overrides)
 
 
 class AutoModel(_AutoModelBase):

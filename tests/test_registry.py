@@ -3,8 +3,15 @@
 import json
 
 import pytest
+import torch
 
-from lmforge import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+from lmforge import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+)
 from lmforge.errors import ModelNotFoundError, UnsupportedError
 from lmforge.models.gpt2 import GPT2LMHeadModel
 from lmforge.models.llama import LlamaForCausalLM, LlamaModel
@@ -38,3 +45,14 @@ def test_missing_reference_is_a_clear_error(tmp_path):
         AutoModel.from_pretrained(tmp_path / "nowhere")
     with pytest.raises(ModelNotFoundError, match="no config.json"):
         AutoModel.from_pretrained(tmp_path)
+
+
+def test_config_overrides_size_a_new_head(tmp_path):
+    config = AutoConfig.for_model("llama", vocab_size=50, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=4)
+    backbone = AutoModel.from_config(config)
+    backbone.save_pretrained(tmp_path)
+    names = {0: "neg", 1: "neutral", 2: "pos", 3: "mixed"}
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=4, id2label=names)
+    assert model.score.out_features == 4 and model.config.extra["id2label"] == {str(i): n for i, n in names.items()}
+    assert torch.equal(model.model.embed_tokens.weight, backbone.embed_tokens.weight)  # the checkpoint still loads

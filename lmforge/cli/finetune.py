@@ -105,15 +105,11 @@ def load_labelled_documents(args: argparse.Namespace) -> tuple[list, str]:
 def build_classifier(ref: str, labels: list):
     """The sequence-classification model of `ref`'s architecture with its pretrained weights and a new head
     with one output per label (named in config.json's id2label)."""
-    from lmforge.registry import model_class
-    from lmforge.sources import load_checkpoint
+    from lmforge import AutoModelForSequenceClassification
 
-    config, state, source = load_checkpoint(ref)
-    cls = model_class(config.get("model_type"), "sequence-classification")
     names = [str(label) for label in labels]
-    config = {**config, "num_labels": len(names), "id2label": dict(enumerate(names)),
-              "label2id": {name: index for index, name in enumerate(names)}}
-    return cls.from_hf_state_dict(config, state, source)
+    return AutoModelForSequenceClassification.from_pretrained(
+        ref, num_labels=len(names), id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)})
 
 
 def tokenize(documents: list, tokenizer, label_to_id: dict, limit: int, truncate: bool, limit_flag: str) -> list[dict]:
@@ -163,6 +159,8 @@ def handle(args: argparse.Namespace) -> int:
         from lmforge.peft.freezing import layer_counts
 
         options["freeze_layers"] = max(layer_counts(model).values(), default=0) // 2
+    if args.method == "adapter":
+        options = {"bottleneck": 64, "where": "both", **options}
     apply_method(model, args.method, **options)
     summary = trainable_summary(model)
     described = ", ".join(f"{name}={value}" for name, value in options.items())

@@ -283,13 +283,19 @@ class PreTrainedModel(nn.Module):
         return model.eval()
 
     @classmethod
-    def from_pretrained(cls, ref: str | Path, dtype: torch.dtype = torch.float32,
-                        attn_implementation: str = "sdpa") -> "PreTrainedModel":
-        """Load from an embedded short name, an HF folder or a GGUF file."""
+    def from_pretrained(cls, ref: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+                        **config_overrides: Any) -> "PreTrainedModel":
+        """Load from an embedded short name, an HF folder or a GGUF file.
+
+        `config_overrides` replace config.json fields before the model is built, e.g. `num_labels=6,
+        id2label={0: "asyncio", ...}` for a classification head of another size (the checkpoint's own
+        head, if any, must then match or be absent).
+        """
         from lmforge.sources import load_checkpoint
 
         config_dict, hf_state, source = load_checkpoint(ref)
-        return cls.from_hf_state_dict(config_dict, hf_state, source, dtype, attn_implementation)
+        return cls.from_hf_state_dict({**config_dict, **config_overrides}, hf_state, source, dtype,
+                                      attn_implementation)
 
 
 

@@ -65,7 +65,8 @@ def test_every_method_trains_and_saves_a_loadable_classifier(method, trainable, 
     assert {"accuracy", "macro_f1", "loss"} <= set(record["metrics"])
     if trainable is not None:  # the frozen method trains the 32 x 2 + 2 classifier only
         assert record["trainable_parameters"] == trainable and f"trainable params: {trainable} ||" in stdout
-    assert record["options"] == ({"freeze_layers": 1} if method == "partial" else {})  # half of the 2 layers
+    defaults = {"partial": {"freeze_layers": 1}, "adapter": {"bottleneck": 64, "where": "both"}}  # 1: half of 2
+    assert record["options"] == defaults.get(method, {})
 
     loaded = AutoModelForSequenceClassification.from_pretrained(out)
     assert loaded.config.extra["id2label"] == {"0": "high", "1": "low"}
