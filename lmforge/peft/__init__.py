@@ -1,7 +1,9 @@
 """Fine-tuning methods that choose which parameters learn: full, frozen backbone, partial, adapters.
 
 `freezing` holds the methods and the trainable-parameter summary; `adapters` the bottleneck
-adapters injected after attention and feed-forward layers; `checkpoint` adapter-only folders.
+adapters injected after attention and feed-forward layers; `checkpoint` adapter-only folders;
+`lora` low-rank updates of frozen (or quantized: QLoRA) linear layers, `lora_files` their
+PEFT-format adapter folders.
 See docs/training.md ("Fine-tuning").
 """
 
@@ -17,8 +19,29 @@ from lmforge.peft.freezing import (
     partial_finetuning,
     trainable_summary,
 )
+from lmforge.peft.lora import (
+    ALL_LINEAR,
+    LoraConfig,
+    add_lora,
+    lora_disabled,
+    merge_and_unload,
+    merge_lora,
+    set_lora_enabled,
+    unmerge_lora,
+)
+from lmforge.peft.lora_files import load_lora, save_lora
 
 __all__ = [
+    "ALL_LINEAR",
+    "LoraConfig",
+    "add_lora",
+    "load_lora",
+    "lora_disabled",
+    "merge_and_unload",
+    "merge_lora",
+    "save_lora",
+    "set_lora_enabled",
+    "unmerge_lora",
     "METHODS",
     "AdapterLinear",
     "BottleneckAdapter",
