@@ -141,7 +141,9 @@ class RunConfig:
         self.training.arguments(".")  # TrainingArguments checks its own fields
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Nested plain dicts, tuples as lists (YAML's safe dumper writes no tuples)."""
+        return dataclasses.asdict(self, dict_factory=lambda items: {
+            key: list(value) if isinstance(value, tuple) else value for key, value in items})
 
     def save(self, path: str | Path) -> Path:
         """Write the config as YAML: the complete record of a run, loadable with `load_run_config`."""
@@ -195,16 +197,26 @@ def _owner(config: RunConfig, key: str) -> tuple[Any, str]:
 
 
 def _type_name(hint: Any) -> str:
-    names = [getattr(arg, "__name__", str(arg)) for arg in typing.get_args(hint)] or [hint.__name__]
-    return " or ".join("null" if name == "NoneType" else name for name in names)
+    if hint is type(None):
+        return "null"
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) in (list, tuple):
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    return hint.__name__
 
 
 def _check(key: str, value: Any, hint: Any) -> Any:
-    """`value` if it fits the type `hint` (int, float, str, bool, or one of them | None)."""
+    """`value` if it fits the type `hint`: int, float, str, bool, a list or tuple of one of them (a single
+    value becomes a list of one), or a union with None. Floats also accept ints and numeric text."""
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None and type(None) in allowed:
         return None
     for kind in allowed:
+        if typing.get_origin(kind) in (list, tuple):
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return typing.get_origin(kind)(_check(f"{key}[{i}]", item, typing.get_args(kind)[0])
+                                           for i, item in enumerate(items))
         if kind is bool and isinstance(value, bool):
             return value
         if kind is int and isinstance(value, int) and not isinstance(value, bool):

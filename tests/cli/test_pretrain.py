@@ -81,6 +81,9 @@ def test_resume_continues_exactly(clm_run, tmp_path, capsys):
     (copy / "config.json").unlink()
     assert main(["pretrain", "--resume", "--out", str(copy)]) == 0
     assert "trained 20 steps" in capsys.readouterr().out
+    logged = (copy / "checkpoints" / "log.jsonl").read_text().splitlines()
+    before = len((clm_run / "checkpoints" / "log.jsonl").read_text().splitlines())
+    assert {json.loads(line)["step"] for line in logged[before:]} == {20}  # steps 11-20 only were trained
     resumed, original = load_file(copy / "model.safetensors"), load_file(clm_run / "model.safetensors")
     assert resumed.keys() == original.keys()
     assert all(torch.equal(resumed[name], original[name]) for name in original)

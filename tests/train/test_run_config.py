@@ -9,6 +9,7 @@ from lmforge.train import TrainingArguments
 from lmforge.train.run_config import (
     RunConfig,
     TrainingSection,
+    _check,
     load_run_config,
     parse_override,
     valid_keys,
@@ -51,6 +52,17 @@ def test_values_are_parsed_as_yaml_and_converted_only_to_floats():
     assert config.training.max_grad_norm is None and config.training.progress is False
     assert config.data.pattern == "*.txt" and config.model.context_length == 512
     assert parse_override("data.corpus=a=b.txt") == ("data.corpus", "a=b.txt")  # only the first = splits
+
+
+def test_sequence_fields_take_lists_or_one_value():
+    """TrainingArguments.report_to is a tuple of names: YAML gives a list, or a single name."""
+    assert _check("training.report_to", ["a", "b"], tuple[str, ...]) == ("a", "b")
+    assert _check("training.report_to", "a", tuple[str, ...]) == ("a",)
+    with pytest.raises(ValidationError, match=r"config key training.report_to\[1\] must be str, got int 2"):
+        _check("training.report_to", ["a", 2], tuple[str, ...])
+    config = RunConfig()
+    config.data.pattern = ("*.py", "*.txt")  # any tuple value
+    assert config.to_dict()["data"]["pattern"] == ["*.py", "*.txt"]  # YAML's safe dumper writes lists, not tuples
 
 
 @pytest.mark.parametrize("override,message", [
