@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.errors import CheckpointError, UnsupportedError
-from lmforge.models.base import PreTrainedModel
 from lmforge.peft.lora import LoraConfig, _require_lora, add_lora
 from lmforge.registry import MODEL_REGISTRY
 
@@ -40,6 +39,8 @@ def _task(model: nn.Module) -> str | None:
 
 
 def _keymap(model: nn.Module):
+    from lmforge.models.base import PreTrainedModel  # here: lmforge.models imports lmforge.peft
+
     if not isinstance(model, PreTrainedModel):
         raise UnsupportedError(f"PEFT-format files name layers the HF way, which needs an lmforge model; "
                                f"{type(model).__name__} is not one.")

@@ -1,0 +1,80 @@
+"""A task the project generates, checkable by exact match: dates written in words → ISO 8601.
+
+"the twenty-first of March, nineteen eighty-four" → "1984-03-21". Small instruction-tuned
+models read such dates poorly, the answer is one short string, and any number of
+examples can be made from a seed — enough to measure what prompting, SFT, LoRA and the
+rest each buy, with a held-out split the training never sees.
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+ONES = ["", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+        "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+ORDINAL_ONES = ["", "first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth",
+                "eleventh", "twelfth", "thirteenth", "fourteenth", "fifteenth", "sixteenth", "seventeenth",
+                "eighteenth", "nineteenth"]
+INSTRUCTION = "Write this date in ISO format (YYYY-MM-DD). Answer with the date only."
+
+
+def below_hundred(number: int) -> str:
+    """0 < number < 100 in words: 7 → "seven", 42 → "forty-two"."""
+    if number < 20:
+        return ONES[number]
+    tens, ones = divmod(number, 10)
+    return TENS[tens] + (f"-{ONES[ones]}" if ones else "")
+
+
+def ordinal(day: int) -> str:
+    """1 → "first", 22 → "twenty-second", 30 → "thirtieth"."""
+    if day < 20:
+        return ORDINAL_ONES[day]
+    tens, ones = divmod(day, 10)
+    return f"{TENS[tens]}-{ORDINAL_ONES[ones]}" if ones else TENS[tens][:-1] + "ieth"
+
+
+def year_words(year: int) -> str:
+    """How a year is said: 1984 → "nineteen eighty-four", 1905 → "nineteen oh five", 2000 → "two thousand",
+    2007 → "two thousand seven", 2023 → "twenty twenty-three"."""
+    century, rest = divmod(year, 100)
+    if century == 20 and rest < 10:
+        return "two thousand" + (f" {ONES[rest]}" if rest else "")
+    if rest == 0:
+        return f"{below_hundred(century)} hundred"
+    return f"{below_hundred(century)} {'oh ' + ONES[rest] if rest < 10 else below_hundred(rest)}"
+
+
+def date_in_words(date: datetime.date) -> str:
+    return f"the {ordinal(date.day)} of {date.strftime('%B')}, {year_words(date.year)}"
+
+
+def date_rows(count: int, seed: int = 0) -> list[dict[str, str]]:
+    """`count` distinct instruction/response rows for dates between 1900 and 2099."""
+    generator, first = random.Random(seed), datetime.date(1900, 1, 1)
+    span = (datetime.date(2099, 12, 31) - first).days
+    days = generator.sample(range(span + 1), count)
+    rows = []
+    for offset in days:
+        date = first + datetime.timedelta(days=offset)
+        rows.append({"instruction": f"{INSTRUCTION}\n\n{date_in_words(date)}", "response": date.isoformat()})
+    return rows
+
+
+def date_splits(train: int = 400, held_out: int = 100, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Disjoint train and held-out rows (distinct dates)."""
+    rows = date_rows(train + held_out, seed)
+    return rows[:train], rows[train:]
+
+
+def exact_match(predictions: Sequence[str], rows: Sequence[dict[str, Any]],
+                normalize: Callable[[str], str] = str.strip) -> float:
+    """The fraction of predictions equal to their row's response (after `normalize`)."""
+    if len(predictions) != len(rows):
+        raise ValueError(f"{len(predictions)} predictions for {len(rows)} rows.")
+    hits = sum(normalize(prediction) == normalize(row["response"]) for prediction, row in zip(predictions, rows))
+    return hits / max(len(rows), 1)
