@@ -1,0 +1,41 @@
+"""The generated dates task: the words are right, rows are seeded and distinct, exact match counts hits."""
+
+import datetime
+
+import pytest
+
+from lmforge.align.tasks import date_in_words, date_rows, date_splits, exact_match, ordinal, year_words
+
+
+@pytest.mark.parametrize("year,words", [(1984, "nineteen eighty-four"), (1905, "nineteen oh five"),
+                                        (1900, "nineteen hundred"), (2000, "two thousand"),
+                                        (2007, "two thousand seven"), (2023, "twenty twenty-three"),
+                                        (2099, "twenty ninety-nine"), (1911, "nineteen eleven")])
+def test_years_read_as_people_say_them(year, words):
+    assert year_words(year) == words
+
+
+@pytest.mark.parametrize("day,words", [(1, "first"), (2, "second"), (12, "twelfth"), (20, "twentieth"),
+                                       (21, "twenty-first"), (30, "thirtieth"), (31, "thirty-first")])
+def test_ordinals(day, words):
+    assert ordinal(day) == words
+
+
+def test_rows_are_seeded_distinct_and_answer_in_iso():
+    assert date_in_words(datetime.date(1984, 3, 21)) == "the twenty-first of March, nineteen eighty-four"
+    train, held_out = date_splits(train=50, held_out=20, seed=3)
+    assert (train, held_out) == date_splits(train=50, held_out=20, seed=3)
+    assert train != date_splits(train=50, held_out=20, seed=4)[0]
+    answers = [row["response"] for row in train + held_out]
+    assert len(set(answers)) == 70
+    for row in train:
+        date = datetime.date.fromisoformat(row["response"])
+        assert row["instruction"].endswith(date_in_words(date))
+    assert len(date_rows(5, seed=1)) == 5
+
+
+def test_exact_match():
+    rows = [{"response": "2001-01-01"}, {"response": "1999-12-31"}]
+    assert exact_match([" 2001-01-01\n", "1999-12-30"], rows) == 0.5
+    with pytest.raises(ValueError):
+        exact_match(["x"], rows)
