@@ -110,7 +110,7 @@ def run_command(history: ChatHistory, line: str) -> bool:
 
 def handle(args: argparse.Namespace) -> int:
     params = sampling_params(args)  # bad values fail before the model loads
-    model, tokenizer = load_generator(args.model, args.quantization)
+    model, tokenizer = load_generator(args.model, args.quantization, args.adapter)
     if not tokenizer.chat_template:
         raise UnsupportedError(f"{args.model} has no chat template, so it cannot hold a conversation; use a chat "
                                f"model, or complete plain text with: lmforge generate --raw --model {args.model} TEXT")

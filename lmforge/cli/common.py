@@ -45,6 +45,9 @@ def add_quantization_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", choices=QUANTIZATION_CHOICES, default=None,
                         help="quantize the model's Linear layers at load time; gguf keeps a GGUF file's own "
                              "Q8_0/Q4_1/Q4_0 blocks (default: none)")
+    parser.add_argument("--adapter", metavar="DIR",
+                        help="a LoRA adapter folder in the PEFT layout (from `lmforge sft` or peft) to apply to "
+                             "the model")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,9 +73,12 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(**{name: getattr(args, name) for name in names if getattr(args, name) is not None})
 
 
-def load_generator(ref: str, quantization: str | None = None):
+def load_generator(ref: str, quantization: str | None = None, adapter: str | None = None):
     """Tokenizer and a text-generating model (causal LM, else seq2seq LM) for `ref`, quantized as asked (see
-    `--quantization`), timed on stderr."""
+    `--quantization`), with a LoRA `adapter` folder applied, timed on stderr.
+
+    Over a floating-point base the adapter is merged into the weights (as fast as the base model);
+    over a quantized one it stays a separate update, since merging would round it into the format."""
     from lmforge import AutoTokenizer
     from lmforge.quant import load_quantized, parameter_count, quantize_loaded
     from lmforge.registry import MODEL_REGISTRY, config_class
@@ -92,7 +98,14 @@ def load_generator(ref: str, quantization: str | None = None):
     else:
         model = tasks[task].from_pretrained(ref)
         quantize_loaded(model, quantization)
+    if adapter is not None:
+        from lmforge.peft import load_lora, merge_and_unload
+
+        load_lora(model, adapter)
+        if not quantization:
+            merge_and_unload(model)
     how = f", {quantization}" if quantization else ""
+    how += f", adapter {adapter}" if adapter else ""
     note(f"loaded {ref} ({type(model).__name__}{how}, {parameter_count(model) / 1e6:.1f}M parameters) "
          f"in {time.perf_counter() - start:.1f}s")
     return model, tokenizer

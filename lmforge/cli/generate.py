@@ -50,7 +50,7 @@ def handle(args: argparse.Namespace) -> int:
     if args.raw and args.system is not None:
         raise InputError("--system needs the chat template, which --raw turns off; drop one of them.")
     text = sys.stdin.read().rstrip("\r\n") if args.prompt == "-" else args.prompt
-    model, tokenizer = load_generator(args.model, args.quantization)
+    model, tokenizer = load_generator(args.model, args.quantization, args.adapter)
     templated = not args.raw and bool(tokenizer.chat_template)
     if templated:
         history = ChatHistory(system=args.system)

@@ -1,0 +1,189 @@
+"""`lmforge sft`: supervised fine-tuning of a chat model on instruction/response examples.
+
+--data is a .json or .jsonl file of rows shaped {"instruction", "input" (optional), "response"},
+{"messages": [...]} or {"prompt", "completion"}; the loss counts the answers only. --method picks
+what trains: full (every weight), lora (low-rank updates of frozen linear layers) or qlora (LoRA
+over a base quantized to NF4, for the least memory). A seeded held-out part of the rows measures
+the loss after training. --out receives, for full, a model folder (config.json, model.safetensors,
+tokenizer); for lora/qlora a PEFT adapter folder (adapter_config.json, adapter_model.safetensors)
+that lmforge (`lmforge generate --model BASE --adapter DIR`) and the peft library load onto the base model,
+or with --merge a full model folder with the updates folded in. sft.json records the run.
+Without --data, the rows are the generated dates task (dates in words → ISO 8601).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from lmforge.cli.common import note
+from lmforge.errors import ValidationError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+METHODS = ("full", "lora", "qlora")
+LEARNING_RATES = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+RECORD = "sft.json"
+
+EXAMPLES = """examples:
+  lmforge sft --method lora --max-steps 60 --out dates-lora
+  lmforge sft --data chats.jsonl --method qlora --lora-r 16 --epochs 2 --out chat-qlora
+  lmforge sft --data alpaca.json --method lora --merge --out merged-model
+  lmforge sft path/to/hf-folder --data rows.jsonl --method full --overlong truncate --max-length 512 --out tuned
+  lmforge generate --adapter dates-lora "Write this date in ISO format (YYYY-MM-DD): the first of May, nineteen ninety-nine"
+"""
+
+
+def _validation(text: str) -> float | int:
+    value = float(text)
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("sft", help="supervised fine-tuning on instruction/response data (full, LoRA, "
+                                   "QLoRA)", description=__doc__, epilog=EXAMPLES,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                        help=f"embedded short name, HF model folder or .gguf file (default: {DEFAULT_MODEL})")
+    parser.add_argument("--method", required=True, choices=METHODS,
+                        help="full: every weight; lora: low-rank updates of frozen layers; qlora: LoRA over an "
+                             "NF4-quantized base")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", metavar="FILE", help=".json or .jsonl rows (default: the generated dates task, "
+                                                     "400 rows)")
+    data.add_argument("--validation", type=_validation, default=0.1, metavar="X",
+                      help="held-out fraction (0 < X < 1) or number of rows (default: 0.1)")
+    data.add_argument("--max-length", type=int, metavar="N", help="longest example in tokens (default: the "
+                                                                  "model's positions)")
+    data.add_argument("--overlong", choices=("error", "truncate", "skip"), default="error",
+                      help="what to do with a longer example (default: error)")
+    lora = parser.add_argument_group("lora / qlora")
+    lora.add_argument("--lora-r", type=int, default=8, metavar="R", help="rank of the updates (default: 8)")
+    lora.add_argument("--lora-alpha", type=float, default=16.0, metavar="A", help="scaling alpha/r (default: 16)")
+    lora.add_argument("--lora-dropout", type=float, default=0.05, metavar="P", help="dropout before A (default: "
+                                                                                    "0.05)")
+    lora.add_argument("--target-modules", default="all-linear", metavar="NAMES",
+                      help="comma-separated layer names (e.g. q_proj,v_proj) or all-linear (default)")
+    lora.add_argument("--merge", action="store_true", help="write a full model with the updates folded in, "
+                                                           "instead of an adapter folder")
+    training = parser.add_argument_group("training")
+    length = training.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, metavar="N", help="passes over the training rows (default: 1)")
+    length.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps instead of epochs")
+    training.add_argument("--lr", type=float, metavar="X", help="peak learning rate (default: "
+                          + ", ".join(f"{m} {lr:g}" for m, lr in LEARNING_RATES.items()) + ")")
+    training.add_argument("--batch-size", type=int, default=8, metavar="N", help="rows per step (default: 8)")
+    training.add_argument("--seed", type=int, default=0, help="for the split, the adapters and the data order")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
+    parser.add_argument("--force", action="store_true", help="replace --out when it exists and is not empty")
+    parser.set_defaults(handler=handle)
+
+
+def load_rows(args: argparse.Namespace) -> tuple[list[dict], str]:
+    from lmforge.align import read_rows
+    from lmforge.align.tasks import date_rows
+
+    if args.data is None:
+        return date_rows(400, seed=args.seed), "the dates task (generated)"
+    return read_rows(args.data), args.data
+
+
+def split_rows(rows: list[dict], validation: float | int, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded shuffle, then the held-out rows off the end."""
+    count = validation if isinstance(validation, int) else round(len(rows) * validation)
+    if not (isinstance(validation, int) or 0 < validation < 1) or not 1 <= count < len(rows):
+        raise ValidationError(f"--validation {validation} leaves no training or no held-out row out of {len(rows)}; "
+                              "give a fraction between 0 and 1 or a smaller count.")
+    shuffled = rows[:]
+    random.Random(seed).shuffle(shuffled)
+    return shuffled[:-count], shuffled[-count:]
+
+
+def prepare_model(args: argparse.Namespace):
+    """The model to train: loaded in float32, quantized to NF4 for qlora, with LoRA layers for lora/qlora."""
+    from lmforge import AutoModelForCausalLM
+    from lmforge.peft import LoraConfig, add_lora
+    from lmforge.quant import quantize_model
+
+    lora = None
+    if args.method != "full":  # check the LoRA settings before the model loads
+        targets = args.target_modules if args.target_modules == "all-linear" else [
+            name.strip() for name in args.target_modules.split(",") if name.strip()]
+        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                          target_modules=targets)
+    elif args.merge:
+        raise ValidationError("--merge folds LoRA updates into the model; --method full has none. Leave it out.")
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    if args.method == "qlora":
+        quantize_model(model, "nf4")
+    if lora is not None:
+        add_lora(model, lora)
+    return model
+
+
+def handle(args: argparse.Namespace) -> int:
+    import torch
+
+    from lmforge import AutoTokenizer
+    from lmforge.align import SFTConfig, SFTTrainer
+    from lmforge.peft import merge_and_unload, save_lora, trainable_summary
+    from lmforge.quant.checkpoint import check_output_folder, save_quantized
+
+    out = check_output_folder(args.out, args.force)
+    rows, origin = load_rows(args)
+    train_rows, held_out = split_rows(rows, args.validation, args.seed)
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = prepare_model(args)
+    summary = trainable_summary(model)
+    print(f"model       {args.model} ({args.method}): {summary}")
+    print(f"data        {origin}: {len(train_rows)} training, {len(held_out)} held-out rows", flush=True)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.partial-", dir=out.parent) as work:
+        work = Path(work)
+        learning_rate = args.lr if args.lr is not None else LEARNING_RATES[args.method]
+        config = SFTConfig(output_dir=work / "training", learning_rate=learning_rate, warmup_ratio=0.05,
+                           num_epochs=None if args.max_steps else (args.epochs or 1), max_steps=args.max_steps,
+                           per_device_batch_size=args.batch_size, seed=args.seed, logging_steps=5,
+                           max_length=args.max_length, overlong=args.overlong)
+        trainer = SFTTrainer(model, config, train_rows, tokenizer, eval_dataset=held_out)
+        report = trainer.report
+        if report.truncated or report.skipped:
+            note(f"{report.truncated} rows truncated, {report.skipped} skipped as longer than the maximum length")
+        before = trainer.evaluate()
+        trained = time.perf_counter()
+        state = trainer.train()
+        seconds = time.perf_counter() - trained
+        after = trainer.evaluate()
+        print(f"training    {state.global_step} steps in {seconds:.1f} s, last loss {state.loss:.4f}")
+        print(f"held-out    answer loss {before['loss']:.4f} -> {after['loss']:.4f} ({len(held_out)} rows)")
+
+        staged = work / "result"
+        if args.method == "full" or args.merge:
+            merged = merge_and_unload(model) if args.merge else model
+            if args.method == "qlora":
+                save_quantized(merged, staged, tokenizer)
+            else:
+                merged.save_pretrained(staged)
+                tokenizer.save_pretrained(staged)
+        else:
+            save_lora(model, staged, base_model_name_or_path=args.model)
+            tokenizer.save_pretrained(staged)
+        record = {"model": args.model, "method": args.method, "data": origin, "train_rows": len(train_rows),
+                  "held_out_rows": len(held_out), "learning_rate": learning_rate, "steps": state.global_step,
+                  "train_seconds": round(seconds, 3), "total_seconds": round(time.perf_counter() - start, 3),
+                  "trainable_parameters": summary.trainable, "total_parameters": summary.total,
+                  "held_out_loss_before": before["loss"], "held_out_loss_after": after["loss"],
+                  "rows_truncated": report.truncated, "rows_skipped": report.skipped}
+        (staged / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        staged.rename(out)
+    note(f"saved {out}: {', '.join(sorted(path.name for path in out.iterdir()))}")
+    return 0

@@ -1,0 +1,88 @@
+"""`lmforge sft`: full, LoRA and QLoRA end to end on a tiny Llama with SmolLM2's real tokenizer and chat
+template; the adapter folder applies through `lmforge generate --adapter`; one-line errors for bad input."""
+
+import json
+
+import pytest
+import torch
+
+from lmforge import AutoModelForCausalLM, AutoTokenizer
+from lmforge.cli import main
+from lmforge.config import LlamaConfig
+from lmforge.models.llama import LlamaForCausalLM
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory):
+    """A random 2-layer Llama with SmolLM2's tokenizer (and chat template) beside it."""
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    tokenizer = AutoTokenizer.from_pretrained("smollm2-135m-instruct")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer.backend.get_vocab()), hidden_size=64,
+                                 intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=256)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def rows(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    words = ["cat", "dog", "sun", "map", "cup", "pen", "box", "hat", "car", "bus"]
+    path.write_text("".join(json.dumps({"instruction": f"Spell {w}", "response": "-".join(w)}) + "\n" for w in words))
+    return path
+
+
+def run_sft(capsys, *argv):
+    assert main(["sft", *map(str, argv)]) == 0
+    return capsys.readouterr()
+
+
+def test_lora_writes_a_peft_adapter_that_generate_applies(tiny_chat_model, rows, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    printed = run_sft(capsys, tiny_chat_model, "--data", rows, "--method", "lora", "--max-steps", 6, "--lr", "1e-2",
+                      "--validation", 2, "--batch-size", 4, "--out", out)
+    assert "held-out    answer loss" in printed.out and "trainable" in printed.out
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "sft.json",
+                                                    "tokenizer.json", "tokenizer_config.json"]
+    record = json.loads((out / "sft.json").read_text())
+    assert (record["method"], record["steps"], record["train_rows"], record["held_out_rows"]) == ("lora", 6, 8, 2)
+    assert record["held_out_loss_after"] < record["held_out_loss_before"]
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    prompt = "Spell cat"
+    assert main(["generate", "--model", str(tiny_chat_model), prompt, "--temperature", "0", "--max-tokens", "4"]) == 0
+    base = capsys.readouterr().out
+    assert main(["generate", "--model", str(tiny_chat_model), prompt, "--adapter", str(out), "--temperature", "0",
+                 "--max-tokens", "4"]) == 0
+    adapted = capsys.readouterr()
+    assert "adapter" in adapted.err and adapted.out != base
+
+
+def test_full_and_merged_qlora_write_loadable_models(tiny_chat_model, rows, tmp_path, capsys):
+    run_sft(capsys, tiny_chat_model, "--data", rows, "--method", "full", "--max-steps", 2, "--validation", 2,
+            "--out", tmp_path / "full")
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    original = AutoModelForCausalLM.from_pretrained(tiny_chat_model)
+    changed = [name for name, p in full.state_dict().items() if not torch.equal(p, original.state_dict()[name])]
+    assert len(changed) > 10
+    run_sft(capsys, tiny_chat_model, "--data", rows, "--method", "qlora", "--max-steps", 2, "--validation", 2,
+            "--merge", "--out", tmp_path / "qlora")
+    config = json.loads((tmp_path / "qlora" / "config.json").read_text())
+    assert config["quantization"]["method"] == "nf4"
+
+
+def test_bad_input_is_one_line(tiny_chat_model, rows, tmp_path, capsys):
+    assert main(["sft", str(tiny_chat_model), "--data", str(rows), "--method", "full", "--merge",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--merge folds LoRA updates" in capsys.readouterr().err
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"instruction": "a", "response": "b"}) + "\n" + json.dumps({"instruction": "c"}) + "\n"
+                      + json.dumps({"instruction": "d", "response": "e"}) + "\n")
+    assert main(["sft", str(tiny_chat_model), "--data", str(broken), "--method", "lora", "--validation", "1",
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "'response' is missing" in capsys.readouterr().err
+    assert main(["sft", str(tiny_chat_model), "--data", str(rows), "--method", "lora", "--target-modules", "query",
+                 "--out", str(tmp_path / "z")]) == 2
+    assert "match no linear layer" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
