@@ -177,19 +177,40 @@ class GGUFFile:
     def raw_tensor(self, name: str) -> torch.Tensor:
         """A tensor's stored bytes as a flat uint8 tensor (a copy), e.g. for kernels on quantized blocks."""
         info = self._info(name)
+        return self._bytes(info, 0, _n_bytes(info.shape, self._format(info)))
+
+    def _format(self, info: TensorInfo) -> QuantFormat:
         fmt = QUANT_FORMATS.get(info.type_name)
         if fmt is None:
             raise UnsupportedTensorTypeError(
-                f"{self.path}: tensor {name!r} is stored as {info.type_name}, which lmforge cannot decode "
+                f"{self.path}: tensor {info.name!r} is stored as {info.type_name}, which lmforge cannot decode "
                 f"(supported: {', '.join(QUANT_FORMATS)}). Use a GGUF quantized with a supported type."
             )
-        raw = np.frombuffer(self._buffer, np.uint8, _n_bytes(info.shape, fmt), info.offset)
-        return torch.from_numpy(raw.copy())
+        return fmt
+
+    def _bytes(self, info: TensorInfo, start: int, count: int) -> torch.Tensor:
+        """`count` bytes of a tensor's data from byte `start`, copied out of the mapped file."""
+        return torch.from_numpy(np.frombuffer(self._buffer, np.uint8, count, info.offset + start).copy())
 
     def load_tensor(self, name: str) -> torch.Tensor:
         """Read and dequantize one tensor to float32 in its torch shape."""
         info = self._info(name)
         return dequantize(self.raw_tensor(name), info.type_name, info.shape)
+
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor (its first torch dimension), dequantized to float32.
+
+        Quantized blocks never span two rows, so only those rows' bytes are read and decoded:
+        a tensor-parallel process loads its slice of a matrix without decoding the rest.
+        """
+        info = self._info(name)
+        rows = info.shape[0]
+        if not 0 <= start <= stop <= rows:
+            raise CheckpointError(f"{self.path}: rows [{start}, {stop}) of tensor {name!r} are out of range; it has "
+                                  f"{rows} rows.")
+        row_bytes = _n_bytes(info.shape, self._format(info)) // rows
+        raw = self._bytes(info, start * row_bytes, (stop - start) * row_bytes)
+        return dequantize(raw, info.type_name, (stop - start, *info.shape[1:]))
 
     def _info(self, name: str) -> TensorInfo:
         try:

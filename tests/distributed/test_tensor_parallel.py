@@ -1,0 +1,158 @@
+"""Tensor parallelism on CPU (torchrun, gloo): sharded layers and models compute what one process does.
+
+Parallel layers and tiny random models split in 2 match their whole selves (1e-5; identical greedy
+tokens); SmolLM2-135M-Instruct loaded slice by slice in 3 processes (9 query heads, 3 key/value
+heads, FFN 1536, vocabulary 49152) matches one process up to the first near-tie, each process
+holding a third of the weights. Splits that do not divide the model fail before any weight is read.
+"""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lmforge import SamplingParams, generate
+from lmforge.config import LlamaConfig
+from lmforge.distributed.sharded_loading import load_tensor_parallel
+from lmforge.distributed.tensor_parallel import TensorParallelPlan, check_devices, shard_model
+from lmforge.errors import ConfigError, UnsupportedError, ValidationError
+from lmforge.models.llama import LlamaForCausalLM
+from lmforge.quant import quantize_loaded
+from tests.distributed.tensor_parallel_worker import SMOLLM2_PROMPTS, SMOLLM2_TOKENS, TINY_LLAMA
+from tests.generation.test_generate import first_near_tie
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def launch_worker(mode: str, processes: int, folder: Path) -> dict:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "tests.distributed.tensor_parallel_worker", mode, str(folder)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    finished = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    return json.loads((folder / f"{mode}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    return launch_worker("layers", 2, tmp_path_factory.mktemp("layers"))
+
+
+@pytest.fixture(scope="module")
+def smollm2_three_processes(tmp_path_factory):
+    return launch_worker("smollm2", 3, tmp_path_factory.mktemp("smollm2"))
+
+
+def test_parallel_layers_equal_their_one_process_counterparts(two_processes):
+    assert two_processes["world"] == 2
+    assert set(two_processes["layers"]) == {"column", "row", "embedding", "head"}
+    for layer, difference in two_processes["layers"].items():
+        assert difference <= 1e-5, layer
+
+
+@pytest.mark.parametrize("kind, kv_heads_per_process", [("llama-gqa", 1), ("llama-mqa", 1), ("gpt2", 2)])
+def test_tiny_models_split_in_two_give_the_same_greedy_tokens(two_processes, kind, kv_heads_per_process):
+    """GQA with 2 KV heads gives each process one; MQA's single KV head is replicated; GPT-2 has biases."""
+    result = two_processes["models"][kind]
+    assert result["logits"] <= 1e-5
+    assert result["sharded"] == result["alone"]
+    assert result["kv_heads"] == kv_heads_per_process
+
+
+def test_smollm2_in_three_processes_matches_one_up_to_the_first_near_tie(smollm2, smollm2_tokenizer,
+                                                                          smollm2_three_processes):
+    params = SamplingParams(temperature=0, max_tokens=SMOLLM2_TOKENS, logprobs=2)
+    for prompt, sharded in zip(SMOLLM2_PROMPTS, smollm2_three_processes["outputs"]):
+        text = smollm2_tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids = smollm2_tokenizer.encode(text, add_special_tokens=False)
+        alone = generate(smollm2, smollm2_tokenizer, ids, params)[0].outputs[0]
+        margins = [torch.tensor([step.top[0][1], step.top[1][1]]) for step in alone.logprobs]
+        agree = first_near_tie(margins)
+        assert agree >= 3
+        assert sharded["tokens"][:agree + 1] == alone.token_ids[:agree + 1]
+        for ours, reference in zip(sharded["top"][:agree + 1], alone.logprobs):
+            assert ours[0][1] == pytest.approx(reference.top[0][1], abs=1e-3)
+
+
+def test_each_of_three_processes_holds_a_third_of_smollm2(smollm2, smollm2_three_processes):
+    whole = smollm2.num_parameters() * 4
+    for weight_bytes in smollm2_three_processes["weight_bytes"]:
+        assert weight_bytes < 0.35 * whole
+
+
+def test_sharded_gguf_loading_reads_the_slices_of_the_whole_model(smollm2):
+    """Rank 1 of 3, read slice by slice from the Q4_1 file (q/k rows re-ordered per head), holds
+    query heads 3-5, key/value head 1, FFN features 512-1023 and vocabulary rows 16384-32767."""
+    loaded = load_tensor_parallel("smollm2-135m-instruct", rank=1, world_size=3).state_dict()
+    full = smollm2.state_dict()
+    query, kv, ffn, vocab = slice(192, 384), slice(64, 128), slice(512, 1024), slice(16384, 32768)
+    expected = {"model.embed_tokens.weight": full["model.embed_tokens.weight"][vocab],
+                "lm_head.weight": full["model.embed_tokens.weight"][vocab], "model.norm.weight": full["model.norm.weight"]}
+    for layer in (0, 29):
+        prefix = f"model.layers.{layer}."
+        for name, rows in (("self_attn.q_proj", query), ("self_attn.k_proj", kv), ("self_attn.v_proj", kv),
+                           ("mlp.gate_proj", ffn), ("mlp.up_proj", ffn)):
+            expected[f"{prefix}{name}.weight"] = full[f"{prefix}{name}.weight"][rows]
+        for name, columns in (("self_attn.o_proj", query), ("mlp.down_proj", ffn)):
+            expected[f"{prefix}{name}.weight"] = full[f"{prefix}{name}.weight"][:, columns]
+        expected[f"{prefix}attn_norm.weight"] = full[f"{prefix}attn_norm.weight"]
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+def tiny_llama(**overrides) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides})).eval()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sharded_safetensors_loading_equals_sharding_the_loaded_model(tmp_path, rank):
+    model = tiny_llama(tie_word_embeddings=True)
+    model.save_pretrained(tmp_path)
+    loaded = load_tensor_parallel(tmp_path, rank=rank, world_size=2)
+    sharded = copy.deepcopy(model)
+    shard_model(sharded, rank, 2)
+    assert loaded.state_dict().keys() == sharded.state_dict().keys()
+    for name, tensor in sharded.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert loaded.model.embed_tokens.weight.shape == (32, 32)
+
+
+def test_key_value_heads_are_split_or_replicated_by_query_group():
+    plan = lambda world, rank, kv: TensorParallelPlan(rank, world, 8, kv, 4, 64, 64)
+    assert [plan(2, rank, 4).kv_heads for rank in range(2)] == [range(0, 2), range(2, 4)]
+    assert [plan(4, rank, 2).kv_heads for rank in range(4)] == [range(0, 1), range(0, 1), range(1, 2), range(1, 2)]
+    assert [plan(4, rank, 2).query_heads for rank in range(4)] == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    assert plan(4, 3, 2).features("query") == (24, 32) and plan(4, 3, 2).features("kv") == (4, 8)
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    ({}, 3, "4 attention heads"),
+    ({"num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 36}, 2, "3 key/value heads"),
+    ({"intermediate_size": 66}, 4, "feed-forward width 66"),
+    ({"vocab_size": 63}, 2, "vocabulary size 63"),
+])
+def test_a_split_that_does_not_divide_the_model_fails_with_the_sizes_that_do(overrides, world, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        shard_model(tiny_llama(**overrides), 0, world)
+    assert "does not pad; use one of: 1" in str(error.value)
+
+
+def test_a_split_larger_than_the_gpus_or_of_a_quantized_model_fails():
+    if torch.cuda.device_count() < 64:
+        with pytest.raises(ValidationError, match="needs 64 GPUs"):
+            check_devices(64, "cuda")
+    check_devices(64, "cpu")  # CPU processes share the cores
+    model = tiny_llama()
+    quantize_loaded(model, "int8")
+    with pytest.raises(UnsupportedError, match="without quantization"):
+        shard_model(model, 0, 2)
+    with pytest.raises(UnsupportedError, match="decoder-only"):
+        shard_model(nn.Linear(2, 2), 0, 2)
