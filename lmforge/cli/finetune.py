@@ -190,20 +190,26 @@ def handle(args: argparse.Namespace) -> int:
         print(f"held-out    accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, "
               f"loss {metrics['loss']:.4f} ({len(validation)} examples)")
 
-        staged = work / "model"
-        model.save_pretrained(staged)
-        tokenizer.save_pretrained(staged)
-        if (work / "training" / "log.jsonl").is_file():
-            shutil.copy(work / "training" / "log.jsonl", staged / "log.jsonl")
         record = {"model": args.model, "method": args.method, "options": options, "data": origin,
                   "labels": [str(label) for label in label_to_id], "train_examples": len(train),
                   "validation_examples": len(validation), "learning_rate": learning_rate, "steps": state.global_step,
                   "train_seconds": round(seconds, 3), "total_seconds": round(time.perf_counter() - start, 3),
                   "trainable_parameters": summary.trainable, "total_parameters": summary.total,
                   "metrics": metrics}
-        (staged / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staged.rename(out)
+        write_folder(out, work, model, tokenizer, record)
     note(f"saved {out}: {', '.join(sorted(path.name for path in out.iterdir()))}")
     return 0
+
+
+def write_folder(out: Path, work: Path, model, tokenizer, record: dict) -> None:
+    """Model, tokenizer, training log and run record, staged in `work` and then moved to `out` in one rename,
+    so an interrupted save never leaves half a folder (an existing `out` is replaced only then)."""
+    staged = work / "model"
+    model.save_pretrained(staged)
+    tokenizer.save_pretrained(staged)
+    if (work / "training" / "log.jsonl").is_file():
+        shutil.copy(work / "training" / "log.jsonl", staged / "log.jsonl")
+    (staged / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    staged.rename(out)

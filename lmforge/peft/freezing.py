@@ -25,7 +25,7 @@ from lmforge.peft.adapters import adapter_parameter_names, add_adapters
 
 METHODS = ("full", "frozen", "partial", "adapter")
 _EMBEDDING = re.compile(r"(?:^|\.)(?:embed_\w+|shared)\.")  # token, position, segment embeddings and their norm
-_LAYER = re.compile(r"^(.*?)layers\.(\d+)\.")  # (the stack, the layer number): BART has an encoder and a decoder stack
+_LAYER = re.compile(r"^((?:.*\.)?)layers\.(\d+)\.")  # (the stack, the layer number): BART has an encoder and a decoder stack
 
 
 @dataclass(frozen=True)
