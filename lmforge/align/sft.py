@@ -119,6 +119,29 @@ def _plain_pieces(prompt: str, completion: str, tokenizer: Tokenizer) -> list[tu
             (tokenizer.encode(completion, add_special_tokens=False) + [tokenizer.eos_token_id], True)]
 
 
+def tokenize_row(row: dict[str, Any], number: int, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one row: labels are the ids over the answers and -100 elsewhere."""
+    shaped = conversation(row, number)
+    pieces = _plain_pieces(*shaped, tokenizer) if isinstance(shaped, tuple) else _chat_pieces(shaped, tokenizer)
+    ids = [token for piece, _ in pieces for token in piece]
+    labels = [token if trained else IGNORE_INDEX for piece, trained in pieces for token in piece]
+    return ids, labels
+
+
+def fit_length(ids: list[int], labels: list[int], max_length: int | None, overlong: str,
+               number: int) -> tuple[list[int], list[int]] | None:
+    """The example within `max_length`: unchanged, cut ("truncate"), None when dropped ("skip", or a cut
+    that leaves no answer token), or an error ("error")."""
+    if max_length is None or len(ids) <= max_length:
+        return ids, labels
+    if overlong == "error":
+        raise InputError(f"row {number}: {len(ids)} tokens, longer than max_length={max_length}; raise "
+                         "max_length, or set overlong='truncate' or 'skip'.")
+    if overlong == "skip" or all(label == IGNORE_INDEX for label in labels[:max_length]):
+        return None
+    return ids[:max_length], labels[:max_length]
+
+
 @dataclass
 class SFTReport:
     """What tokenization did to the rows: kept, cut at max_length, dropped for length."""
@@ -139,21 +162,13 @@ def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Tokenizer, max_leng
         raise ValidationError(f"overlong must be one of {', '.join(OVERLONG)}; got {overlong!r}.")
     examples, report = [], SFTReport()
     for number, row in enumerate(rows, 1):
-        shaped = conversation(row, number)
-        pieces = (_plain_pieces(*shaped, tokenizer) if isinstance(shaped, tuple)
-                  else _chat_pieces(shaped, tokenizer))
-        ids = [token for piece, _ in pieces for token in piece]
-        labels = [token if trained else IGNORE_INDEX for piece, trained in pieces for token in piece]
-        if max_length is not None and len(ids) > max_length:
-            if overlong == "error":
-                raise InputError(f"row {number}: {len(ids)} tokens, longer than max_length={max_length}; raise "
-                                 "max_length, or set overlong='truncate' or 'skip'.")
-            if overlong == "skip" or all(label == IGNORE_INDEX for label in labels[:max_length]):
-                report.skipped += 1
-                continue
-            ids, labels = ids[:max_length], labels[:max_length]
-            report.truncated += 1
-        examples.append({"input_ids": ids, "labels": labels})
+        ids, labels = tokenize_row(row, number, tokenizer)
+        fitted = fit_length(ids, labels, max_length, overlong, number)
+        if fitted is None:
+            report.skipped += 1
+            continue
+        report.truncated += len(fitted[0]) < len(ids)
+        examples.append({"input_ids": fitted[0], "labels": fitted[1]})
         report.kept += 1
     if not examples:
         raise InputError(f"all {len(rows)} rows were skipped as longer than max_length={max_length}; raise it.")

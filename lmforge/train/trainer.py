@@ -24,7 +24,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -292,6 +292,15 @@ class Trainer:
 
     # ----- one optimizer step -------------------------------------------------------------------
 
+    def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many units (target tokens, examples) the loss of `batch` sums over. Override with
+        `loss_sum` for another objective (DPO counts preference pairs)."""
+        return count_targets(self.task, batch["labels"])
+
+    def loss_sum(self, batch: dict[str, torch.Tensor], module: torch.nn.Module) -> torch.Tensor:
+        """The summed (not averaged) loss of `batch`, computed with `module`."""
+        return loss_sum(self.task, self._forward(batch, module), batch["labels"].to(self.device))
+
     def accumulate_gradients(self, batches: list[dict[str, torch.Tensor]]) -> float:
         """Backpropagate the loss of one optimizer step over its micro-batches; return that loss.
 
@@ -300,7 +309,7 @@ class Trainer:
         target count is summed over all of them and each loss is scaled by N, because data
         parallelism averages the N gradients; gradients are exchanged once, after the last micro-batch.
         """
-        local = sum(count_targets(self.task, batch["labels"]) for batch in batches)
+        local = sum(self.count_targets(batch) for batch in batches)
         total = all_reduce_sum(local, self.context)
         if total == 0:
             raise ValidationError(f"step {self.state.global_step + 1}: no label in its batches is a target (all "
@@ -310,8 +319,7 @@ class Trainer:
         loss = 0.0
         for index, batch in enumerate(batches):
             with gradient_sync(self.trained, enabled=index == len(batches) - 1):
-                logits = self._forward(batch, self.trained)
-                micro = loss_sum(self.task, logits, batch["labels"].to(self.device)) * scale
+                micro = self.loss_sum(batch, self.trained) * scale
                 micro.backward()
             loss += micro.item()
         return all_reduce_sum(loss, self.context) / self.context.world_size
@@ -442,27 +450,34 @@ class Trainer:
 
     # ----- evaluation ----------------------------------------------------------------------------
 
+    def evaluation_batches(self, dataset: Sequence[dict]) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+        """This process's batches of `dataset`, each with whether it counts.
+
+        With N processes each evaluates every N-th batch; all run the same number of forward
+        passes (a process out of batches repeats the last one, which does not count), since a
+        sharded model gathers its weights collectively in every forward.
+        """
+        size, rank, world = self.args.per_device_batch_size, self.context.rank, self.context.world_size
+        starts = range(0, len(dataset), size)
+        for index in range(rank, world * math.ceil(len(starts) / world), world):
+            start = starts[min(index, len(starts) - 1)]
+            yield self.collator([dataset[i] for i in range(start, min(start + size, len(dataset)))]), \
+                index < len(starts)
+
     @torch.no_grad()
     def evaluate(self, dataset: Sequence[dict] | None = None) -> dict[str, float]:
         """Per-token loss over the whole set (sum / count, not a mean of batch means), with perplexity
-        for language models and accuracy + macro F1 for classification.
-
-        With N processes each evaluates every N-th batch and the sums are added up; all run the
-        same number of forward passes (a process out of batches repeats one and discards it),
-        since a sharded model gathers its weights collectively in every forward.
+        for language models and accuracy + macro F1 for classification. With N processes the
+        sums of all processes' batches are added up.
         """
         dataset = self.eval_dataset if dataset is None else dataset
         if not dataset:
             raise ValidationError("evaluate() needs a non-empty dataset; pass one or set eval_dataset.")
         self.model.eval()
-        size, rank, world = self.args.per_device_batch_size, self.context.rank, self.context.world_size
-        starts = range(0, len(dataset), size)
         total_loss, total_count, predictions, labels = 0.0, 0, [], []
-        for index in range(rank, world * math.ceil(len(starts) / world), world):
-            start = starts[min(index, len(starts) - 1)]
-            batch = self.collator([dataset[i] for i in range(start, min(start + size, len(dataset)))])
+        for batch, counted in self.evaluation_batches(dataset):
             logits, target = self._forward(batch), batch["labels"].to(self.device)
-            if index >= len(starts):
+            if not counted:
                 continue
             total_loss += loss_sum(self.task, logits, target).item()
             total_count += count_targets(self.task, target)

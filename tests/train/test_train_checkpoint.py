@@ -115,12 +115,12 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, data, monkeypat
             trainer.save()
     assert latest_checkpoint(tmp_path) == previous
     assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000002", "log.jsonl", "loss_curve.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000002", "log.csv", "log.jsonl", "loss_curve.png"]
 
     monkeypatch.undo()
     trainer.state.global_step = 2
     trainer.save()  # re-saving an existing step replaces it whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000002", "log.jsonl", "loss_curve.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000002", "log.csv", "log.jsonl", "loss_curve.png"]
 
 
 def test_resume_errors_say_what_to_do(tmp_path, data):
