@@ -78,3 +78,17 @@ def exact_match(predictions: Sequence[str], rows: Sequence[dict[str, Any]],
         raise ValueError(f"{len(predictions)} predictions for {len(rows)} rows.")
     hits = sum(normalize(prediction) == normalize(row["response"]) for prediction, row in zip(predictions, rows))
     return hits / max(len(rows), 1)
+
+
+def date_preferences(count: int, seed: int = 0) -> list[dict[str, str]]:
+    """Preference rows for the dates task: the bare ISO date (chosen) over a chatty answer in another
+    format (rejected) — the "required answer format" that preference tuning should instil."""
+    generator = random.Random(seed + 1)
+    rows = []
+    for row in date_rows(count, seed):
+        date = datetime.date.fromisoformat(row["response"])
+        chatty = generator.choice([f"Sure! The date is {date.strftime('%B')} {date.day}, {date.year}.",
+                                   f"That would be {date.day:02d}/{date.month:02d}/{date.year}.",
+                                   f"In ISO format, I believe the date is {date.year}/{date.month}/{date.day}."])
+        rows.append({"prompt": row["instruction"], "chosen": row["response"], "rejected": chatty})
+    return rows

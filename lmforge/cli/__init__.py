@@ -11,10 +11,10 @@ import argparse
 import os
 import sys
 
-from lmforge.cli import chat, evaluate, export, finetune, generate, info, pretrain, quantize, serve, sft, sweep
+from lmforge.cli import chat, dpo, evaluate, export, finetune, generate, info, pretrain, quantize, serve, sft, sweep
 from lmforge.errors import LMForgeError
 
-COMMANDS = (generate, chat, info, serve, evaluate, quantize, export, pretrain, sweep, finetune, sft)
+COMMANDS = (generate, chat, info, serve, evaluate, quantize, export, pretrain, sweep, finetune, sft, dpo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,18 +43,16 @@ def _validation(text: str) -> float | int:
     return int(value) if value >= 1 and value.is_integer() else value
 
 
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("sft", help="supervised fine-tuning on instruction/response data (full, LoRA, "
-                                   "QLoRA)", description=__doc__, epilog=EXAMPLES,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_alignment_arguments(parser: argparse.ArgumentParser, data_help: str,
+                            learning_rates: dict[str, float]) -> None:
+    """The options `lmforge sft` and `lmforge dpo` share: model, method, data, LoRA, training, output."""
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                         help=f"embedded short name, HF model folder or .gguf file (default: {DEFAULT_MODEL})")
     parser.add_argument("--method", required=True, choices=METHODS,
                         help="full: every weight; lora: low-rank updates of frozen layers; qlora: LoRA over an "
                              "NF4-quantized base")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", metavar="FILE", help=".json or .jsonl rows (default: the generated dates task, "
-                                                     "400 rows)")
+    data.add_argument("--data", metavar="FILE", help=data_help)
     data.add_argument("--validation", type=_validation, default=0.1, metavar="X",
                       help="held-out fraction (0 < X < 1) or number of rows (default: 0.1)")
     data.add_argument("--max-length", type=int, metavar="N", help="longest example in tokens (default: the "
@@ -75,11 +73,19 @@ def add_parser(subparsers) -> None:
     length.add_argument("--epochs", type=int, metavar="N", help="passes over the training rows (default: 1)")
     length.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps instead of epochs")
     training.add_argument("--lr", type=float, metavar="X", help="peak learning rate (default: "
-                          + ", ".join(f"{m} {lr:g}" for m, lr in LEARNING_RATES.items()) + ")")
+                          + ", ".join(f"{m} {lr:g}" for m, lr in learning_rates.items()) + ")")
     training.add_argument("--batch-size", type=int, default=8, metavar="N", help="rows per step (default: 8)")
     training.add_argument("--seed", type=int, default=0, help="for the split, the adapters and the data order")
     parser.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
     parser.add_argument("--force", action="store_true", help="replace --out when it exists and is not empty")
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("sft", help="supervised fine-tuning on instruction/response data (full, LoRA, "
+                                   "QLoRA)", description=__doc__, epilog=EXAMPLES,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_alignment_arguments(parser, ".json or .jsonl rows (default: the generated dates task, 400 rows)",
+                            LEARNING_RATES)
     parser.set_defaults(handler=handle)
 
 
@@ -125,13 +131,38 @@ def prepare_model(args: argparse.Namespace):
     return model
 
 
+def save_trained(model, tokenizer, args: argparse.Namespace, folder: Path) -> Path:
+    """The result into `folder`: a model folder (full, or --merge) or a PEFT adapter folder, with the tokenizer."""
+    from lmforge.peft import merge_and_unload, save_lora
+    from lmforge.quant.checkpoint import save_quantized
+
+    if args.method == "full" or args.merge:
+        merged = merge_and_unload(model) if args.merge else model
+        if args.method == "qlora":
+            return save_quantized(merged, folder, tokenizer)
+        merged.save_pretrained(folder)
+    else:
+        save_lora(model, folder, base_model_name_or_path=args.model)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def publish(staged: Path, out: Path, record: dict, name: str) -> None:
+    """Write the run record into the staged folder and move it to `out` in one rename."""
+    (staged / name).write_text(json.dumps(record, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    staged.rename(out)
+    note(f"saved {out}: {', '.join(sorted(path.name for path in out.iterdir()))}")
+
+
 def handle(args: argparse.Namespace) -> int:
     import torch
 
     from lmforge import AutoTokenizer
     from lmforge.align import SFTConfig, SFTTrainer
-    from lmforge.peft import merge_and_unload, save_lora, trainable_summary
-    from lmforge.quant.checkpoint import check_output_folder, save_quantized
+    from lmforge.peft import trainable_summary
+    from lmforge.quant.checkpoint import check_output_folder
 
     out = check_output_folder(args.out, args.force)
     rows, origin = load_rows(args)
@@ -164,26 +195,12 @@ def handle(args: argparse.Namespace) -> int:
         print(f"training    {state.global_step} steps in {seconds:.1f} s, last loss {state.loss:.4f}")
         print(f"held-out    answer loss {before['loss']:.4f} -> {after['loss']:.4f} ({len(held_out)} rows)")
 
-        staged = work / "result"
-        if args.method == "full" or args.merge:
-            merged = merge_and_unload(model) if args.merge else model
-            if args.method == "qlora":
-                save_quantized(merged, staged, tokenizer)
-            else:
-                merged.save_pretrained(staged)
-                tokenizer.save_pretrained(staged)
-        else:
-            save_lora(model, staged, base_model_name_or_path=args.model)
-            tokenizer.save_pretrained(staged)
+        staged = save_trained(model, tokenizer, args, work / "result")
         record = {"model": args.model, "method": args.method, "data": origin, "train_rows": len(train_rows),
                   "held_out_rows": len(held_out), "learning_rate": learning_rate, "steps": state.global_step,
                   "train_seconds": round(seconds, 3), "total_seconds": round(time.perf_counter() - start, 3),
                   "trainable_parameters": summary.trainable, "total_parameters": summary.total,
                   "held_out_loss_before": before["loss"], "held_out_loss_after": after["loss"],
                   "rows_truncated": report.truncated, "rows_skipped": report.skipped}
-        (staged / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staged.rename(out)
-    note(f"saved {out}: {', '.join(sorted(path.name for path in out.iterdir()))}")
+        publish(staged, out, record, RECORD)
     return 0

@@ -39,3 +39,13 @@ def test_exact_match():
     assert exact_match([" 2001-01-01\n", "1999-12-30"], rows) == 0.5
     with pytest.raises(ValueError):
         exact_match(["x"], rows)
+
+
+def test_format_preferences_choose_the_bare_iso_date():
+    from lmforge.align.tasks import date_preferences
+
+    rows = date_preferences(30, seed=2)
+    assert rows == date_preferences(30, seed=2)
+    for row, plain in zip(rows, date_rows(30, seed=2)):
+        assert (row["prompt"], row["chosen"]) == (plain["instruction"], plain["response"])
+        assert row["rejected"] != row["chosen"] and len(row["rejected"]) > len(row["chosen"])

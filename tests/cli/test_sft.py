@@ -6,23 +6,8 @@ import json
 import pytest
 import torch
 
-from lmforge import AutoModelForCausalLM, AutoTokenizer
+from lmforge import AutoModelForCausalLM
 from lmforge.cli import main
-from lmforge.config import LlamaConfig
-from lmforge.models.llama import LlamaForCausalLM
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory):
-    """A random 2-layer Llama with SmolLM2's tokenizer (and chat template) beside it."""
-    folder = tmp_path_factory.mktemp("tiny-chat")
-    tokenizer = AutoTokenizer.from_pretrained("smollm2-135m-instruct")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer.backend.get_vocab()), hidden_size=64,
-                                 intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=256)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture
