@@ -72,7 +72,8 @@ def add_parser(subparsers) -> None:
     training.add_argument("--lr", type=float, metavar="X", help="peak learning rate (default: "
                           + ", ".join(f"{m} {lr:g}" for m, lr in LEARNING_RATES.items()) + ")")
     training.add_argument("--batch-size", type=int, default=16, metavar="N", help="examples per step (default: 16)")
-    training.add_argument("--seed", type=int, default=0, help="for the split, the head and the data order")
+    training.add_argument("--seed", type=int, default=0,
+                          help="seeds the split, the new weights, dropout and the data order (default: 0)")
     parser.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
     parser.add_argument("--force", action="store_true", help="replace --out when it exists and is not empty")
     parser.set_defaults(handler=handle)
@@ -134,7 +135,14 @@ def handle(args: argparse.Namespace) -> int:
     from lmforge import AutoTokenizer
     from lmforge.peft import apply_method, trainable_summary
     from lmforge.quant.checkpoint import check_output_folder
-    from lmforge.train import PaddingCollator, Trainer, TrainingArguments, label_vocabulary, train_validation_split
+    from lmforge.train import (
+        PaddingCollator,
+        Trainer,
+        TrainingArguments,
+        label_vocabulary,
+        set_seed,
+        train_validation_split,
+    )
 
     options = method_options(args)  # mistakes in the arguments fail before anything loads
     out = check_output_folder(args.out, args.force)
@@ -147,6 +155,7 @@ def handle(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    set_seed(args.seed)  # the new head and the adapters draw their initial weights
     model = build_classifier(args.model, list(label_to_id))
     positions = model.config.context_length
     if args.max_length is not None and not 1 <= args.max_length <= positions:

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lmforge import AutoModel, AutoModelForSequenceClassification
 from lmforge.cli import main
@@ -78,6 +79,18 @@ def test_every_method_trains_and_saves_a_loadable_classifier(method, trainable, 
     assert same_top_layer == (method in ("frozen", "adapter"))
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "finetune.json", "log.jsonl", "model.safetensors",
                                                      "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_the_seed_makes_a_run_reproducible(tiny_folders, numbers_csv, tmp_path):
+    def weights(seed: str) -> dict:
+        out = tmp_path / f"seed-{seed}-{len(list(tmp_path.iterdir()))}"
+        assert finetune(str(tiny_folders["bert"]), "--method", "adapter", "--bottleneck", "4", "--data",
+                        str(numbers_csv), "--max-steps", "3", "--seed", seed, "--out", str(out)) == 0
+        return load_file(str(out / "model.safetensors"))
+
+    first, again, other = weights("0"), weights("0"), weights("1")
+    assert all(torch.equal(first[name], again[name]) for name in first)  # head and adapters start alike
+    assert not torch.equal(first["classifier.weight"], other["classifier.weight"])
 
 
 def test_a_decoder_fine_tunes_with_adapters(tiny_folders, numbers_csv, tmp_path, capsys):
