@@ -46,3 +46,7 @@ def require_counts(owner: str, values: dict[str, object]) -> None:
 
 class KVCacheError(LMForgeError, RuntimeError):
     """The KV block bookkeeping was driven wrongly (a double free, allocating without room): an engine bug."""
+
+
+class DistributedError(LMForgeError, RuntimeError):
+    """A process of a multi-process job (a tensor-parallel worker) died or could not start."""

@@ -21,6 +21,7 @@ from lmforge.sources import DEFAULT_MODEL
 EXAMPLES = """examples:
   lmforge serve                                   # SmolLM2-135M-Instruct on http://127.0.0.1:8000
   lmforge serve --port 9000 --api-key secret --max-queue 64
+  lmforge serve --tensor-parallel-size 3          # the model split over 3 processes
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 20}'
 """
@@ -53,6 +54,9 @@ def add_parser(subparsers) -> None:
                         help="token slots in the paged KV cache (default: a share of free memory)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="longest prompt + answer per request (default: the model's context window)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="split the model over this many processes (one GPU each with CUDA, else CPU "
+                             "processes sharing the cores) that run every step together (default: 1)")
     parser.add_argument("--max-queue", type=int, default=None,
                         help="waiting requests beyond which new ones get HTTP 429 (default: unbounded)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
@@ -102,11 +106,20 @@ def run(args: argparse.Namespace) -> int:
                         api_key=args.api_key or None, max_queue=args.max_queue)
     failure: list[BaseException] = []
 
+    def stop_serving(exc: BaseException) -> None:
+        """The server cannot go on (a tensor-parallel worker died): stop, and exit with the error."""
+        logging.error("%s", exc)
+        failure.append(exc)
+        server.should_exit = True
+
     def load() -> None:
         try:
             if args.embedding_model.lower() != "none":
                 state.embedder = Embedder.from_pretrained(args.embedding_model)
-            state.engine = AsyncLLMEngine.from_pretrained(args.model, config, args.dtype, args.quantization)
+            state.engine = AsyncLLMEngine.from_pretrained(args.model, config, args.dtype, args.quantization,
+                                                          args.tensor_parallel_size)
+            if state.engine.engine.workers is not None:
+                state.engine.engine.workers.watch(stop_serving)
             logging.info("model %s ready (%s%s): http://%s:%d/", state.model_name,
                          str(state.engine.engine.model.dtype).removeprefix("torch."),
                          f", {args.quantization}" if args.quantization else "", args.host, args.port)

@@ -6,13 +6,17 @@ LOCAL_RANK (its index on this machine, which picks its GPU) and WORLD_SIZE, plus
 MASTER_ADDR/MASTER_PORT where rank 0 listens. `init_distributed()` reads them and
 joins the default process group: NCCL between GPUs, gloo between CPU processes.
 A script run without torchrun gets a one-process context and never touches
-torch.distributed, so the same code runs alone or in a group.
+torch.distributed, so the same code runs alone or in a group. A program can also start its
+own processes (torch.multiprocessing) and join them with `init_spawned`, rendezvousing on a
+free local port.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -86,6 +90,32 @@ def init_distributed(backend: str | None = None) -> DistributedContext:
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def free_port() -> int:
+    """A TCP port on this machine that nothing listens on now (for a spawned group's rendezvous)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# A process of a serving group waits for the next step as long as the server is idle; a process
+# that dies is noticed by its closed connections, not by this timeout.
+SPAWNED_GROUP_TIMEOUT = timedelta(days=365)
+
+
+def init_spawned(rank: int, world_size: int, port: int, device_type: str = "cpu") -> DistributedContext:
+    """Join a group of processes started by this program on this machine, meeting at 127.0.0.1:`port`.
+
+    On "cuda" each process uses the GPU of its rank and NCCL; on "cpu", gloo.
+    """
+    device = torch.device("cpu")
+    if device_type == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world_size, timeout=SPAWNED_GROUP_TIMEOUT)
+    return DistributedContext(rank=rank, world_size=world_size, local_rank=rank, device=device)
+
+
 def destroy_distributed() -> None:
     """Leave the process group (call once at the end of a distributed script)."""
     if dist.is_initialized():
@@ -114,6 +144,13 @@ def gather_objects(value: Any, context: DistributedContext) -> list[Any]:
     gathered: list[Any] = [None] * context.world_size
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def broadcast_object(value: Any, context: DistributedContext, src: int = 0) -> Any:
+    """Process `src`'s `value` on every process (plain data: it travels pickled between the processes)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=src, device=context.device if context.device.type == "cuda" else None)
+    return box[0]
 
 
 def gather_tensors(tensor: torch.Tensor, context: DistributedContext) -> torch.Tensor:

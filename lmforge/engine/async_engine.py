@@ -100,8 +100,8 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_pretrained(cls, ref: str, config: EngineConfig | None = None, dtype: str | torch.dtype = "auto",
-                        quantization: str | None = None) -> AsyncLLMEngine:
-        return cls(LLMEngine.from_pretrained(ref, dtype, config, quantization))
+                        quantization: str | None = None, tensor_parallel_size: int = 1) -> AsyncLLMEngine:
+        return cls(LLMEngine.from_pretrained(ref, dtype, config, quantization, tensor_parallel_size))
 
     def add_request(self, request_id: str, prompt: str | Sequence[int],
                     params: SamplingParams | None = None) -> RequestStream:
@@ -132,10 +132,11 @@ class AsyncLLMEngine:
         return self.engine.stats
 
     def shutdown(self) -> None:
-        """Stop the engine thread; unfinished streams end with an error."""
+        """Stop the engine thread (and tensor-parallel workers); unfinished streams end with an error."""
         self._closed = True
         self._work.set()
         self._thread.join()
+        self.engine.shutdown()
         with self._lock:
             streams, self._streams = list(self._streams.values()), {}
         for stream in streams:

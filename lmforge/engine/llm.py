@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from lmforge.engine.config import EngineConfig
 from lmforge.engine.llm_engine import LLMEngine
+from lmforge.engine.tensor_parallel import start_tensor_parallel_engine
 from lmforge.errors import InputError
 from lmforge.generation.chat import ROLES
 from lmforge.generation.generate import RequestOutput, prompt_list
@@ -36,22 +37,34 @@ class LLM:
     """A model, its tokenizer and a serving engine. Extra keyword arguments are `EngineConfig` fields."""
 
     def __init__(self, model: Any = "smollm2-135m-instruct", tokenizer=None, dtype: str | torch.dtype = "auto",
-                 quantization: str | None = None, **engine_options: Any):
+                 quantization: str | None = None, tensor_parallel_size: int = 1, **engine_options: Any):
         """`model`: a name/folder/GGUF to load (in `dtype`; "auto" = bfloat16 where this machine multiplies
         it natively, else float32), or a loaded model with its `tokenizer`. `quantization` ("int8", "int4",
-        "nf4") quantizes its Linear layers at load time; "gguf" keeps a GGUF file's own 4-/8-bit blocks."""
-        if isinstance(model, (str, Path)):
-            from lmforge.registry import AutoTokenizer
-
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
-            model = load_quantized(model, resolve_dtype(dtype), quantization)
-        elif tokenizer is None:
-            raise InputError("LLM(model) with a model object needs its tokenizer too: LLM(model, tokenizer).")
+        "nf4") quantizes its Linear layers at load time; "gguf" keeps a GGUF file's own 4-/8-bit blocks.
+        `tensor_parallel_size` N > 1 splits the model over N processes (this one and N - 1 it starts; see
+        lmforge.engine.tensor_parallel): a script doing so must guard its top level with
+        `if __name__ == "__main__":`, as any program that spawns processes; `shutdown()` stops them."""
+        config = EngineConfig(**engine_options)
+        if tensor_parallel_size != 1:
+            self.engine = start_tensor_parallel_engine(model, tensor_parallel_size, tokenizer, config, dtype,
+                                                       quantization)
         else:
-            quantize_loaded(model, quantization)
-        self.engine = LLMEngine(model, tokenizer, EngineConfig(**engine_options))
-        self.tokenizer = tokenizer
+            if isinstance(model, (str, Path)):
+                from lmforge.registry import AutoTokenizer
+
+                tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
+                model = load_quantized(model, resolve_dtype(dtype), quantization)
+            elif tokenizer is None:
+                raise InputError("LLM(model) with a model object needs its tokenizer too: LLM(model, tokenizer).")
+            else:
+                quantize_loaded(model, quantization)
+            self.engine = LLMEngine(model, tokenizer, config)
+        self.tokenizer = self.engine.tokenizer
         self._ids = count()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes (nothing to do for a one-process LLM)."""
+        self.engine.shutdown()
 
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams
                  | Sequence[SamplingParams] | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
@@ -108,3 +121,4 @@ class LLM:
                 engine.abort_request(request_id)
             raise
         return results
+

@@ -72,7 +72,9 @@ class EngineRequest:
 
 
 class LLMEngine:
-    def __init__(self, model, tokenizer, config: EngineConfig | None = None):
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None, workers=None):
+        """`workers`: the other processes of a tensor-parallel model (lmforge.engine.tensor_parallel), whose
+        shard `model` is; each step runs on all of them, and this process samples."""
         if getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "lm_head"):
             raise UnsupportedError(f"the engine serves decoder-only language models; {type(model).__name__} is not "
                                    "one. Use lmforge.generate for encoder-decoder models.")
@@ -87,21 +89,27 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler_config(self.max_model_len), self.block_manager,
                                    self.eos_token_ids)
-        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.workers = workers
+        self.runner = ModelRunner(model, num_blocks, block_size, workers)
         self.requests: dict[str, EngineRequest] = {}
         self._step_seconds = 0.0
         self._computed_tokens = self._prompt_tokens_computed = self._output_tokens = 0
 
     @classmethod
     def from_pretrained(cls, ref: str, dtype: str | torch.dtype = "auto", config: EngineConfig | None = None,
-                        quantization: str | None = None):
+                        quantization: str | None = None, tensor_parallel_size: int = 1):
         """Load a model and its tokenizer (embedded short name, HF folder or GGUF file) into an engine.
         dtype "auto" is bfloat16 where this machine multiplies it natively (batched steps gain most), else float32;
         `quantization` ("int8", "int4", "nf4") quantizes the Linear layers at load time; "gguf" keeps a GGUF
-        file's own 4-/8-bit blocks."""
+        file's own 4-/8-bit blocks. `tensor_parallel_size` N > 1 splits the model over N processes
+        (lmforge.engine.tensor_parallel)."""
         from lmforge.quant import load_quantized
         from lmforge.registry import AutoTokenizer
 
+        if tensor_parallel_size != 1:
+            from lmforge.engine.tensor_parallel import start_tensor_parallel_engine
+
+            return start_tensor_parallel_engine(ref, tensor_parallel_size, None, config, dtype, quantization)
         return cls(load_quantized(ref, resolve_dtype(dtype), quantization), AutoTokenizer.from_pretrained(ref), config)
 
     # ----- requests ----------------------------------------------------------------------
@@ -158,6 +166,11 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (the engine cannot step afterwards)."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     # ----- one step ----------------------------------------------------------------------
 

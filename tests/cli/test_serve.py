@@ -1,12 +1,16 @@
-"""`lmforge serve` as a user runs it: listening at once, 503 while loading, answers, drains on SIGTERM."""
+"""`lmforge serve` as a user runs it: listening at once, 503 while loading, answers, drains on SIGTERM;
+split over processes, it fails fast when one of them dies."""
 
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
+import openai
 
 from lmforge.cli import main
 
@@ -109,3 +113,51 @@ def test_a_quantized_server_still_answers():
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
     assert "ready (float32, int8)" in stderr
+
+
+def spawned_children(pid: int) -> list[int]:
+    """The processes `pid` started with multiprocessing's spawn (its tensor-parallel workers)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if parent == pid and b"spawn_main" in command:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def is_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its exit status is left to collect
+
+
+def test_a_tensor_parallel_server_answers_and_fails_fast_when_a_worker_dies():
+    """SmolLM2 split over 3 processes answers the openai client; killing a worker stops the server with a
+    clear one-line error and a non-zero status, leaving no process behind."""
+    process, url, statuses = start_server("--tensor-parallel-size", "3", "--embedding-model", "none", "--dtype",
+                                          "float32")
+    try:
+        assert statuses[-1] == 200
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=8, temperature=0,
+                                               messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in reply.choices[0].message.content
+        workers = spawned_children(process.pid)
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 2
+    assert "lmforge: error: tensor-parallel worker rank" in stderr and "has exited" in stderr
+    assert "Traceback" not in stderr
+    deadline = time.time() + 10
+    while any(is_running(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(is_running(pid) for pid in workers)

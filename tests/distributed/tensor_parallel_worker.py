@@ -1,17 +1,13 @@
-"""Run by torchrun in tests/distributed/test_tensor_parallel.py; rank 0 writes what it measured as JSON.
+"""Run by torchrun in tests/distributed/test_tensor_parallel.py; rank 0 writes what it measured as JSON:
+each parallel layer against its one-process counterpart, and tiny random models (Llama with split
+and with replicated key/value heads, GPT-2) sharded over the processes against themselves whole:
+logits, and greedy tokens through lmforge.generate.
 
-- `layers` (2 processes): each parallel layer against its one-process counterpart, and tiny random
-  models (Llama with split and with replicated key/value heads, GPT-2) sharded in 2 against
-  themselves whole: logits, and greedy tokens through lmforge.generate.
-- `smollm2` (3 processes): SmolLM2-135M-Instruct loaded slice by slice, greedy tokens with top-2
-  logprobs on the test prompts, and the weight bytes each process holds.
-
-Usage: torchrun --nproc_per_node N -m tests.distributed.tensor_parallel_worker layers|smollm2 OUTPUT_DIR
+Usage: torchrun --nproc_per_node 2 -m tests.distributed.tensor_parallel_worker OUTPUT_DIR
 """
 
 import copy
 import json
-import resource
 import sys
 from pathlib import Path
 
@@ -22,9 +18,8 @@ from torch import nn
 
 from lmforge import SamplingParams, generate
 from lmforge.config import GPT2Config, LlamaConfig
-from lmforge.distributed import destroy_distributed, gather_objects, init_distributed
+from lmforge.distributed import destroy_distributed, init_distributed
 from lmforge.distributed.parallel_layers import RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
-from lmforge.distributed.sharded_loading import load_tensor_parallel
 from lmforge.distributed.tensor_parallel import shard_model
 from lmforge.models.gpt2 import GPT2LMHeadModel
 from lmforge.models.llama import LlamaForCausalLM
@@ -37,8 +32,6 @@ TINY_GPT2 = {"vocab_size": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_posit
              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 PROMPTS = [[5, 17, 33, 2], [60, 1], [9, 9, 41, 7, 12, 30, 3], [44]]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-SMOLLM2_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."]
-SMOLLM2_TOKENS = 12
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -93,34 +86,14 @@ def tiny_model_results(kind: str, rank: int, world: int) -> dict:
             "kv_heads": shard.decoder_attention_layers()[0].num_kv_heads}
 
 
-def smollm2_results(context) -> dict:
-    from lmforge import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained("smollm2-135m-instruct")
-    model = load_tensor_parallel("smollm2-135m-instruct", context.rank, context.world_size)
-    params = SamplingParams(temperature=0, max_tokens=SMOLLM2_TOKENS, logprobs=2)
-    outputs = []
-    for prompt in SMOLLM2_PROMPTS:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        completion = generate(model, tokenizer, tokenizer.encode(text, add_special_tokens=False), params)[0].outputs[0]
-        outputs.append({"tokens": completion.token_ids, "top": [step.top for step in completion.logprobs]})
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"outputs": outputs, "weight_bytes": gather_objects(weight_bytes, context),
-            "peak_rss_mb": gather_objects(peak_rss_mb, context)}
-
-
 def main() -> None:
-    mode, output_dir = sys.argv[1], Path(sys.argv[2])
+    output_dir = Path(sys.argv[1])
     context = init_distributed()
     rank, world = context.rank, context.world_size
-    if mode == "layers":
-        result = {"world": world, "layers": layer_differences(rank, world),
-                  "models": {kind: tiny_model_results(kind, rank, world) for kind in ("llama-gqa", "llama-mqa", "gpt2")}}
-    else:
-        result = {"world": world, **smollm2_results(context)}
+    result = {"world": world, "layers": layer_differences(rank, world),
+              "models": {kind: tiny_model_results(kind, rank, world) for kind in ("llama-gqa", "llama-mqa", "gpt2")}}
     if context.is_main:
-        (output_dir / f"{mode}.json").write_text(json.dumps(result))
+        (output_dir / "result.json").write_text(json.dumps(result))
     destroy_distributed()
 
 
