@@ -13,6 +13,7 @@ its connections, so rank 0's next collective fails: it stops the other workers a
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import threading
 from collections.abc import Callable
 from multiprocessing import connection
@@ -204,6 +205,9 @@ def start_tensor_parallel_engine(ref: str | Path, size: int, tokenizer=None, con
     device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
     dtype = resolve_dtype(dtype, device)
     model = load_tensor_parallel(ref, 0, size, dtype=dtype, device=device)
+    config = config or EngineConfig()
+    if device_type == "cpu":  # the processes share this machine's memory: together they take the fraction
+        config = dataclasses.replace(config, kv_cache_memory_fraction=config.kv_cache_memory_fraction / size)
     workers = TensorParallelWorkers(ref, size, dtype, device_type)
     try:
         return LLMEngine(model, tokenizer, config, workers)
