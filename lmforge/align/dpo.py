@@ -135,8 +135,9 @@ def _has_lora(model: torch.nn.Module) -> bool:
 class DPOTrainer(Trainer):
     """The Trainer with the DPO objective on (prompt, chosen, rejected) rows.
 
-    The reference is the model with LoRA switched off when it has LoRA layers (no copy), else
-    `reference_model` or a frozen deep copy of the model as it is when training starts.
+    The reference is the model with LoRA switched off when it has LoRA layers (no copy; after a
+    LoRA SFT, merge_and_unload() the SFT adapters first so that the SFT model is the reference),
+    else `reference_model` or a frozen deep copy of the model as it is when training starts.
     `evaluate()` reports the loss, preference accuracy (how often the chosen answer earns the
     higher implicit reward) and the mean reward margin.
     """
