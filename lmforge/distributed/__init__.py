@@ -19,6 +19,7 @@ from lmforge.distributed.tensor_parallel import TensorParallelPlan, shard_model
 __all__ = [
     "DATA_PARALLEL",
     "DistributedContext",
+    "TensorParallelPlan",
     "all_reduce_sum",
     "barrier",
     "destroy_distributed",
@@ -28,6 +29,5 @@ __all__ = [
     "launched_world_size",
     "load_tensor_parallel",
     "shard_model",
-    "TensorParallelPlan",
     "wrap_for_data_parallel",
 ]

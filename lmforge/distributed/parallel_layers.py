@@ -55,7 +55,6 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.vocab_start, self.vocab_size = vocab_start, vocab_size
-        self.num_embeddings = vocab_size  # the whole vocabulary, as nn.Embedding reports it
         self.scale = scale
         self.group = group
 
