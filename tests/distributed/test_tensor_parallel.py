@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lmforge.config import LlamaConfig
+from lmforge.distributed.process_group import free_port
 from lmforge.distributed.sharded_loading import load_tensor_parallel
 from lmforge.distributed.tensor_parallel import TensorParallelPlan, check_devices, shard_model
 from lmforge.errors import ConfigError, UnsupportedError, ValidationError
@@ -30,9 +31,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    """The worker's results, run once under torchrun with 2 processes; the tests share them."""
+    """The worker's results, run once by torchrun with 2 processes; the tests share them. The launch is the
+    multi-node one (c10d rendezvous at an address every machine reaches) with a single node."""
     folder = tmp_path_factory.mktemp("tensor-parallel")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "tensor-parallel",
                "-m", "tests.distributed.tensor_parallel_worker", str(folder)]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     finished = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
