@@ -18,14 +18,12 @@ import argparse
 import json
 import re
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 
 import torch
 
-from benchmarks.report import machine_line, markdown_table, write_section
+from benchmarks.report import machine_line, markdown_table, run_isolated, write_section
 
 MODEL = "smollm2-135m-instruct"
 METHODS = ("zero-shot", "few-shot", "lora", "qlora", "full", "dpo")
@@ -95,14 +93,6 @@ def measure(method: str, args) -> dict:
     return result
 
 
-def run_isolated(method: str, argv: list[str]) -> dict:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.alignment", *argv, "--only", method],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{method} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def write_report(results: dict[str, dict], args) -> None:
     rows = [[method, f"{r['exact_match']:.0%}", f"{r['trainable']:,}", f"{r['peak_rss'] / 2**20:.0f}",
              f"{r['train_seconds'] / 60:.1f}", " / ".join(r["examples"])]
@@ -144,7 +134,7 @@ def main() -> None:
     results = {}
     for method in args.methods.split(","):
         print(f"{method} ...", flush=True)
-        results[method] = run_isolated(method, argv)
+        results[method] = run_isolated("benchmarks.alignment", method, argv)
         print(f"  {json.dumps(results[method])}", flush=True)
     write_report(results, args)
 

@@ -2,15 +2,19 @@
 
 Each benchmark script owns a section delimited by HTML comments, so scripts can
 be re-run in any order and the page always shows the latest table of each.
-`median_seconds` is the scripts' shared timer.
+`median_seconds` is the scripts' shared timer; `run_isolated` runs one system of a script in a
+fresh interpreter, so each system's peak memory is its own.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +33,14 @@ def median_seconds(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def run_isolated(module: str, name: str, argv: list[str]) -> dict:
+    """`python -m module ARGV --only NAME` in a new process; the JSON object its last output line prints."""
+    done = subprocess.run([sys.executable, "-m", module, *argv, "--only", name], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def machine_line() -> str:

@@ -16,14 +16,12 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
 import torch
 
-from benchmarks.report import machine_line, markdown_table, write_section
+from benchmarks.report import machine_line, markdown_table, run_isolated, write_section
 
 SYSTEMS = ("lmforge Trainer", "HF transformers Trainer")
 CONFIG = {"vocab_size": 16384, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 8,
@@ -115,14 +113,6 @@ def measure(system: str, args) -> dict:
             "first_loss": clock.losses[0], "last_loss": clock.losses[-1], "steps": len(clock.losses)}
 
 
-def run_isolated(system: str, argv: list[str]) -> dict:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.train", *argv, "--only", system],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{system} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def write_report(results: dict[str, dict], args) -> None:
     rows = [[name, f"{r['tokens_per_second']:.0f}", f"{r['peak_rss'] / 2**20:.0f}",
              f"{r['first_loss']:.4f}", f"{r['last_loss']:.4f}"] for name, r in results.items()]
@@ -161,7 +151,7 @@ def main() -> None:
     results = {}
     for system in SYSTEMS:
         print(f"{system} ...", flush=True)
-        results[system] = run_isolated(system, argv)
+        results[system] = run_isolated("benchmarks.train", system, argv)
         print(f"  {json.dumps(results[system])}", flush=True)
     write_report(results, args)
 

@@ -13,12 +13,10 @@ answers in other formats (the dates task).
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 from lmforge.cli.common import note
-from lmforge.cli.sft import add_alignment_arguments, prepare_model, publish, save_trained, split_rows
+from lmforge.cli.sft import add_alignment_arguments, publish, save_trained, start_run
 
 LEARNING_RATES = {"full": 5e-6, "lora": 5e-5, "qlora": 5e-5}
 RECORD = "dpo.json"
@@ -54,27 +52,11 @@ def load_preferences(args: argparse.Namespace) -> tuple[list[dict], str]:
 
 
 def handle(args: argparse.Namespace) -> int:
-    import torch
-
-    from lmforge import AutoTokenizer
     from lmforge.align import DPOConfig, DPOTrainer
-    from lmforge.peft import trainable_summary
-    from lmforge.quant.checkpoint import check_output_folder
 
-    out = check_output_folder(args.out, args.force)
-    rows, origin = load_preferences(args)
-    train_rows, held_out = split_rows(rows, args.validation, args.seed)
-    torch.manual_seed(args.seed)
-    start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = prepare_model(args)
-    summary = trainable_summary(model)
-    print(f"model       {args.model} ({args.method}): {summary}")
-    print(f"data        {origin}: {len(train_rows)} training, {len(held_out)} held-out pairs", flush=True)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.partial-", dir=out.parent) as work:
-        work = Path(work)
+    run = start_run(args, *load_preferences(args), unit="pairs")
+    train_rows, held_out, tokenizer, model, summary = run.train, run.held_out, run.tokenizer, run.model, run.summary
+    with run.workspace() as work:
         learning_rate = args.lr if args.lr is not None else LEARNING_RATES[args.method]
         config = DPOConfig(output_dir=work / "training", learning_rate=learning_rate, warmup_ratio=0.05,
                            num_epochs=None if args.max_steps else (args.epochs or 1), max_steps=args.max_steps,
@@ -93,11 +75,11 @@ def handle(args: argparse.Namespace) -> int:
               f"{after['preference_accuracy']:.3f}, reward margin {before['reward_margin']:.3f} -> "
               f"{after['reward_margin']:.3f} ({len(held_out)} pairs)")
         staged = save_trained(model, tokenizer, args, work / "result")
-        record = {"model": args.model, "method": args.method, "data": origin, "beta": args.beta, "loss": args.loss,
+        record = {"model": args.model, "method": args.method, "data": run.origin, "beta": args.beta, "loss": args.loss,
                   "train_pairs": len(train_rows), "held_out_pairs": len(held_out), "learning_rate": learning_rate,
                   "steps": state.global_step, "train_seconds": round(seconds, 3),
-                  "total_seconds": round(time.perf_counter() - start, 3),
+                  "total_seconds": round(time.perf_counter() - run.started, 3),
                   "trainable_parameters": summary.trainable, "total_parameters": summary.total,
                   "pairs_dropped": trainer.dropped, "held_out_before": before, "held_out_after": after}
-        publish(staged, out, record, RECORD)
+        publish(staged, run.out, record, RECORD)
     return 0

@@ -19,7 +19,11 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lmforge.cli.common import note
 from lmforge.errors import ValidationError
@@ -156,28 +160,53 @@ def publish(staged: Path, out: Path, record: dict, name: str) -> None:
     note(f"saved {out}: {', '.join(sorted(path.name for path in out.iterdir()))}")
 
 
-def handle(args: argparse.Namespace) -> int:
+@dataclass
+class Run:
+    """What an alignment command has set up before training: output folder, data, model, tokenizer."""
+
+    out: Path
+    origin: str
+    train: list[dict]
+    held_out: list[dict]
+    tokenizer: Any
+    model: Any
+    summary: Any
+    started: float
+
+    @contextmanager
+    def workspace(self) -> Iterator[Path]:
+        """A temporary folder beside --out where the run stages its files (removed afterwards)."""
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{self.out.name}.partial-", dir=self.out.parent) as work:
+            yield Path(work)
+
+
+def start_run(args: argparse.Namespace, rows: list[dict], origin: str, unit: str) -> Run:
+    """Check --out, split the rows, load tokenizer and model (prepared for --method), print the summary."""
     import torch
 
     from lmforge import AutoTokenizer
-    from lmforge.align import SFTConfig, SFTTrainer
     from lmforge.peft import trainable_summary
     from lmforge.quant.checkpoint import check_output_folder
 
     out = check_output_folder(args.out, args.force)
-    rows, origin = load_rows(args)
-    train_rows, held_out = split_rows(rows, args.validation, args.seed)
+    train, held_out = split_rows(rows, args.validation, args.seed)
     torch.manual_seed(args.seed)
-    start = time.perf_counter()
+    started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = prepare_model(args)
     summary = trainable_summary(model)
     print(f"model       {args.model} ({args.method}): {summary}")
-    print(f"data        {origin}: {len(train_rows)} training, {len(held_out)} held-out rows", flush=True)
+    print(f"data        {origin}: {len(train)} training, {len(held_out)} held-out {unit}", flush=True)
+    return Run(out, origin, train, held_out, tokenizer, model, summary, started)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.partial-", dir=out.parent) as work:
-        work = Path(work)
+
+def handle(args: argparse.Namespace) -> int:
+    from lmforge.align import SFTConfig, SFTTrainer
+
+    run = start_run(args, *load_rows(args), unit="rows")
+    train_rows, held_out, tokenizer, model, summary = run.train, run.held_out, run.tokenizer, run.model, run.summary
+    with run.workspace() as work:
         learning_rate = args.lr if args.lr is not None else LEARNING_RATES[args.method]
         config = SFTConfig(output_dir=work / "training", learning_rate=learning_rate, warmup_ratio=0.05,
                            num_epochs=None if args.max_steps else (args.epochs or 1), max_steps=args.max_steps,
@@ -196,11 +225,11 @@ def handle(args: argparse.Namespace) -> int:
         print(f"held-out    answer loss {before['loss']:.4f} -> {after['loss']:.4f} ({len(held_out)} rows)")
 
         staged = save_trained(model, tokenizer, args, work / "result")
-        record = {"model": args.model, "method": args.method, "data": origin, "train_rows": len(train_rows),
+        record = {"model": args.model, "method": args.method, "data": run.origin, "train_rows": len(train_rows),
                   "held_out_rows": len(held_out), "learning_rate": learning_rate, "steps": state.global_step,
-                  "train_seconds": round(seconds, 3), "total_seconds": round(time.perf_counter() - start, 3),
+                  "train_seconds": round(seconds, 3), "total_seconds": round(time.perf_counter() - run.started, 3),
                   "trainable_parameters": summary.trainable, "total_parameters": summary.total,
                   "held_out_loss_before": before["loss"], "held_out_loss_after": after["loss"],
                   "rows_truncated": report.truncated, "rows_skipped": report.skipped}
-        publish(staged, out, record, RECORD)
+        publish(staged, run.out, record, RECORD)
     return 0
