@@ -22,6 +22,7 @@ _INSTALLED_PACKAGES = {"site-packages", "dist-packages"}
 
 
 def stdlib_folder() -> Path:
+    """The folder of the running Python's standard-library sources."""
     return Path(sysconfig.get_paths()["stdlib"])
 
 

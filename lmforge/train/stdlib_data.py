@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import ast
 import re
-import sysconfig
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from lmforge.errors import InputError
+from lmforge.train.corpus import stdlib_folder
 from lmforge.train.data import Document, shuffled
 
 STDLIB_PACKAGES = ("asyncio", "email", "http", "logging", "unittest", "xml")
 _SKIPPED_FOLDERS = {"test", "tests", "idle_test"}
-
-
-def stdlib_root() -> Path:
-    """The folder of the running Python's standard-library sources."""
-    return Path(sysconfig.get_paths()["stdlib"])
 
 
 def first_paragraph(docstring: str) -> str:
@@ -69,7 +64,7 @@ def stdlib_docstrings(packages: Sequence[str] = STDLIB_PACKAGES, per_package: in
     """
     if len(set(packages)) < 2:
         raise InputError(f"a classification dataset needs at least 2 distinct packages; got {list(packages)}.")
-    root = stdlib_root()
+    root = stdlib_folder()
     found: dict[str, dict[str, str]] = {}  # package → summary → source of its first occurrence
     for package in packages:
         found[package] = {}

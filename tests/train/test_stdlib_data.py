@@ -7,7 +7,8 @@ import pytest
 
 from lmforge.errors import InputError
 from lmforge.train import stdlib_docstrings
-from lmforge.train.stdlib_data import STDLIB_PACKAGES, first_paragraph, stdlib_root
+from lmforge.train.corpus import stdlib_folder
+from lmforge.train.stdlib_data import STDLIB_PACKAGES, first_paragraph
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_sources_point_at_the_documented_definition():
     assert by_source["dumps"].text == "Serialize ``obj`` to a JSON formatted ``str``."
     assert by_source["dumps"].label == "json" and by_source["Sniffer"].label == "csv"  # csv is a module
     path, line = by_source["dumps"].source.split(" ")[0].split(":")
-    node = next(node for node in ast.parse((stdlib_root() / path).read_text()).body
+    node = next(node for node in ast.parse((stdlib_folder() / path).read_text()).body
                 if getattr(node, "lineno", None) == int(line))
     assert node.name == "dumps"
     assert "Sniffer.sniff" in by_source  # methods too
