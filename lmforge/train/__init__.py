@@ -4,10 +4,12 @@
 set that needs no download); `collate` turns tokenized examples into batches;
 `tokenizer_trainer` learns a BPE vocabulary for a model trained from scratch;
 `trainer` runs the loop with `optim` (AdamW), `schedules` (warmup + decay),
-`metrics` (token-summed losses) and `checkpoint` (exact resume).
-See docs/training.md.
+`metrics` (token-summed losses) and `checkpoint` (exact resume). `run_config`,
+`corpus` and `pretrain` train a model from scratch (`lmforge pretrain`), `sweep` searches
+its hyperparameters. See docs/training.md.
 """
 
+from lmforge.train.callbacks import TimeBudget
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.collate import (
     IGNORE_INDEX,
@@ -15,6 +17,7 @@ from lmforge.train.collate import (
     PaddingCollator,
     pack_sequences,
 )
+from lmforge.train.corpus import load_corpus
 from lmforge.train.data import (
     Document,
     Split,
@@ -31,6 +34,8 @@ from lmforge.train.data import (
 )
 from lmforge.train.metrics import classification_metrics
 from lmforge.train.optim import build_optimizer
+from lmforge.train.pretrain import PreparedData, prepare_data
+from lmforge.train.run_config import RunConfig, load_run_config
 from lmforge.train.schedules import build_scheduler, lr_multiplier
 from lmforge.train.stdlib_data import stdlib_docstrings
 from lmforge.train.tokenizer_trainer import save_tokenizer, train_bpe_tokenizer
@@ -48,7 +53,10 @@ __all__ = [
     "Document",
     "MLMCollator",
     "PaddingCollator",
+    "PreparedData",
+    "RunConfig",
     "Split",
+    "TimeBudget",
     "Trainer",
     "TrainerCallback",
     "TrainerState",
@@ -62,9 +70,12 @@ __all__ = [
     "label_vocabulary",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_corpus",
     "load_documents",
+    "load_run_config",
     "lr_multiplier",
     "pack_sequences",
+    "prepare_data",
     "read_csv",
     "read_jsonl",
     "read_text",
