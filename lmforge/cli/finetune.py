@@ -190,19 +190,20 @@ def handle(args: argparse.Namespace) -> int:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         trainer = Trainer(model, training_args, train, PaddingCollator(pad_token_id=pad), eval_dataset=validation,
                           task="sequence-classification")
-        trained = time.perf_counter()
+        trained, cpu = time.perf_counter(), time.process_time()
         state = trainer.train()
-        seconds = time.perf_counter() - trained
+        seconds, cpu_seconds = time.perf_counter() - trained, time.process_time() - cpu
         metrics = trainer.evaluate()
-        print(f"training    {state.global_step} steps, {state.epoch + 1} epoch(s) in {seconds:.1f} s, "
-              f"last loss {state.loss:.4f}")
+        print(f"training    {state.global_step} steps, {state.epoch + 1} epoch(s) in {seconds:.1f} s "
+              f"({cpu_seconds:.1f} s of CPU), last loss {state.loss:.4f}")
         print(f"held-out    accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, "
               f"loss {metrics['loss']:.4f} ({len(validation)} examples)")
 
         record = {"model": args.model, "method": args.method, "options": options, "data": origin,
                   "labels": [str(label) for label in label_to_id], "train_examples": len(train),
                   "validation_examples": len(validation), "learning_rate": learning_rate, "steps": state.global_step,
-                  "train_seconds": round(seconds, 3), "total_seconds": round(time.perf_counter() - start, 3),
+                  "train_seconds": round(seconds, 3), "train_cpu_seconds": round(cpu_seconds, 3),
+                  "total_seconds": round(time.perf_counter() - start, 3),
                   "trainable_parameters": summary.trainable, "total_parameters": summary.total,
                   "metrics": metrics}
         write_folder(out, work, model, tokenizer, record)
