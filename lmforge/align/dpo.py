@@ -187,25 +187,29 @@ class DPOTrainer(Trainer):
         losses, _, real = self.pair_terms(batch, module)
         return (losses * real).sum()
 
-    @torch.no_grad()
     def evaluate(self, dataset: Sequence[dict] | None = None) -> dict[str, float]:
-        dataset = self.eval_dataset if dataset is None else dataset
-        if not dataset:
-            raise ValidationError("evaluate() needs a non-empty dataset of preference pairs; pass one or set "
-                                  "eval_dataset.")
-        self.model.eval()
-        totals = {"loss": 0.0, "correct": 0.0, "margin": 0.0, "pairs": 0.0}
-        for batch, counted in self.evaluation_batches(dataset):
-            losses, margins, real = self.pair_terms(batch)
-            if not counted:
-                continue
-            totals["loss"] += (losses * real).sum().item()
-            totals["correct"] += ((margins > 0) & real).sum().item()
-            totals["margin"] += (margins * real).sum().item()
-            totals["pairs"] += real.sum().item()
-        self.model.train()
-        totals = {name: all_reduce_sum(value, self.context) for name, value in totals.items()}
-        pairs = max(totals["pairs"], 1)
-        return {"loss": totals["loss"] / pairs, "preference_accuracy": totals["correct"] / pairs,
-                "reward_margin": totals["margin"] / pairs}
+        loss, accuracy, margin = evaluate_pairs(self, self.eval_dataset if dataset is None else dataset)
+        return {"loss": loss, "preference_accuracy": accuracy, "reward_margin": margin}
 
+
+@torch.no_grad()
+def evaluate_pairs(trainer: Trainer, dataset: Sequence[dict] | None) -> tuple[float, float, float]:
+    """(mean loss, fraction of pairs whose margin is positive, mean margin) over a tokenized preference
+    set, from `trainer.pair_terms(batch)`; with N processes their sums are added up."""
+    if not dataset:
+        raise ValidationError("evaluate() needs a non-empty dataset of preference pairs; pass one or set "
+                              "eval_dataset.")
+    trainer.model.eval()
+    totals = {"loss": 0.0, "correct": 0.0, "margin": 0.0, "pairs": 0.0}
+    for batch, counted in trainer.evaluation_batches(dataset):
+        losses, margins, real = trainer.pair_terms(batch)
+        if not counted:
+            continue
+        totals["loss"] += (losses * real).sum().item()
+        totals["correct"] += ((margins > 0) & real).sum().item()
+        totals["margin"] += (margins * real).sum().item()
+        totals["pairs"] += real.sum().item()
+    trainer.model.train()
+    totals = {name: all_reduce_sum(value, trainer.context) for name, value in totals.items()}
+    pairs = max(totals["pairs"], 1)
+    return totals["loss"] / pairs, totals["correct"] / pairs, totals["margin"] / pairs

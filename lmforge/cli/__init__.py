@@ -11,10 +11,25 @@ import argparse
 import os
 import sys
 
-from lmforge.cli import chat, dpo, evaluate, export, finetune, generate, info, pretrain, quantize, serve, sft, sweep
+from lmforge.cli import (
+    chat,
+    dpo,
+    evaluate,
+    export,
+    finetune,
+    generate,
+    info,
+    pretrain,
+    quantize,
+    reward_model,
+    serve,
+    sft,
+    sweep,
+)
 from lmforge.errors import LMForgeError
 
-COMMANDS = (generate, chat, info, serve, evaluate, quantize, export, pretrain, sweep, finetune, sft, dpo)
+COMMANDS = (generate, chat, info, serve, evaluate, quantize, export, pretrain, sweep, finetune, sft, dpo,
+            reward_model)
 
 
 def build_parser() -> argparse.ArgumentParser:

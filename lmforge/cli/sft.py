@@ -29,7 +29,8 @@ from lmforge.cli.common import note
 from lmforge.errors import ValidationError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-METHODS = ("full", "lora", "qlora")
+METHODS = {"full": "every weight", "lora": "low-rank updates of frozen layers",
+           "qlora": "LoRA over an NF4-quantized base"}
 LEARNING_RATES = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
 RECORD = "sft.json"
 
@@ -49,12 +50,12 @@ def _validation(text: str) -> float | int:
 
 def add_alignment_arguments(parser: argparse.ArgumentParser, data_help: str,
                             learning_rates: dict[str, float]) -> None:
-    """The options `lmforge sft` and `lmforge dpo` share: model, method, data, LoRA, training, output."""
+    """The options the alignment commands share: model, method (those `learning_rates` names), data, LoRA,
+    training, output."""
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                         help=f"embedded short name, HF model folder or .gguf file (default: {DEFAULT_MODEL})")
-    parser.add_argument("--method", required=True, choices=METHODS,
-                        help="full: every weight; lora: low-rank updates of frozen layers; qlora: LoRA over an "
-                             "NF4-quantized base")
+    parser.add_argument("--method", required=True, choices=tuple(learning_rates),
+                        help="; ".join(f"{method}: {METHODS[method]}" for method in learning_rates))
     data = parser.add_argument_group("data")
     data.add_argument("--data", metavar="FILE", help=data_help)
     data.add_argument("--validation", type=_validation, default=0.1, metavar="X",
@@ -113,21 +114,28 @@ def split_rows(rows: list[dict], validation: float | int, seed: int) -> tuple[li
     return shuffled[:-count], shuffled[-count:]
 
 
-def prepare_model(args: argparse.Namespace):
-    """The model to train: loaded in float32, quantized to NF4 for qlora, with LoRA layers for lora/qlora."""
-    from lmforge import AutoModelForCausalLM
+def prepare_model(args: argparse.Namespace, task: str = "causal-lm"):
+    """The model to train, loaded in float32: the language model, or for task="sequence-classification"
+    its backbone under a new one-score head (a reward model). Quantized to NF4 for qlora, with LoRA
+    layers for lora/qlora; a new score head trains fully beside them."""
+    from lmforge import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from lmforge.align.reward import REWARD_HEAD
     from lmforge.peft import LoraConfig, add_lora
     from lmforge.quant import quantize_model
 
+    scorer = task == "sequence-classification"
     lora = None
     if args.method != "full":  # check the LoRA settings before the model loads
         targets = args.target_modules if args.target_modules == "all-linear" else [
             name.strip() for name in args.target_modules.split(",") if name.strip()]
         lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                          target_modules=targets)
+                          target_modules=targets, modules_to_save=(REWARD_HEAD,) if scorer else ())
     elif args.merge:
         raise ValidationError("--merge folds LoRA updates into the model; --method full has none. Leave it out.")
-    model = AutoModelForCausalLM.from_pretrained(args.model)
+    if scorer:
+        model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model)
     if args.method == "qlora":
         quantize_model(model, "nf4")
     if lora is not None:
@@ -181,8 +189,8 @@ class Run:
             yield Path(work)
 
 
-def start_run(args: argparse.Namespace, rows: list[dict], origin: str, unit: str) -> Run:
-    """Check --out, split the rows, load tokenizer and model (prepared for --method), print the summary."""
+def start_run(args: argparse.Namespace, rows: list[dict], origin: str, unit: str, task: str = "causal-lm") -> Run:
+    """Check --out, split the rows, load tokenizer and model (`task`, prepared for --method), print the summary."""
     import torch
 
     from lmforge import AutoTokenizer
@@ -194,7 +202,7 @@ def start_run(args: argparse.Namespace, rows: list[dict], origin: str, unit: str
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = prepare_model(args)
+    model = prepare_model(args, task)
     summary = trainable_summary(model)
     print(f"model       {args.model} ({args.method}): {summary}")
     print(f"data        {origin}: {len(train)} training, {len(held_out)} held-out {unit}", flush=True)
