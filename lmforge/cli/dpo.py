@@ -13,10 +13,16 @@ answers in other formats (the dates task).
 from __future__ import annotations
 
 import argparse
-import time
 
 from lmforge.cli.common import note
-from lmforge.cli.sft import add_alignment_arguments, publish, save_trained, start_run
+from lmforge.cli.sft import (
+    add_alignment_arguments,
+    publish,
+    save_trained,
+    start_run,
+    train_measured,
+    training_config,
+)
 
 LEARNING_RATES = {"full": 5e-6, "lora": 5e-5, "qlora": 5e-5}
 RECORD = "dpo.json"
@@ -55,31 +61,18 @@ def handle(args: argparse.Namespace) -> int:
     from lmforge.align import DPOConfig, DPOTrainer
 
     run = start_run(args, *load_preferences(args), unit="pairs")
-    train_rows, held_out, tokenizer, model, summary = run.train, run.held_out, run.tokenizer, run.model, run.summary
+    train_rows, held_out, tokenizer, model = run.train, run.held_out, run.tokenizer, run.model
     with run.workspace() as work:
-        learning_rate = args.lr if args.lr is not None else LEARNING_RATES[args.method]
-        config = DPOConfig(output_dir=work / "training", learning_rate=learning_rate, warmup_ratio=0.05,
-                           num_epochs=None if args.max_steps else (args.epochs or 1), max_steps=args.max_steps,
-                           per_device_batch_size=args.batch_size, seed=args.seed, logging_steps=5,
-                           max_length=args.max_length, overlong=args.overlong, beta=args.beta, loss_type=args.loss)
+        config = training_config(DPOConfig, args, work, LEARNING_RATES, beta=args.beta, loss_type=args.loss)
         trainer = DPOTrainer(model, config, train_rows, tokenizer, eval_dataset=held_out)
         if trainer.dropped:
             note(f"{trainer.dropped} pairs dropped as longer than the maximum length")
-        before = trainer.evaluate()
-        trained = time.perf_counter()
-        state = trainer.train()
-        seconds = time.perf_counter() - trained
-        after = trainer.evaluate()
-        print(f"training    {state.global_step} steps in {seconds:.1f} s, last loss {state.loss:.4f}")
+        before, state, seconds, after = train_measured(trainer)
         print(f"held-out    preference accuracy {before['preference_accuracy']:.3f} -> "
               f"{after['preference_accuracy']:.3f}, reward margin {before['reward_margin']:.3f} -> "
               f"{after['reward_margin']:.3f} ({len(held_out)} pairs)")
         staged = save_trained(model, tokenizer, args, work / "result")
-        record = {"model": args.model, "method": args.method, "data": run.origin, "beta": args.beta, "loss": args.loss,
-                  "train_pairs": len(train_rows), "held_out_pairs": len(held_out), "learning_rate": learning_rate,
-                  "steps": state.global_step, "train_seconds": round(seconds, 3),
-                  "total_seconds": round(time.perf_counter() - run.started, 3),
-                  "trainable_parameters": summary.trainable, "total_parameters": summary.total,
-                  "pairs_dropped": trainer.dropped, "held_out_before": before, "held_out_after": after}
+        record = run.record(args, config, state, seconds, beta=args.beta, loss=args.loss,
+                            pairs_dropped=trainer.dropped, held_out_before=before, held_out_after=after)
         publish(staged, run.out, record, RECORD)
     return 0

@@ -39,7 +39,7 @@ EXAMPLES = """examples:
   lmforge sft --data chats.jsonl --method qlora --lora-r 16 --epochs 2 --out chat-qlora
   lmforge sft --data alpaca.json --method lora --merge --out merged-model
   lmforge sft path/to/hf-folder --data rows.jsonl --method full --overlong truncate --max-length 512 --out tuned
-  lmforge generate --adapter dates-lora "Write this date in ISO format (YYYY-MM-DD): the first of May, nineteen ninety-nine"
+  lmforge generate --adapter dates-lora "Write this date in ISO format (YYYY-MM-DD): the first of May, 1999"
 """
 
 
@@ -181,12 +181,41 @@ class Run:
     summary: Any
     started: float
 
+    def record(self, args: argparse.Namespace, config, state, seconds: float, **fields: Any) -> dict:
+        """The run's JSON record: what trained on what, for how long, and `fields` (the results)."""
+        return {"model": args.model, "method": args.method, "data": self.origin, "train_examples": len(self.train),
+                "held_out_examples": len(self.held_out), "learning_rate": config.learning_rate,
+                "steps": state.global_step, "train_seconds": round(seconds, 3),
+                "total_seconds": round(time.perf_counter() - self.started, 3),
+                "trainable_parameters": self.summary.trainable, "total_parameters": self.summary.total, **fields}
+
     @contextmanager
     def workspace(self) -> Iterator[Path]:
         """A temporary folder beside --out where the run stages its files (removed afterwards)."""
         self.out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{self.out.name}.partial-", dir=self.out.parent) as work:
             yield Path(work)
+
+
+def training_config(config_class, args: argparse.Namespace, work: Path, learning_rates: dict[str, float],
+                    **extra: Any):
+    """The run's SFTConfig / DPOConfig / RewardConfig from the shared options (and `extra` fields)."""
+    learning_rate = args.lr if args.lr is not None else learning_rates[args.method]
+    return config_class(output_dir=work / "training", learning_rate=learning_rate, warmup_ratio=0.05,
+                        num_epochs=None if args.max_steps else (args.epochs or 1), max_steps=args.max_steps,
+                        per_device_batch_size=args.batch_size, seed=args.seed, logging_steps=5,
+                        max_length=args.max_length, overlong=args.overlong, **extra)
+
+
+def train_measured(trainer) -> tuple[dict, Any, float, dict]:
+    """Held-out metrics before, the training state, the training seconds, held-out metrics after."""
+    before = trainer.evaluate()
+    started = time.perf_counter()
+    state = trainer.train()
+    seconds = time.perf_counter() - started
+    after = trainer.evaluate()
+    print(f"training    {state.global_step} steps in {seconds:.1f} s, last loss {state.loss:.4f}")
+    return before, state, seconds, after
 
 
 def start_run(args: argparse.Namespace, rows: list[dict], origin: str, unit: str, task: str = "causal-lm") -> Run:
@@ -213,31 +242,18 @@ def handle(args: argparse.Namespace) -> int:
     from lmforge.align import SFTConfig, SFTTrainer
 
     run = start_run(args, *load_rows(args), unit="rows")
-    train_rows, held_out, tokenizer, model, summary = run.train, run.held_out, run.tokenizer, run.model, run.summary
+    train_rows, held_out, tokenizer, model = run.train, run.held_out, run.tokenizer, run.model
     with run.workspace() as work:
-        learning_rate = args.lr if args.lr is not None else LEARNING_RATES[args.method]
-        config = SFTConfig(output_dir=work / "training", learning_rate=learning_rate, warmup_ratio=0.05,
-                           num_epochs=None if args.max_steps else (args.epochs or 1), max_steps=args.max_steps,
-                           per_device_batch_size=args.batch_size, seed=args.seed, logging_steps=5,
-                           max_length=args.max_length, overlong=args.overlong)
+        config = training_config(SFTConfig, args, work, LEARNING_RATES)
         trainer = SFTTrainer(model, config, train_rows, tokenizer, eval_dataset=held_out)
         report = trainer.report
         if report.truncated or report.skipped:
             note(f"{report.truncated} rows truncated, {report.skipped} skipped as longer than the maximum length")
-        before = trainer.evaluate()
-        trained = time.perf_counter()
-        state = trainer.train()
-        seconds = time.perf_counter() - trained
-        after = trainer.evaluate()
-        print(f"training    {state.global_step} steps in {seconds:.1f} s, last loss {state.loss:.4f}")
+        before, state, seconds, after = train_measured(trainer)
         print(f"held-out    answer loss {before['loss']:.4f} -> {after['loss']:.4f} ({len(held_out)} rows)")
-
         staged = save_trained(model, tokenizer, args, work / "result")
-        record = {"model": args.model, "method": args.method, "data": run.origin, "train_rows": len(train_rows),
-                  "held_out_rows": len(held_out), "learning_rate": learning_rate, "steps": state.global_step,
-                  "train_seconds": round(seconds, 3), "total_seconds": round(time.perf_counter() - run.started, 3),
-                  "trainable_parameters": summary.trainable, "total_parameters": summary.total,
-                  "held_out_loss_before": before["loss"], "held_out_loss_after": after["loss"],
-                  "rows_truncated": report.truncated, "rows_skipped": report.skipped}
+        record = run.record(args, config, state, seconds, held_out_loss_before=before["loss"],
+                            held_out_loss_after=after["loss"], rows_truncated=report.truncated,
+                            rows_skipped=report.skipped)
         publish(staged, run.out, record, RECORD)
     return 0

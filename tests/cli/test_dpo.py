@@ -17,7 +17,7 @@ def test_lora_dpo_on_a_preference_file(tiny_chat_model, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "preference accuracy" in printed
     record = json.loads((out / "dpo.json").read_text())
-    assert (record["train_pairs"], record["held_out_pairs"], record["steps"]) == (4, 2, 8)
+    assert (record["train_examples"], record["held_out_examples"], record["steps"]) == (4, 2, 8)
     assert record["held_out_before"]["reward_margin"] == 0.0  # LoRA starts as the reference
     assert (out / "adapter_model.safetensors").is_file()
 
@@ -27,7 +27,7 @@ def test_default_data_and_bad_rows(tiny_chat_model, tmp_path, capsys):
     assert main(["dpo", str(tiny_chat_model), "--method", "lora", "--max-steps", "1", "--validation", "4",
                  "--out", str(out)]) == 0
     record = json.loads((out / "dpo.json").read_text())
-    assert record["data"].startswith("the dates format preference") and record["train_pairs"] == 196
+    assert record["data"].startswith("the dates format preference") and record["train_examples"] == 196
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "d", "chosen": "e"},
                                   {"prompt": "f", "chosen": "g", "rejected": "h"}]))

@@ -22,7 +22,7 @@ def test_lora_reward_model_on_a_preference_file(tiny_chat_model, tmp_path, capsy
                  "--lr", "1e-2", "--validation", "2", "--batch-size", "6", "--out", str(out)]) == 0
     assert "pairwise accuracy" in capsys.readouterr().out
     record = json.loads((out / "reward.json").read_text())
-    assert (record["train_pairs"], record["held_out_pairs"], record["steps"]) == (6, 2, 6)
+    assert (record["train_examples"], record["held_out_examples"], record["steps"]) == (6, 2, 6)
     assert record["held_out_after"]["pairwise_accuracy"] == 1.0
     assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
 

@@ -31,7 +31,8 @@ def test_lora_writes_a_peft_adapter_that_generate_applies(tiny_chat_model, rows,
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "sft.json",
                                                     "tokenizer.json", "tokenizer_config.json"]
     record = json.loads((out / "sft.json").read_text())
-    assert (record["method"], record["steps"], record["train_rows"], record["held_out_rows"]) == ("lora", 6, 8, 2)
+    assert (record["method"], record["steps"], record["train_examples"], record["held_out_examples"]) == \
+        ("lora", 6, 8, 2)
     assert record["held_out_loss_after"] < record["held_out_loss_before"]
     assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == [
         "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
