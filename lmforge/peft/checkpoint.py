@@ -20,7 +20,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.errors import CheckpointError, ValidationError
-from lmforge.peft.adapters import ADAPTERS_KEY, adapter_parameter_names, read_adapter_block
+from lmforge.peft.adapters import (
+    ADAPTERS_KEY,
+    adapter_parameter_names,
+    read_adapter_block,
+)
 from lmforge.peft.freezing import head_parameter_names
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -93,7 +97,7 @@ def load_adapters(folder: str | Path, base_model: str | Path | None = None, dtyp
     if cls is None:
         raise CheckpointError(f"{folder}: architecture {architecture!r} is not a {model_type} model lmforge has; "
                               "write the folder again with save_adapters.")
-    config, state, source = load_checkpoint(base_model)
+    config, state, _ = load_checkpoint(base_model)
     if config.get("model_type") != model_type:
         raise ValidationError(f"{folder}: the adapters were trained on a {model_type} model, but {base_model} is a "
                               f"{config.get('model_type')} model; pass the base model they were trained on.")
