@@ -34,7 +34,7 @@ EXAMPLES = """examples:
 """
 
 
-def _validation(text: str) -> float | int:
+def fraction_or_count(text: str) -> float | int:
     value = float(text)
     return int(value) if value >= 1 and value.is_integer() else value
 
@@ -53,7 +53,7 @@ def add_parser(subparsers) -> None:
                                                      "(default: standard-library docstrings labelled by package)")
     data.add_argument("--text-column", default="text", help="column holding the text (default: text)")
     data.add_argument("--label-column", default="label", help="column holding the class (default: label)")
-    data.add_argument("--validation", type=_validation, default=0.2, metavar="X",
+    data.add_argument("--validation", type=fraction_or_count, default=0.2, metavar="X",
                       help="held-out fraction (0 < X < 1) or number of examples (default: 0.2)")
     data.add_argument("--max-length", type=int, metavar="N",
                       help="longest example in tokens (default: the model's positions)")
@@ -77,6 +77,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
     parser.add_argument("--force", action="store_true", help="replace --out when it exists and is not empty")
     parser.set_defaults(handler=handle)
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """Counts must be >= 1 (checked before anything loads)."""
+    for flag in ("--epochs", "--max-steps", "--batch-size", "--bottleneck"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and value < 1:
+            raise ValidationError(f"{flag} must be >= 1, got {value}.")
 
 
 def method_options(args: argparse.Namespace) -> dict:
@@ -144,7 +152,8 @@ def handle(args: argparse.Namespace) -> int:
         train_validation_split,
     )
 
-    options = method_options(args)  # mistakes in the arguments fail before anything loads
+    check_counts(args)  # mistakes in the arguments fail before anything loads
+    options = method_options(args)
     out = check_output_folder(args.out, args.force)
     documents, origin = load_labelled_documents(args)
     label_to_id = label_vocabulary(documents)
@@ -185,7 +194,8 @@ def handle(args: argparse.Namespace) -> int:
         learning_rate = args.lr if args.lr is not None else LEARNING_RATES[args.method]
         training_args = TrainingArguments(
             output_dir=work / "training", learning_rate=learning_rate, weight_decay=0.01, warmup_ratio=0.1,
-            num_epochs=None if args.max_steps else (args.epochs or 3), max_steps=args.max_steps,
+            num_epochs=None if args.max_steps is not None else (3 if args.epochs is None else args.epochs),
+            max_steps=args.max_steps,
             per_device_batch_size=args.batch_size, seed=args.seed, logging_steps=10)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         trainer = Trainer(model, training_args, train, PaddingCollator(pad_token_id=pad), eval_dataset=validation,

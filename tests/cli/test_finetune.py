@@ -117,6 +117,7 @@ def test_long_examples_need_truncate(tiny_folders, tmp_path, capsys):
     (["--label-column", "category"], "no column 'category'; the columns are: text, label"),
     (["--method", "full", "--freeze-layers", "1"], "--freeze-layers applies to --method partial, not full"),
     (["--max-length", "100"], "--max-length must be from 1 to the model's 32 positions, got 100"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message, tiny_folders, numbers_csv, tmp_path, capsys):
     method = [] if "--method" in args else ["--method", "frozen"]
