@@ -35,6 +35,7 @@ EXAMPLES = """examples:
 
 
 def fraction_or_count(text: str) -> float | int:
+    """--validation: a fraction below 1 (0.2), or a whole number of examples (50)."""
     value = float(text)
     return int(value) if value >= 1 and value.is_integer() else value
 
