@@ -132,7 +132,21 @@ def _has_lora(model: torch.nn.Module) -> bool:
     return bool(lora_layers(model))
 
 
-class DPOTrainer(Trainer):
+class PairwiseTrainer(Trainer):
+    """A Trainer whose unit is a preference pair: a batch of B pairs is 2B rows, chosen first
+    (PreferenceCollator). Subclasses give `pair_terms(batch, module)` → (per-pair loss, per-pair
+    margin, mask of real pairs); the loss is summed over real pairs and normalised by their count."""
+
+    def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
+        pairs = batch["labels"].shape[0] // 2
+        return int((batch["labels"][:pairs] != IGNORE_INDEX).any(-1).sum())
+
+    def loss_sum(self, batch: dict[str, torch.Tensor], module: torch.nn.Module) -> torch.Tensor:
+        losses, _, real = self.pair_terms(batch, module)
+        return (losses * real).sum()
+
+
+class DPOTrainer(PairwiseTrainer):
     """The Trainer with the DPO objective on (prompt, chosen, rejected) rows.
 
     The reference is the model with LoRA switched off when it has LoRA layers (no copy; after a
@@ -178,14 +192,6 @@ class DPOTrainer(Trainer):
                           self.args.loss_type)
         margins = self.args.beta * ((policy[:pairs] - reference[:pairs]) - (policy[pairs:] - reference[pairs:]))
         return losses, margins.detach(), real
-
-    def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
-        pairs = batch["labels"].shape[0] // 2
-        return int((batch["labels"][:pairs] != IGNORE_INDEX).any(-1).sum())
-
-    def loss_sum(self, batch: dict[str, torch.Tensor], module: torch.nn.Module) -> torch.Tensor:
-        losses, _, real = self.pair_terms(batch, module)
-        return (losses * real).sum()
 
     def evaluate(self, dataset: Sequence[dict] | None = None) -> dict[str, float]:
         loss, accuracy, margin = evaluate_pairs(self, self.eval_dataset if dataset is None else dataset)

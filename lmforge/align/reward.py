@@ -27,11 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lmforge.align.dpo import PreferenceCollator, evaluate_pairs, tokenize_preferences
+from lmforge.align.dpo import PairwiseTrainer, PreferenceCollator, evaluate_pairs, tokenize_preferences
 from lmforge.errors import ValidationError
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.collate import IGNORE_INDEX
-from lmforge.train.trainer import Trainer, TrainerCallback, TrainingArguments
+from lmforge.train.trainer import TrainerCallback, TrainingArguments
 
 REWARD_HEAD = "score"  # the scalar head of lmforge's decoder sequence classifiers; train it fully beside LoRA
 
@@ -50,7 +50,7 @@ class RewardConfig(TrainingArguments):
     learning_rate: float = 1e-5
 
 
-class RewardTrainer(Trainer):
+class RewardTrainer(PairwiseTrainer):
     """The Trainer with the Bradley–Terry objective on (prompt, chosen, rejected) rows.
 
     `model` is a sequence-classification model with one label, e.g.
@@ -84,14 +84,6 @@ class RewardTrainer(Trainer):
         real = (labels[:pairs] != IGNORE_INDEX).any(-1).to(rewards.device)  # a stand-in batch has no target
         margins = rewards[:pairs] - rewards[pairs:]
         return bradley_terry_loss(rewards[:pairs], rewards[pairs:]), margins.detach(), real
-
-    def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
-        pairs = batch["labels"].shape[0] // 2
-        return int((batch["labels"][:pairs] != IGNORE_INDEX).any(-1).sum())
-
-    def loss_sum(self, batch: dict[str, torch.Tensor], module: torch.nn.Module) -> torch.Tensor:
-        losses, _, real = self.pair_terms(batch, module)
-        return (losses * real).sum()
 
     def evaluate(self, dataset: Sequence[dict] | None = None) -> dict[str, float]:
         loss, accuracy, margin = evaluate_pairs(self, self.eval_dataset if dataset is None else dataset)
