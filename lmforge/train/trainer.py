@@ -343,6 +343,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss, norm
 
+    def step_tokens(self, batches: list[dict[str, torch.Tensor]]) -> int:
+        """The tokens this process's step ran through, for the logged tokens_per_second (an RL trainer
+        counts the prompts and completions it generated)."""
+        return sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                   for b in batches)
+
+    def step_metrics(self) -> dict[str, float]:
+        """Quantities a subclass adds to each training log record (an RL trainer: mean reward, KL, ...)."""
+        return {}
+
     # ----- the loop -------------------------------------------------------------------------------
 
     def train(self, resume_from: str | Path | None = None) -> TrainerState:
@@ -368,15 +378,14 @@ class Trainer:
                 loss, norm = self.training_step(batches)
                 self.state.global_step += 1
                 self.state.loss = loss
-                tokens = all_reduce_sum(sum(int(b["attention_mask"].sum()) if "attention_mask" in b
-                                            else b["input_ids"].numel() for b in batches), self.context)
+                tokens = all_reduce_sum(self.step_tokens(batches), self.context)
                 speed = tokens / max(time.perf_counter() - started, 1e-9)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
                 step = self.state.global_step
                 if self.args.logging_steps and step % self.args.logging_steps == 0:
                     self._log({"step": step, "epoch": self.state.epoch, "loss": loss, "lr": lr, "grad_norm": norm,
-                               "tokens_per_second": speed})
+                               "tokens_per_second": speed, **self.step_metrics()})
                 for callback in self.callbacks:
                     callback.on_step_end(self)
                 if self.eval_dataset is not None and self.args.eval_steps and step % self.args.eval_steps == 0:
