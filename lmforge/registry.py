@@ -33,6 +33,13 @@ def register(model_type: str, task: str):
     return decorate
 
 
+def registered_task(model: Any) -> str | None:
+    """The task `model`'s registered class stands for (LlamaForCausalLM → "causal-lm"); a model whose class
+    was extended in place (LoRA layers, virtual tokens) counts as the registered class it extends."""
+    registered = {cls: task for tasks in MODEL_REGISTRY.values() for task, cls in tasks.items()}
+    return next((registered[cls] for cls in type(model).__mro__ if cls in registered), None)
+
+
 def _ensure_models_imported() -> None:
     import lmforge.models  # noqa: F401  (importing registers every architecture)
 

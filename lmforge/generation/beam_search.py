@@ -91,7 +91,7 @@ def beam_search(model, tokenizer, prompt: Prompt, params: SamplingParams) -> Req
                               f"(only num_beams hypotheses are kept), got {params.n}.")
     prompt_ids = encode_prompt(tokenizer, prompt)
     prefix = decoder_prefixes(model, [prompt_ids])[0]  # what the processors see as the sequence so far (as HF)
-    room = model.config.context_length - len(prefix)
+    room = model.context_window - len(prefix)
     max_new = min(params.max_tokens or room, room)
     eos = [] if params.ignore_eos else eos_token_ids(model, tokenizer)
     finish_ids = set(eos) | set(params.stop_token_ids or [])
@@ -135,7 +135,7 @@ def beam_search(model, tokenizer, prompt: Prompt, params: SamplingParams) -> Req
     text_context = None if getattr(model.config, "is_encoder_decoder", False) else prompt_ids
     result = RequestOutput(prompt if isinstance(prompt, str) else None, prompt_ids)
     for index, hypothesis in enumerate(finished[:params.n]):
-        output = OutputStream(tokenizer, params, eos, len(prefix), model.config.context_length, text_context)
+        output = OutputStream(tokenizer, params, eos, len(prefix), model.context_window, text_context)
         for token in hypothesis.token_ids:
             if output.append(token).finished:
                 break

@@ -124,7 +124,7 @@ def decoder_prefixes(model, prompts: list[list[int]]) -> list[list[int]]:
     prompt through its encoder and decodes from the start token alone. Checks the prompts
     leave room to generate.
     """
-    context = model.config.context_length
+    context = model.context_window
     seq2seq = getattr(model.config, "is_encoder_decoder", False)
     for i, ids in enumerate(prompts):
         if len(ids) > context or (len(ids) == context and not seq2seq):
@@ -145,7 +145,7 @@ def generate_steps(model, tokenizer, prompts: Sequence[Prompt], params: Sampling
         raise InputError("beam search does not stream; call lmforge.generation.beam_search instead.")
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     prefixes = decoder_prefixes(model, prompt_ids)
-    context = model.config.context_length
+    context = model.context_window
     room = context - max(len(prefix) for prefix in prefixes)
     max_new = min(params.max_tokens or room, room)
     row_params = params if params.max_tokens == max_new else dataclasses.replace(params, max_tokens=max_new)

@@ -302,6 +302,13 @@ class PreTrainedModel(nn.Module):
 class GenerativeModel(PreTrainedModel, ABC):
     """A model with a next-token head: adds `generate` and `stream` (see lmforge.generation)."""
 
+    num_virtual_tokens: int = 0  # learned positions read before every input (prefix / prompt tuning)
+
+    @property
+    def context_window(self) -> int:
+        """How many tokens a prompt and its completion may hold together."""
+        return self.config.context_length - self.num_virtual_tokens
+
     @abstractmethod
     def decoder_attention_layers(self) -> list[Attention]:
         """The self-attention modules a KV cache serves, in layer order."""

@@ -25,6 +25,7 @@ from lmforge.nn import (
     TransformerBlock,
 )
 from lmforge.nn.block import number_layers
+from lmforge.nn.embedding import embed_inputs
 from lmforge.nn.heads import pool
 from lmforge.nn.kv_cache import KVCache
 from lmforge.nn.masks import decoder_self_attention_mask
@@ -107,13 +108,16 @@ class GPT2Model(GPT2PreTrainedModel):
         number_layers(self.layers)
         self.post_init()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> ModelOutput:
+        """As LlamaModel.forward; learned position vectors are added to the token (or `inputs_embeds`) vectors."""
+        tokens = embed_inputs(self.embed_tokens, input_ids, inputs_embeds)
         if position_ids is None:
             past = kv_cache.length if kv_cache is not None else 0
-            position_ids = default_position_ids(input_ids, attention_mask, past)
-        hidden = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(position_ids))
-        length = input_ids.shape[1]
+            position_ids = default_position_ids(tokens, attention_mask, past)
+        hidden = self.dropout(tokens + self.embed_positions(position_ids))
+        length = hidden.shape[1]
         mask = decoder_self_attention_mask(attention_mask, length, kv_cache, hidden.dtype, hidden.device)
         for layer in self.layers:
             hidden = layer(hidden, mask, kv_cache=kv_cache)

@@ -22,6 +22,7 @@ from lmforge.nn import (
     TransformerBlock,
 )
 from lmforge.nn.block import number_layers
+from lmforge.nn.embedding import embed_inputs
 from lmforge.nn.heads import pool
 from lmforge.nn.kv_cache import KVCache
 from lmforge.nn.masks import decoder_self_attention_mask
@@ -63,20 +64,22 @@ class LlamaModel(LlamaPreTrainedModel):
         return TransformerBlock(attention, mlp, RMSNorm(config.hidden_size, config.rms_norm_eps),
                                 RMSNorm(config.hidden_size, config.rms_norm_eps), pre_norm=True)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> ModelOutput:
         """input_ids [B, T] (attention_mask 1 = token, 0 = padding) → hidden states [B, T, D].
 
         With a `kv_cache`, `input_ids` are the new tokens only and `attention_mask` covers the
         cached positions too ([B, past + T]). A `PagedKVCache` takes a packed batch: every
         scheduled token of every sequence in one row ([1, N]) with explicit `position_ids`.
+        `inputs_embeds` [B, T, D] replaces `input_ids` with ready-made token vectors.
         """
-        hidden = self.embed_tokens(input_ids)
+        hidden = embed_inputs(self.embed_tokens, input_ids, inputs_embeds)
         if position_ids is None:
             past = kv_cache.length if kv_cache is not None else 0
-            position_ids = default_position_ids(input_ids, attention_mask, past)
+            position_ids = default_position_ids(hidden, attention_mask, past)
         rotary = self.rotary(position_ids, hidden.dtype)
-        length = input_ids.shape[1]
+        length = hidden.shape[1]
         mask = decoder_self_attention_mask(attention_mask, length, kv_cache, hidden.dtype, hidden.device)
         for layer in self.layers:
             hidden = layer(hidden, mask, rotary, kv_cache=kv_cache)

@@ -25,3 +25,13 @@ class TokenEmbedding(nn.Embedding):
             )
         out = super().forward(input_ids)
         return out * self.scale if self.scale != 1.0 else out
+
+
+def embed_inputs(embed_tokens: nn.Module, input_ids: torch.Tensor | None,
+                 inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+    """The token vectors a backbone starts from: `embed_tokens(input_ids)`, or `inputs_embeds` [B, T, D]
+    given instead (soft prompts, or vectors from another model)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise InputError("pass exactly one of input_ids (token ids) and inputs_embeds (vectors [batch, length, "
+                         f"dim]); got {'both' if input_ids is not None else 'neither'}.")
+    return embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds

@@ -31,11 +31,12 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_length: int) -> "KVCache":
-        """A cache shaped for `model`'s decoder self-attention layers."""
+        """A cache shaped for `model`'s decoder self-attention layers, with room for `max_length` tokens
+        after the model's virtual tokens (if it has any)."""
         attention = model.decoder_attention_layers()
         first = attention[0]
-        return cls(len(attention), batch_size, first.num_kv_heads, first.head_dim, max_length,
-                   dtype=model.dtype, device=model.device)
+        return cls(len(attention), batch_size, first.num_kv_heads, first.head_dim,
+                   max_length + getattr(model, "num_virtual_tokens", 0), dtype=model.dtype, device=model.device)
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new positions' keys/values for `layer`; return all positions so far (views, no copy)."""
@@ -79,3 +80,40 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(k.numel() * k.element_size() * 2 for k in self.keys)
+
+
+class GrowingKVCache(KVCache):
+    """Keys/values kept by concatenation instead of preallocated buffers: unbounded and differentiable.
+
+    Gradients flow through what it holds, so training can use it to attend over learned
+    positions that precede the input (prefix and prompt tuning put their virtual tokens here).
+    """
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.cross = [None] * num_layers
+        self.max_length = None
+        self.length = 0
+
+    @classmethod
+    def for_model(cls, model, batch_size: int = 0, max_length: int = 0) -> "GrowingKVCache":
+        return cls(len(model.decoder_attention_layers()))
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is not None:
+            keys = torch.cat([self.keys[layer], keys], dim=2)
+            values = torch.cat([self.values[layer], values], dim=2)
+        self.keys[layer], self.values[layer] = keys, values
+        return keys, values
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.keys = [None if k is None else k.index_select(0, rows) for k in self.keys]
+        self.values = [None if v is None else v.index_select(0, rows) for v in self.values]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k in self.keys if k is not None)

@@ -30,12 +30,13 @@ def check_max_positions(position_ids: torch.Tensor, max_positions: int) -> None:
 
 def default_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                          past_length: int = 0) -> torch.Tensor:
-    """Positions of the new tokens `input_ids` [B, T], counting real tokens only.
+    """Positions of the new tokens `input_ids` [B, T] (or their embeddings [B, T, D]), counting real
+    tokens only.
 
     With left padding a prompt still starts at position 0. `attention_mask` covers the
     cached past and the new tokens ([B, past_length + T]).
     """
-    batch, length = input_ids.shape
+    batch, length = input_ids.shape[:2]
     if attention_mask is None:
         positions = torch.arange(past_length, past_length + length, device=input_ids.device)
         return positions.expand(batch, -1)

@@ -20,7 +20,7 @@ from torch import nn
 
 from lmforge.errors import CheckpointError, UnsupportedError
 from lmforge.peft.lora import LoraConfig, _require_lora, add_lora
-from lmforge.registry import MODEL_REGISTRY
+from lmforge.registry import registered_task
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -28,14 +28,6 @@ PREFIX = "base_model.model."
 TASK_TYPES = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS", "token-classification": "TOKEN_CLS",
               "seq2seq-lm": "SEQ_2_SEQ_LM", "base": "FEATURE_EXTRACTION"}
 _FEATURES_WE_LACK = {"use_dora": "DoRA", "use_rslora": "rank-stabilised scaling", "fan_in_fan_out": "Conv1D layout"}
-
-
-def _task(model: nn.Module) -> str | None:
-    for tasks in MODEL_REGISTRY.values():
-        for task, cls in tasks.items():
-            if type(model) is cls:
-                return task
-    return None
 
 
 def _keymap(model: nn.Module):
@@ -78,7 +70,7 @@ def save_lora(model: nn.Module, folder: str | Path, base_model_name_or_path: str
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     description = {
-        "peft_type": "LORA", "task_type": TASK_TYPES.get(_task(model)), "r": config.r,
+        "peft_type": "LORA", "task_type": TASK_TYPES.get(registered_task(model)), "r": config.r,
         "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
         "target_modules": sorted(hf_targets), "modules_to_save": saved_modules or None, "bias": "none",
         "fan_in_fan_out": False, "use_dora": False, "use_rslora": False, "init_lora_weights": True,

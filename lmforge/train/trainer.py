@@ -43,7 +43,7 @@ from lmforge.distributed.data_parallel import (
 )
 from lmforge.distributed.process_group import all_reduce_sum, barrier, gather_objects, gather_tensors, init_distributed
 from lmforge.errors import LMForgeError, ValidationError
-from lmforge.registry import MODEL_REGISTRY
+from lmforge.registry import registered_task
 from lmforge.train.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
@@ -190,10 +190,9 @@ def set_seed(seed: int) -> None:
 
 def infer_task(model: torch.nn.Module) -> str:
     """The task a registered model class stands for (e.g. LlamaForCausalLM → "causal-lm")."""
-    for tasks in MODEL_REGISTRY.values():
-        for task, cls in tasks.items():
-            if type(model) is cls and task in LOSS_TASKS:
-                return task
+    task = registered_task(model)
+    if task in LOSS_TASKS:
+        return task
     raise ValidationError(f"cannot tell which loss {type(model).__name__} trains with; pass task= one of "
                           f"{', '.join(LOSS_TASKS)}.")
 
