@@ -46,8 +46,8 @@ def add_quantization_argument(parser: argparse.ArgumentParser) -> None:
                         help="quantize the model's Linear layers at load time; gguf keeps a GGUF file's own "
                              "Q8_0/Q4_1/Q4_0 blocks (default: none)")
     parser.add_argument("--adapter", metavar="DIR",
-                        help="a LoRA adapter folder in the PEFT layout (from `lmforge sft` or peft) to apply to "
-                             "the model")
+                        help="an adapter folder in the PEFT layout (LoRA, prompt or prefix tuning; from "
+                             "`lmforge sft` or peft) to apply to the model")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,9 +75,9 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 def load_generator(ref: str, quantization: str | None = None, adapter: str | None = None):
     """Tokenizer and a text-generating model (causal LM, else seq2seq LM) for `ref`, quantized as asked (see
-    `--quantization`), with a LoRA `adapter` folder applied, timed on stderr.
+    `--quantization`), with a PEFT `adapter` folder (LoRA, prompt or prefix tuning) applied, timed on stderr.
 
-    Over a floating-point base the adapter is merged into the weights (as fast as the base model);
+    Over a floating-point base a LoRA adapter is merged into the weights (as fast as the base model);
     over a quantized one it stays a separate update, since merging would round it into the format."""
     from lmforge import AutoTokenizer
     from lmforge.quant import load_quantized, parameter_count, quantize_loaded
@@ -99,10 +99,9 @@ def load_generator(ref: str, quantization: str | None = None, adapter: str | Non
         model = tasks[task].from_pretrained(ref)
         quantize_loaded(model, quantization)
     if adapter is not None:
-        from lmforge.peft import load_lora, merge_and_unload
+        from lmforge.peft import load_peft_adapter, merge_and_unload
 
-        load_lora(model, adapter)
-        if not quantization:
+        if load_peft_adapter(model, adapter) == "LORA" and not quantization:
             merge_and_unload(model)
     how = f", {quantization}" if quantization else ""
     how += f", adapter {adapter}" if adapter else ""

@@ -2,12 +2,14 @@
 
 --data is a .json or .jsonl file of rows shaped {"instruction", "input" (optional), "response"},
 {"messages": [...]} or {"prompt", "completion"}; the loss counts the answers only. --method picks
-what trains: full (every weight), lora (low-rank updates of frozen linear layers) or qlora (LoRA
-over a base quantized to NF4, for the least memory). A seeded held-out part of the rows measures
-the loss after training. --out receives, for full, a model folder (config.json, model.safetensors,
-tokenizer); for lora/qlora a PEFT adapter folder (adapter_config.json, adapter_model.safetensors)
-that lmforge (`lmforge generate --model BASE --adapter DIR`) and the peft library load onto the base model,
-or with --merge a full model folder with the updates folded in. sft.json records the run.
+what trains: full (every weight), lora (low-rank updates of frozen linear layers), qlora (LoRA
+over a base quantized to NF4, for the least memory), prompt (a learned soft prompt of virtual
+tokens) or prefix (learned keys/values of virtual tokens at every layer). A seeded held-out part of
+the rows measures the loss after training. --out receives, for full, a model folder (config.json,
+model.safetensors, tokenizer); for the others a PEFT adapter folder (adapter_config.json,
+adapter_model.safetensors) that lmforge (`lmforge generate --model BASE --adapter DIR`) and the peft
+library load onto the base model, or for lora/qlora with --merge a full model folder with the
+updates folded in. sft.json records the run.
 Without --data, the rows are the generated dates task (dates in words → ISO 8601).
 """
 
@@ -30,14 +32,17 @@ from lmforge.errors import ValidationError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 METHODS = {"full": "every weight", "lora": "low-rank updates of frozen layers",
-           "qlora": "LoRA over an NF4-quantized base"}
-LEARNING_RATES = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+           "qlora": "LoRA over an NF4-quantized base", "prompt": "a soft prompt of virtual tokens",
+           "prefix": "keys/values of virtual tokens at every layer"}
+LEARNING_RATES = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4, "prompt": 3e-2, "prefix": 1e-2}
+VIRTUAL_TOKEN_METHODS = ("prompt", "prefix")
 RECORD = "sft.json"
 
 EXAMPLES = """examples:
   lmforge sft --method lora --max-steps 60 --out dates-lora
   lmforge sft --data chats.jsonl --method qlora --lora-r 16 --epochs 2 --out chat-qlora
   lmforge sft --data alpaca.json --method lora --merge --out merged-model
+  lmforge sft --method prompt --num-virtual-tokens 20 --init-text "Write the date as YYYY-MM-DD" --out dates-prompt
   lmforge sft path/to/hf-folder --data rows.jsonl --method full --overlong truncate --max-length 512 --out tuned
   lmforge generate --adapter dates-lora "Write this date in ISO format (YYYY-MM-DD): the first of May, 1999"
 """
@@ -73,6 +78,14 @@ def add_alignment_arguments(parser: argparse.ArgumentParser, data_help: str,
                       help="comma-separated layer names (e.g. q_proj,v_proj) or all-linear (default)")
     lora.add_argument("--merge", action="store_true", help="write a full model with the updates folded in, "
                                                            "instead of an adapter folder")
+    if "prompt" in learning_rates:
+        virtual = parser.add_argument_group("prompt / prefix")
+        virtual.add_argument("--num-virtual-tokens", type=int, default=20, metavar="P",
+                             help="how many virtual tokens are learned (default: 20)")
+        virtual.add_argument("--init-text", metavar="TEXT", help="start them from this text's tokens (e.g. a "
+                             "description of the task; default: random vocabulary tokens)")
+        virtual.add_argument("--prefix-projection", action="store_true", help="prefix: produce the keys/values "
+                             "with a small MLP while training (steadier, more to train)")
     training = parser.add_argument_group("training")
     length = training.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, metavar="N", help="passes over the training rows (default: 1)")
@@ -114,16 +127,19 @@ def split_rows(rows: list[dict], validation: float | int, seed: int) -> tuple[li
     return shuffled[:-count], shuffled[-count:]
 
 
-def prepare_model(args: argparse.Namespace, task: str = "causal-lm"):
+def prepare_model(args: argparse.Namespace, task: str = "causal-lm", tokenizer=None):
     """The model to train, loaded in float32: the language model, or for task="sequence-classification"
     its backbone under a new one-score head (a reward model). Quantized to NF4 for qlora, with LoRA
-    layers for lora/qlora; a new score head trains fully beside them."""
+    layers for lora/qlora (a new score head trains fully beside them), with virtual tokens for prompt
+    and prefix (started from --init-text, which needs the `tokenizer`)."""
     from lmforge import AutoModelForCausalLM, AutoModelForSequenceClassification
     from lmforge.align.reward import REWARD_HEAD
     from lmforge.peft import LoraConfig, add_lora
     from lmforge.quant import quantize_model
 
     scorer = task == "sequence-classification"
+    if args.method in VIRTUAL_TOKEN_METHODS:
+        return _virtual_token_model(args, tokenizer)
     lora = None
     if args.method != "full":  # check the LoRA settings before the model loads
         targets = args.target_modules if args.target_modules == "all-linear" else [
@@ -143,9 +159,26 @@ def prepare_model(args: argparse.Namespace, task: str = "causal-lm"):
     return model
 
 
+def _virtual_token_model(args: argparse.Namespace, tokenizer):
+    from lmforge import AutoModelForCausalLM
+    from lmforge.peft import PrefixTuningConfig, PromptTuningConfig, add_prefix_tuning, add_prompt_tuning
+
+    if args.merge:
+        raise ValidationError(f"--merge folds LoRA updates into the weights; --method {args.method} learns virtual "
+                              "tokens, which have no weights to fold into. Leave --merge out.")
+    if args.method == "prompt":  # check the settings before the model loads
+        config = PromptTuningConfig(args.num_virtual_tokens, init_text=args.init_text, seed=args.seed)
+    else:
+        config = PrefixTuningConfig(args.num_virtual_tokens, prefix_projection=args.prefix_projection,
+                                    init_text=args.init_text, seed=args.seed)
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    add = add_prompt_tuning if args.method == "prompt" else add_prefix_tuning
+    return add(model, config, tokenizer)
+
+
 def save_trained(model, tokenizer, args: argparse.Namespace, folder: Path) -> Path:
     """The result into `folder`: a model folder (full, or --merge) or a PEFT adapter folder, with the tokenizer."""
-    from lmforge.peft import merge_and_unload, save_lora
+    from lmforge.peft import merge_and_unload, save_peft_adapter
     from lmforge.quant.checkpoint import save_quantized
 
     if args.method == "full" or args.merge:
@@ -154,7 +187,7 @@ def save_trained(model, tokenizer, args: argparse.Namespace, folder: Path) -> Pa
             return save_quantized(merged, folder, tokenizer)
         merged.save_pretrained(folder)
     else:
-        save_lora(model, folder, base_model_name_or_path=args.model)
+        save_peft_adapter(model, folder, base_model_name_or_path=args.model)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -231,7 +264,7 @@ def start_run(args: argparse.Namespace, rows: list[dict], origin: str, unit: str
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = prepare_model(args, task)
+    model = prepare_model(args, task, tokenizer)
     summary = trainable_summary(model)
     print(f"model       {args.model} ({args.method}): {summary}")
     print(f"data        {origin}: {len(train)} training, {len(held_out)} held-out {unit}", flush=True)

@@ -1,4 +1,4 @@
-"""`lmforge sft`: full, LoRA and QLoRA end to end on a tiny Llama with SmolLM2's real tokenizer and chat
+"""`lmforge sft`: full, LoRA, QLoRA, prompt and prefix tuning end to end on a tiny Llama with SmolLM2's real tokenizer and chat
 template; the adapter folder applies through `lmforge generate --adapter`; one-line errors for bad input."""
 
 import json
@@ -58,10 +58,41 @@ def test_full_and_merged_qlora_write_loadable_models(tiny_chat_model, rows, tmp_
     assert config["quantization"]["method"] == "nf4"
 
 
+@pytest.mark.parametrize("method,extra", [("prompt", ["--init-text", "Spell the word"]),
+                                          ("prefix", ["--prefix-projection"])])
+def test_virtual_tokens_write_a_peft_folder_that_generate_applies(tiny_chat_model, rows, tmp_path, capsys, method,
+                                                                   extra):
+    out = tmp_path / method
+    run_sft(capsys, tiny_chat_model, "--data", rows, "--method", method, "--num-virtual-tokens", 4, *extra,
+            "--max-steps", 6, "--lr", "5e-2", "--validation", 2, "--batch-size", 4, "--out", out)
+    record = json.loads((out / "sft.json").read_text())
+    assert record["held_out_loss_after"] < record["held_out_loss_before"]
+    description = json.loads((out / "adapter_config.json").read_text())
+    assert (description["peft_type"], description["num_virtual_tokens"]) == (f"{method.upper()}_TUNING", 4)
+    config = AutoModelForCausalLM.from_pretrained(tiny_chat_model).config
+    if method == "prompt":
+        assert record["trainable_parameters"] == 4 * config.hidden_size
+    else:  # the MLP: 4 embeddings -> hidden -> every layer's keys and values
+        outputs = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim
+        width = config.hidden_size
+        assert record["trainable_parameters"] == 4 * width + (width + 1) * width + (width + 1) * outputs
+    command = ["generate", "--model", str(tiny_chat_model), "Spell cat", "--temperature", "0", "--max-tokens", "4"]
+    assert main(command) == 0
+    base = capsys.readouterr().out
+    assert main([*command, "--adapter", str(out)]) == 0
+    assert capsys.readouterr().out != base
+
+
 def test_bad_input_is_one_line(tiny_chat_model, rows, tmp_path, capsys):
     assert main(["sft", str(tiny_chat_model), "--data", str(rows), "--method", "full", "--merge",
                  "--out", str(tmp_path / "x")]) == 2
     assert "--merge folds LoRA updates" in capsys.readouterr().err
+    assert main(["sft", str(tiny_chat_model), "--data", str(rows), "--method", "prompt", "--merge",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "no weights to fold into" in capsys.readouterr().err
+    assert main(["sft", str(tiny_chat_model), "--data", str(rows), "--method", "prefix", "--num-virtual-tokens", "0",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "num_virtual_tokens must be an integer >= 1" in capsys.readouterr().err
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps({"instruction": "a", "response": "b"}) + "\n" + json.dumps({"instruction": "c"}) + "\n"
                       + json.dumps({"instruction": "d", "response": "e"}) + "\n")
