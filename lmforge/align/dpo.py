@@ -38,7 +38,7 @@ from lmforge.train.trainer import Trainer, TrainerCallback, TrainingArguments
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
-def _answer_row(row: dict[str, Any], answer: str, number: int, chat: bool) -> dict[str, Any]:
+def answer_row(row: dict[str, Any], answer: str, number: int, chat: bool) -> dict[str, Any]:
     """An SFT-shaped row: the prompt (a string or chat messages) followed by one answer."""
     prompt = row.get("prompt")
     if isinstance(prompt, list):
@@ -66,7 +66,7 @@ def tokenize_preferences(rows: Sequence[dict[str, Any]], tokenizer: Tokenizer, m
             if not isinstance(row.get(side), str):
                 raise InputError(f"row {number}: {side!r} is {'missing' if row.get(side) is None else 'not a string'}; "
                                  "a preference row needs 'prompt', 'chosen' and 'rejected'.")
-            ids, labels = tokenize_row(_answer_row(row, row[side], number, chat), number, tokenizer)
+            ids, labels = tokenize_row(answer_row(row, row[side], number, chat), number, tokenizer)
             answers[side] = fit_length(ids, labels, max_length, overlong, number)
         if answers["chosen"] is None or answers["rejected"] is None:
             dropped += 1
@@ -126,7 +126,7 @@ class DPOConfig(TrainingArguments):
             raise ValidationError(f"DPOConfig.loss_type must be one of {', '.join(LOSS_TYPES)}; got {self.loss_type!r}.")
 
 
-def _has_lora(model: torch.nn.Module) -> bool:
+def has_lora(model: torch.nn.Module) -> bool:
     from lmforge.peft.lora import lora_layers
 
     return bool(lora_layers(model))
@@ -164,7 +164,7 @@ class DPOTrainer(PairwiseTrainer):
         evaluation = (tokenize_preferences(eval_dataset, tokenizer, max_length, args.overlong)[0]
                       if eval_dataset else None)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if reference_model is None and not _has_lora(model):
+        if reference_model is None and not has_lora(model):
             reference_model = copy.deepcopy(model)
         if reference_model is not None:
             reference_model.eval().requires_grad_(False)

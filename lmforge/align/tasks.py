@@ -3,13 +3,15 @@
 "the twenty-first of March, nineteen eighty-four" → "1984-03-21". Small instruction-tuned
 models read such dates poorly, the answer is one short string, and any number of
 examples can be made from a seed — enough to measure what prompting, SFT, LoRA and the
-rest each buy, with a held-out split the training never sees.
+rest each buy, with a held-out split the training never sees. `iso_date_reward` scores answers
+for online RL, with partial credit for the right format.
 """
 
 from __future__ import annotations
 
 import datetime
 import random
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,6 +22,8 @@ ORDINAL_ONES = ["", "first", "second", "third", "fourth", "fifth", "sixth", "sev
                 "eleventh", "twelfth", "thirteenth", "fourteenth", "fifteenth", "sixteenth", "seventeenth",
                 "eighteenth", "nineteenth"]
 INSTRUCTION = "Write this date in ISO format (YYYY-MM-DD). Answer with the date only."
+ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+WRONG_DATE_REWARD = 0.2  # iso_date_reward's partial credit: the right format, the wrong date
 
 
 def below_hundred(number: int) -> str:
@@ -92,3 +96,30 @@ def date_preferences(count: int, seed: int = 0) -> list[dict[str, str]]:
                                    f"In ISO format, I believe the date is {date.year}/{date.month}/{date.day}."])
         rows.append({"prompt": row["instruction"], "chosen": row["response"], "rejected": chatty})
     return rows
+
+
+def date_prompts(count: int, seed: int = 0) -> list[dict[str, str]]:
+    """Prompt rows for online RL (GRPO, PPO): {"prompt": the instruction, "response": the ISO answer}; the
+    policy sees the prompt only, `iso_date_reward` reads the response column."""
+    return [{"prompt": row["instruction"], "response": row["response"]} for row in date_rows(count, seed)]
+
+
+def iso_date_reward(prompts: Sequence[Any], completions: Sequence[str], response: Sequence[str],
+                    **columns: Any) -> list[float]:
+    """The dates task as a reward function (TRL's signature: the rows' columns arrive as keyword lists):
+    1.0 for the exact ISO date, 0.2 for a well-formed YYYY-MM-DD of another date, 0.0 otherwise."""
+    rewards = []
+    for completion, answer in zip(completions, response):
+        text = completion.strip()
+        rewards.append(1.0 if text == answer.strip() else WRONG_DATE_REWARD if _is_iso_date(text) else 0.0)
+    return rewards
+
+
+def _is_iso_date(text: str) -> bool:
+    if not ISO_DATE.fullmatch(text):
+        return False
+    try:
+        datetime.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True

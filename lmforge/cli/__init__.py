@@ -18,7 +18,9 @@ from lmforge.cli import (
     export,
     finetune,
     generate,
+    grpo,
     info,
+    ppo,
     pretrain,
     quantize,
     reward_model,
@@ -29,7 +31,7 @@ from lmforge.cli import (
 from lmforge.errors import LMForgeError
 
 COMMANDS = (generate, chat, info, serve, evaluate, quantize, export, pretrain, sweep, finetune, sft, dpo,
-            reward_model)
+            reward_model, grpo, ppo)
 
 
 def build_parser() -> argparse.ArgumentParser:
