@@ -188,7 +188,7 @@ class RewardModel:
             raise InputError(f"{folder}: no such folder; give the folder `lmforge reward-model` wrote.")
         adapter = folder / "adapter_config.json"
         tokenizer_source: str | Path = folder
-        if adapter.is_file():
+        if adapter.is_file():  # its tokenizer is the base model's
             config = json.loads(adapter.read_text())
             base = config.get("base_model_name_or_path")
             if config.get("task_type") != "SEQ_CLS" or not base:
@@ -197,8 +197,7 @@ class RewardModel:
             model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
             load_lora(model, folder)
             merge_and_unload(model)
-            if not (folder / "tokenizer.json").is_file():
-                tokenizer_source = base
+            tokenizer_source = base
         else:
             config_file = folder / "config.json"
             architectures = json.loads(config_file.read_text()).get("architectures") if config_file.is_file() else None
