@@ -1,10 +1,12 @@
-"""What prompting, LoRA, QLoRA and full fine-tuning each buy on SmolLM2-135M-Instruct, on a task it fails.
+"""What prompting, prompt/prefix tuning, LoRA, QLoRA and full fine-tuning each buy on SmolLM2-135M-Instruct, on a task it fails.
 
 The task is generated (lmforge.align.tasks): a date written in words → ISO 8601, scored by exact
 match on held-out dates with greedy decoding. Each method runs in its own process (so its peak
 RSS is its own) on this CPU:
 - zero-shot: the instruction alone;
 - few-shot: --shots solved training examples as earlier chat turns (no weight changes);
+- prompt / prefix: SFT of 20 virtual tokens (a soft prompt, or keys/values at every layer) started
+  from the tokens of a task description, the model frozen;
 - lora / qlora / full: SFT on the training rows (answer-only loss) for --steps steps.
 Then DPO on the format preference (bare ISO date over chatty answers): held-out preference
 accuracy, and how often greedy answers are a bare YYYY-MM-DD before and after.
@@ -26,8 +28,10 @@ import torch
 from benchmarks.report import machine_line, markdown_table, run_isolated, write_section
 
 MODEL = "smollm2-135m-instruct"
-METHODS = ("zero-shot", "few-shot", "lora", "qlora", "full", "dpo")
-LEARNING_RATES = {"lora": 1e-3, "qlora": 1e-3, "full": 5e-5, "dpo": 5e-5}
+METHODS = ("zero-shot", "few-shot", "prompt", "prefix", "lora", "qlora", "full", "dpo")
+LEARNING_RATES = {"prompt": 3e-2, "prefix": 1e-2, "lora": 1e-3, "qlora": 1e-3, "full": 5e-5, "dpo": 5e-5}
+VIRTUAL_TOKENS = 20
+INIT_TEXT = "Write the date in ISO 8601 format, YYYY-MM-DD, and nothing else."
 ISO = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -47,7 +51,15 @@ def measure(method: str, args) -> dict:
     from lmforge import AutoModelForCausalLM, AutoTokenizer
     from lmforge.align import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
     from lmforge.align.tasks import date_preferences, date_splits, exact_match
-    from lmforge.peft import LoraConfig, add_lora, trainable_summary
+    from lmforge.peft import (
+        LoraConfig,
+        PrefixTuningConfig,
+        PromptTuningConfig,
+        add_lora,
+        add_prefix_tuning,
+        add_prompt_tuning,
+        trainable_summary,
+    )
     from lmforge.quant import quantize_model
 
     torch.manual_seed(0)
@@ -72,10 +84,14 @@ def measure(method: str, args) -> dict:
         result["iso_before"] = sum(bool(ISO.match(a)) for a in format_before) / len(held_out)
         model.eval()
         result["iso_after"] = sum(bool(ISO.match(a)) for a in answers(model, tokenizer, held_out, [])) / len(held_out)
-    elif method in ("lora", "qlora", "full"):
+    elif method in ("prompt", "prefix", "lora", "qlora", "full"):
         if method == "qlora":
             quantize_model(model, "nf4")
-        if method != "full":
+        if method == "prompt":
+            add_prompt_tuning(model, PromptTuningConfig(VIRTUAL_TOKENS, init_text=INIT_TEXT), tokenizer)
+        elif method == "prefix":
+            add_prefix_tuning(model, PrefixTuningConfig(VIRTUAL_TOKENS, init_text=INIT_TEXT), tokenizer)
+        elif method != "full":
             add_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
         config = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=args.steps, per_device_batch_size=args.batch,
                            learning_rate=LEARNING_RATES[method], warmup_ratio=0.05, logging_steps=0, progress=False)
@@ -109,8 +125,10 @@ def write_report(results: dict[str, dict], args) -> None:
 
 {machine_line()}. Dates in words → ISO 8601 (`lmforge.align.tasks`), {args.train} training and
 {args.held_out} held-out dates, greedy decoding, exact match. Few-shot shows {args.shots} solved examples as
-earlier chat turns. SFT: {args.steps} steps of {args.batch} rows, answer-only loss; LoRA/QLoRA r=8 on all
-linear layers (QLoRA: NF4 base). Each method in its own process.
+earlier chat turns. SFT: {args.steps} steps of {args.batch} rows, answer-only loss; prompt/prefix tuning
+{VIRTUAL_TOKENS} virtual tokens started from the tokens of "{INIT_TEXT}"; LoRA/QLoRA r=8 on all
+linear layers (QLoRA: NF4 base). Learning rates {', '.join(f'{m} {lr:g}' for m, lr in LEARNING_RATES.items())}.
+Each method in its own process.
 
 {table}
 {dpo_text}""")
