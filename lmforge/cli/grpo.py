@@ -75,12 +75,17 @@ def add_parser(subparsers) -> None:
 
 
 def load_prompts(args: argparse.Namespace) -> tuple[list[dict], str]:
+    """The prompt rows, checked before the split shuffles them, so that an error names the file's row."""
     from lmforge.align import read_rows
+    from lmforge.align.rollout import row_prompt
     from lmforge.align.tasks import date_prompts
 
     if args.data is None:
         return date_prompts(200, seed=args.seed), "the dates task prompts (generated)"
-    return read_rows(args.data), args.data
+    rows = read_rows(args.data)
+    for number, row in enumerate(rows, 1):
+        row_prompt(row, number)
+    return rows, args.data
 
 
 def load_reward(args: argparse.Namespace):
@@ -96,10 +101,13 @@ def load_reward(args: argparse.Namespace):
 
 
 def handle(args: argparse.Namespace) -> int:
-    from lmforge.align import GRPOConfig, GRPOTrainer
+    from lmforge.align import GRPOConfig, GRPOTrainer, RewardFunction
 
     reward, reward_name = load_reward(args)
-    run = start_run(args, *load_prompts(args), unit="prompts")
+    rows, origin = load_prompts(args)
+    if isinstance(reward, RewardFunction):
+        reward.check_columns(rows)  # here, so that an error names the file's row
+    run = start_run(args, rows, origin, unit="prompts")
     with run.workspace() as work:
         config = training_config(GRPOConfig, args, work, LEARNING_RATES, num_generations=args.num_generations,
                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, beta=args.beta)
