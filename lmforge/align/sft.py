@@ -14,6 +14,13 @@ Rows come in three shapes (JSON array or JSONL):
 
 The text is tokenized piece by piece (prompt, then answer), which is how generation
 sees it: the prompt is encoded, then the answer's tokens are appended one by one.
+
+Packing lays several short examples end to end in rows of `max_length` tokens instead of
+padding each batch to its longest example, so no compute goes to padding. The attention mask
+then numbers the examples (1, 1, 1, 2, 2, ...): attention stays inside each example and
+positions restart at 0 for each, so a packed example computes exactly what it computes alone,
+and the first token of each example is not a target (nothing may be predicted across a
+boundary).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from lmforge.train.collate import IGNORE_INDEX, PaddingCollator
 from lmforge.train.trainer import Trainer, TrainerCallback, TrainingArguments
 
 OVERLONG = ("error", "truncate", "skip")
+PACKED_LENGTH = 1024  # tokens per packed row when SFTConfig.max_length is not set (or the context, if shorter)
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -175,12 +183,30 @@ def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Tokenizer, max_leng
     return examples, report
 
 
+def pack_examples(examples: Sequence[dict[str, list[int]]], length: int) -> list[dict[str, list[int]]]:
+    """Lay examples end to end, in order, in rows of at most `length` tokens; `attention_mask` numbers
+    each row's examples 1, 2, ... and the first label of every example is -100."""
+    rows: list[dict[str, list[int]]] = []
+    for example in examples:
+        ids, labels = example["input_ids"], [IGNORE_INDEX, *example["labels"][1:]]
+        if len(ids) > length:
+            raise InputError(f"an example of {len(ids)} tokens does not fit a packed row of {length}; raise "
+                             "max_length or set overlong='truncate' or 'skip'.")
+        if not rows or len(rows[-1]["input_ids"]) + len(ids) > length:
+            rows.append({"input_ids": [], "labels": [], "attention_mask": []})
+        row = rows[-1]
+        number = (row["attention_mask"][-1] + 1) if row["attention_mask"] else 1
+        row["input_ids"] += ids
+        row["labels"] += labels
+        row["attention_mask"] += [number] * len(ids)
+    return rows
+
+
 @dataclass
 class SFTConfig(TrainingArguments):
     """TrainingArguments plus how examples become sequences: `max_length` (None: the model's
-    context), `overlong` ("error", "truncate" or "skip"). `packing` several examples into one
-    sequence would need attention masks that stop at example boundaries, which lmforge's
-    attention does not take; it must stay False."""
+    context; with packing, 1024 or the context if shorter), `overlong` ("error", "truncate" or "skip"), and `packing`
+    (training examples laid end to end in rows of max_length tokens, attention kept inside each)."""
 
     max_length: int | None = None
     overlong: str = "error"
@@ -189,9 +215,6 @@ class SFTConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.packing:
-            raise ValidationError("packing=True would let attention cross example boundaries (lmforge's attention "
-                                  "takes no per-example masks); leave packing off: batches are padded instead.")
         if self.overlong not in OVERLONG:
             raise ValidationError(f"SFTConfig.overlong must be one of {', '.join(OVERLONG)}; got {self.overlong!r}.")
 
@@ -203,8 +226,11 @@ class SFTTrainer(Trainer):
     def __init__(self, model: torch.nn.Module, args: SFTConfig, train_dataset: Sequence[dict[str, Any]],
                  tokenizer: Tokenizer, eval_dataset: Sequence[dict[str, Any]] | None = None,
                  callbacks: Sequence[TrainerCallback] = ()):
-        max_length = args.max_length or model.config.context_length
+        context = model.config.context_length
+        max_length = args.max_length or (min(PACKED_LENGTH, context) if args.packing else context)
         train, self.report = tokenize_rows(train_dataset, tokenizer, max_length, args.overlong)
+        if args.packing:
+            train = pack_examples(train, max_length)
         evaluation = tokenize_rows(eval_dataset, tokenizer, max_length, args.overlong)[0] if eval_dataset else None
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         super().__init__(model, args, train, PaddingCollator(pad_token_id=pad or 0), eval_dataset=evaluation,

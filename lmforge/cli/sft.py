@@ -40,7 +40,7 @@ RECORD = "sft.json"
 
 EXAMPLES = """examples:
   lmforge sft --method lora --max-steps 60 --out dates-lora
-  lmforge sft --data chats.jsonl --method qlora --lora-r 16 --epochs 2 --out chat-qlora
+  lmforge sft --data chats.jsonl --method qlora --lora-r 16 --epochs 2 --packing --out chat-qlora
   lmforge sft --data alpaca.json --method lora --merge --out merged-model
   lmforge sft --method prompt --num-virtual-tokens 20 --init-text "Write the date as YYYY-MM-DD" --out dates-prompt
   lmforge sft path/to/hf-folder --data rows.jsonl --method full --overlong truncate --max-length 512 --out tuned
@@ -78,14 +78,6 @@ def add_alignment_arguments(parser: argparse.ArgumentParser, data_help: str,
                       help="comma-separated layer names (e.g. q_proj,v_proj) or all-linear (default)")
     lora.add_argument("--merge", action="store_true", help="write a full model with the updates folded in, "
                                                            "instead of an adapter folder")
-    if "prompt" in learning_rates:
-        virtual = parser.add_argument_group("prompt / prefix")
-        virtual.add_argument("--num-virtual-tokens", type=int, default=20, metavar="P",
-                             help="how many virtual tokens are learned (default: 20)")
-        virtual.add_argument("--init-text", metavar="TEXT", help="start them from this text's tokens (e.g. a "
-                             "description of the task; default: random vocabulary tokens)")
-        virtual.add_argument("--prefix-projection", action="store_true", help="prefix: produce the keys/values "
-                             "with a small MLP while training (steadier, more to train)")
     training = parser.add_argument_group("training")
     length = training.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, metavar="N", help="passes over the training rows (default: 1)")
@@ -104,6 +96,15 @@ def add_parser(subparsers) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_alignment_arguments(parser, ".json or .jsonl rows (default: the generated dates task, 400 rows)",
                             LEARNING_RATES)
+    parser.add_argument("--packing", action="store_true", help="lay training examples end to end in rows of "
+                        "--max-length tokens (default 1024) instead of padding; attention stays inside each example")
+    virtual = parser.add_argument_group("prompt / prefix")
+    virtual.add_argument("--num-virtual-tokens", type=int, default=20, metavar="P",
+                         help="how many virtual tokens are learned (default: 20)")
+    virtual.add_argument("--init-text", metavar="TEXT", help="start them from this text's tokens (e.g. a "
+                         "description of the task; default: random vocabulary tokens)")
+    virtual.add_argument("--prefix-projection", action="store_true", help="prefix: produce the keys/values "
+                         "with a small MLP while training (steadier, more to train)")
     parser.set_defaults(handler=handle)
 
 
@@ -277,7 +278,7 @@ def handle(args: argparse.Namespace) -> int:
     run = start_run(args, *load_rows(args), unit="rows")
     train_rows, held_out, tokenizer, model = run.train, run.held_out, run.tokenizer, run.model
     with run.workspace() as work:
-        config = training_config(SFTConfig, args, work, LEARNING_RATES)
+        config = training_config(SFTConfig, args, work, LEARNING_RATES, packing=args.packing)
         trainer = SFTTrainer(model, config, train_rows, tokenizer, eval_dataset=held_out)
         report = trainer.report
         if report.truncated or report.skipped:

@@ -5,6 +5,10 @@ is padding (attention mask from the tokenizer, batches of unequal lengths).
 Both become one additive mask of shape [batch, 1, queries, keys] holding 0 where
 attention is allowed and the most negative float where it is not — a finite
 value, so a query that may see nothing gets a uniform row instead of NaN.
+
+A third reason serves packing, several short examples laid end to end in one row:
+a token must not see another example. The padding mask then numbers the examples
+(1, 1, 1, 2, 2, 3, 3, 3, 0 for padding) and a query sees only keys of its own number.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ def build_attention_mask(
 ) -> torch.Tensor | None:
     """Combine causal and padding masks into one additive mask, or None if nothing is hidden.
 
-    `padding_mask` is [batch, key_length] with 1 for real tokens and 0 for padding.
+    `padding_mask` is [batch, key_length] with 1 for real tokens and 0 for padding, or with
+    example numbers 1, 2, ... for packed rows (each query then sees its own example's keys only).
     Queries are the last `query_length` positions of the keys (as with a KV cache).
     """
     allowed = None
@@ -30,7 +35,11 @@ def build_attention_mask(
         query_positions = torch.arange(key_length - query_length, key_length, device=device)
         key_positions = torch.arange(key_length, device=device)
         allowed = (key_positions[None, :] <= query_positions[:, None])[None, None]  # [1, 1, Tq, Tk]
-    if padding_mask is not None and not bool(padding_mask.all()):
+    if padding_mask is not None and bool(padding_mask.max() > 1):  # packed examples
+        keys = padding_mask[:, None, None, :]
+        keep = (keys == padding_mask[:, None, -query_length:, None]) & (keys > 0)  # [B, 1, Tq, Tk]
+        allowed = keep if allowed is None else allowed & keep
+    elif padding_mask is not None and not bool(padding_mask.all()):
         keep = padding_mask[:, None, None, :].bool()  # [B, 1, 1, Tk]
         allowed = keep if allowed is None else allowed & keep
     if allowed is None:

@@ -34,13 +34,19 @@ def default_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor |
     tokens only.
 
     With left padding a prompt still starts at position 0. `attention_mask` covers the
-    cached past and the new tokens ([B, past_length + T]).
+    cached past and the new tokens ([B, past_length + T]). A mask that numbers packed
+    examples (1, 1, 2, 2, 2, 0; see lmforge.nn.masks) starts each example at position 0.
     """
     batch, length = input_ids.shape[:2]
     if attention_mask is None:
         positions = torch.arange(past_length, past_length + length, device=input_ids.device)
         return positions.expand(batch, -1)
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+    count = (attention_mask > 0).long().cumsum(-1)  # real tokens so far
+    if bool(attention_mask.max() > 1):  # packed: count from the first token of each example
+        starts = torch.ones_like(attention_mask, dtype=torch.bool)
+        starts[:, 1:] = attention_mask[:, 1:] != attention_mask[:, :-1]
+        count = count - torch.where(starts, count - 1, 0).cummax(-1).values
+    return (count - 1).clamp(min=0)[:, -length:]
 
 
 class LearnedPositionalEmbedding(nn.Embedding):

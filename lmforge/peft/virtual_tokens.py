@@ -183,6 +183,9 @@ class VirtualTokensLM(nn.Module):
                 kv_cache.update(layer, keys, values)
             kv_cache.advance(virtual)
         if attention_mask is not None:
+            if bool(attention_mask.max() > 1):
+                raise UnsupportedError("packed rows (an attention mask numbering examples) cannot share virtual "
+                                       "tokens, which every example must see; train without packing.")
             attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], virtual), attention_mask], 1)
         if position_ids is not None:
             position_ids = position_ids + virtual

@@ -1,5 +1,5 @@
-"""SFT: answer-only labels for every row shape, row-numbered errors, over-long rows, and training that
-learns the answers (full and LoRA) on a tiny model with SmolLM2's real tokenizer and chat template."""
+"""SFT: answer-only labels for every row shape, row-numbered errors, over-long rows, packing, and training
+that learns the answers (full and LoRA) on a tiny model with SmolLM2's real tokenizer and chat template."""
 
 import json
 
@@ -8,6 +8,7 @@ import torch
 
 from lmforge import AutoTokenizer
 from lmforge.align import SFTConfig, SFTTrainer, read_rows, tokenize_rows
+from lmforge.align.sft import pack_examples
 from lmforge.config import LlamaConfig
 from lmforge.errors import InputError, ValidationError
 from lmforge.models.llama import LlamaForCausalLM
@@ -74,8 +75,6 @@ def test_overlong_rows_error_truncate_or_skip_with_a_count(tokenizer):
     assert (report.kept, report.truncated, report.skipped) == (1, 0, 1)  # the cut left row 2 no answer token
     with pytest.raises(InputError, match="all 1 rows were skipped"):
         tokenize_rows(rows[1:], tokenizer, max_length=20, overlong="truncate")
-    with pytest.raises(ValidationError, match="packing=True"):
-        SFTConfig(output_dir="x", max_steps=1, packing=True)
 
 
 def tiny_model(tokenizer):
@@ -104,3 +103,45 @@ def test_sft_learns_the_answers_and_only_counts_answer_tokens(method, tokenizer,
     state = trainer.train()
     assert state.history[0]["loss"] == pytest.approx(expected.item() / answer_tokens, rel=1e-4)
     assert state.history[-1]["loss"] < 0.5 * state.history[0]["loss"]
+
+
+def test_packing_keeps_answer_only_labels_and_never_predicts_across_examples(tokenizer):
+    examples, _ = tokenize_rows(ROWS, tokenizer)
+    length = len(examples[0]["input_ids"]) + len(examples[1]["input_ids"])
+    rows = pack_examples(examples, length)
+    assert len(rows) == 2
+    first = rows[0]
+    assert first["input_ids"] == examples[0]["input_ids"] + examples[1]["input_ids"]
+    boundary = len(examples[0]["input_ids"])
+    assert first["attention_mask"] == [1] * boundary + [2] * (length - boundary)
+    assert first["labels"][boundary] == IGNORE_INDEX  # the first token of example 2 is not a target
+    assert [label for label in first["labels"] if label != IGNORE_INDEX] == [
+        label for example in examples[:2] for label in example["labels"] if label != IGNORE_INDEX]
+    with pytest.raises(InputError, match="does not fit a packed row of 5"):
+        pack_examples(examples, 5)
+
+
+def test_a_packed_example_computes_what_it_computes_alone(tokenizer):
+    model = tiny_model(tokenizer).eval()
+    examples, _ = tokenize_rows(ROWS, tokenizer)
+    row = pack_examples(examples, 10_000)[0]
+    with torch.no_grad():
+        packed = model(torch.tensor([row["input_ids"]]), torch.tensor([row["attention_mask"]])).logits[0]
+        start = 0
+        for example in examples:
+            alone = model(torch.tensor([example["input_ids"]])).logits[0]
+            torch.testing.assert_close(packed[start:start + len(alone)], alone, rtol=1e-5, atol=1e-5)
+            start += len(alone)
+        unmasked = model(torch.tensor([row["input_ids"]])).logits[0]  # without the numbering, examples would mix
+        assert not torch.allclose(unmasked[start - 1], packed[start - 1], atol=1e-3)
+
+
+def test_packed_training_has_the_loss_of_padded_training(tokenizer, tmp_path):
+    losses = {}
+    for packing in (False, True):
+        arguments = SFTConfig(output_dir=tmp_path / str(packing), max_steps=3, per_device_batch_size=4,
+                              learning_rate=1e-2, logging_steps=1, progress=False, packing=packing, max_length=200)
+        trainer = SFTTrainer(tiny_model(tokenizer), arguments, ROWS, tokenizer)
+        assert len(trainer.train_dataset) == (1 if packing else 4)
+        losses[packing] = trainer.train().history[0]["loss"]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

@@ -53,7 +53,7 @@ def test_full_and_merged_qlora_write_loadable_models(tiny_chat_model, rows, tmp_
     changed = [name for name, p in full.state_dict().items() if not torch.equal(p, original.state_dict()[name])]
     assert len(changed) > 10
     run_sft(capsys, tiny_chat_model, "--data", rows, "--method", "qlora", "--max-steps", 2, "--validation", 2,
-            "--merge", "--out", tmp_path / "qlora")
+            "--merge", "--packing", "--out", tmp_path / "qlora")
     config = json.loads((tmp_path / "qlora" / "config.json").read_text())
     assert config["quantization"]["method"] == "nf4"
 
