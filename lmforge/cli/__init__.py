@@ -28,6 +28,7 @@ from lmforge.cli import (
     sft,
     sweep,
 )
+from lmforge.cli.option_files import apply_config_option
 from lmforge.errors import LMForgeError
 
 COMMANDS = (generate, chat, info, serve, evaluate, quantize, export, pretrain, sweep, finetune, sft, dpo,
@@ -45,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
     try:
+        apply_config_option(parser, argv)  # a command's --config file: its options become the defaults
+        args = parser.parse_args(argv)
         return args.handler(args) or 0
     except LMForgeError as exc:
         print(f"lmforge: error: {exc}", file=sys.stderr)

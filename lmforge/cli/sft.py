@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.cli.common import note
+from lmforge.cli.option_files import add_config_argument
 from lmforge.errors import ValidationError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -44,6 +45,7 @@ EXAMPLES = """examples:
   lmforge sft --data alpaca.json --method lora --merge --out merged-model
   lmforge sft --method prompt --num-virtual-tokens 20 --init-text "Write the date as YYYY-MM-DD" --out dates-prompt
   lmforge sft path/to/hf-folder --data rows.jsonl --method full --overlong truncate --max-length 512 --out tuned
+  lmforge sft --config run.yaml --lr 1e-4       (run.yaml: `method: lora`, `lora-r: 16`, `out: runs/a`, ...)
   lmforge generate --adapter dates-lora "Write this date in ISO format (YYYY-MM-DD): the first of May, 1999"
 """
 
@@ -88,6 +90,7 @@ def add_alignment_arguments(parser: argparse.ArgumentParser, data_help: str,
     training.add_argument("--seed", type=int, default=0, help="for the split, the adapters and the data order")
     parser.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
     parser.add_argument("--force", action="store_true", help="replace --out when it exists and is not empty")
+    add_config_argument(parser)
 
 
 def add_parser(subparsers) -> None:

@@ -103,3 +103,24 @@ def test_bad_input_is_one_line(tiny_chat_model, rows, tmp_path, capsys):
                  "--out", str(tmp_path / "z")]) == 2
     assert "match no linear layer" in capsys.readouterr().err
     assert not (tmp_path / "z").exists()
+
+
+def test_options_from_a_config_file_with_the_command_line_on_top(tiny_chat_model, rows, tmp_path, capsys):
+    out = tmp_path / "from-config"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_chat_model}\ndata: {rows}\nmethod: lora\nlora-r: 2\nmax_steps: 2\n"
+                      f"validation: 2\npacking: true\nout: {out}\n")
+    run_sft(capsys, "--config", config, "--max-steps", 3)
+    record = json.loads((out / "sft.json").read_text())
+    assert (record["method"], record["steps"]) == ("lora", 3)  # the command line wins over the file
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
+    for text, message in [("lora_rank: 4\n", "unknown option 'lora_rank'; did you mean 'lora-r'?"),
+                          ("lora-r: many\n", "lora-r: 'many' is not a valid int"),
+                          ("packing: 3\n", "packing is a switch; give true or false"),
+                          ("method: lasso\n", "'lasso' is not one of full, lora"),
+                          ("- method\n", "expected a mapping of option names")]:
+        config.write_text(text)
+        assert main(["sft", "--config", str(config), "--method", "lora", "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["sft", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "no such file" in capsys.readouterr().err
