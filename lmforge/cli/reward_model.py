@@ -5,9 +5,10 @@
 `score` head with one output, read at the last token; the Bradley–Terry loss
 −log σ(r_chosen − r_rejected) teaches it to score the chosen answer higher. A seeded held-out
 part of the rows measures pairwise accuracy (how often the chosen answer scores higher) before
-and after. --out receives a model folder (full, or lora with --merge; load it with
+and after. --out receives a model folder (full, or lora/qlora with --merge; load it with
 AutoModelForSequenceClassification) or a PEFT adapter folder holding the LoRA matrices and the
-trained head, with reward.json. Without --data, the rows prefer the bare ISO date to chatty
+trained head, with reward.json. With qlora the backbone is frozen in NF4 and the new head stays in
+float32, trained fully beside the adapters. Without --data, the rows prefer the bare ISO date to chatty
 answers in other formats (the dates task).
 """
 
@@ -26,12 +27,13 @@ from lmforge.cli.sft import (
     training_config,
 )
 
-LEARNING_RATES = {"full": 1e-5, "lora": 1e-4}
+LEARNING_RATES = {"full": 1e-5, "lora": 1e-4, "qlora": 1e-4}
 RECORD = "reward.json"
 
 EXAMPLES = """examples:
   lmforge reward-model --method lora --max-steps 40 --out dates-reward
   lmforge reward-model --data preferences.jsonl --method full --epochs 1 --out reward-model
+  lmforge reward-model --method qlora --lora-r 16 --max-steps 40 --out dates-reward-qlora
   lmforge reward-model path/to/sft-model --data prefs.json --method lora --merge --out scorer
 """
 

@@ -156,8 +156,8 @@ def prepare_model(args: argparse.Namespace, task: str = "causal-lm", tokenizer=N
         model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1)
     else:
         model = AutoModelForCausalLM.from_pretrained(args.model)
-    if args.method == "qlora":
-        quantize_model(model, "nf4")
+    if args.method == "qlora":  # a new score head stays float: it trains fully beside the adapters
+        quantize_model(model, "nf4", keep_float=(REWARD_HEAD,) if scorer else ())
     if lora is not None:
         add_lora(model, lora)
     return model

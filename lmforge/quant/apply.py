@@ -8,6 +8,8 @@ recorded in the config (`config.extra["quantization"]`), so `save_pretrained` wr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import ctypes
 import gc
 
@@ -22,10 +24,13 @@ from lmforge.quant.formats import FORMATS
 from lmforge.quant.linear import QuantizedLinear
 
 
-def quantize_model(model: nn.Module, method: str, progress: bool = False, **options) -> list[str]:
+def quantize_model(model: nn.Module, method: str, progress: bool = False, keep_float: Sequence[str] = (),
+                   **options) -> list[str]:
     """Quantize the model's Linear layers with `method` ("int8", "int4", "nf4"); returns their names.
 
     `options` go to the format (e.g. int4 `group_size`, nf4 `double_quant`); `progress` shows a bar per layer.
+    Layers named in `keep_float` (a name, or its last part such as "score") stay in floating point, e.g.
+    a new head that QLoRA trains fully.
     """
     if any(isinstance(module, QuantizedLinear) for module in model.modules()):
         raise ConfigError("this model is already quantized; quantize the original floating-point model instead "
@@ -36,7 +41,8 @@ def quantize_model(model: nn.Module, method: str, progress: bool = False, **opti
     tied_modules = {name.rsplit(".", 1)[0] for name in tied}
 
     def select(name: str, module: nn.Module) -> bool:
-        return type(module) is nn.Linear and name not in tied_modules
+        kept = name in tied_modules or any(name == keep or name.endswith("." + keep) for keep in keep_float)
+        return type(module) is nn.Linear and not kept
 
     def build(name: str, module: nn.Module) -> QuantizedLinear:
         try:

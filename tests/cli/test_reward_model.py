@@ -42,3 +42,19 @@ def test_a_bad_row_is_reported_by_number(tiny_chat_model, tmp_path, capsys):
     assert main(["reward-model", str(tiny_chat_model), "--data", str(broken), "--method", "full",
                  "--validation", "1", "--out", str(tmp_path / "x")]) == 2
     assert "'chosen' is missing" in capsys.readouterr().err
+
+
+def test_qlora_reward_model_keeps_its_new_head_in_float(tiny_chat_model, tmp_path, capsys):
+    rows = tmp_path / "prefs.jsonl"
+    rows.write_text("".join(json.dumps(pair) + "\n" for pair in PAIRS))
+    out = tmp_path / "reward"
+    assert main(["reward-model", str(tiny_chat_model), "--data", str(rows), "--method", "qlora", "--max-steps", "6",
+                 "--lr", "1e-2", "--validation", "2", "--batch-size", "6", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((out / "reward.json").read_text())
+    assert record["held_out_after"]["pairwise_accuracy"] >= record["held_out_before"]["pairwise_accuracy"]
+    from safetensors.torch import load_file
+
+    head = load_file(out / "adapter_model.safetensors")["base_model.model.score.weight"]
+    assert head.dtype == torch.float32 and head.shape[0] == 1
+    assert "trainable" in printed
