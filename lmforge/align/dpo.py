@@ -175,16 +175,22 @@ class DPOTrainer(PairwiseTrainer):
     def _reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
             if self.reference_model is not None:
-                return sequence_logprobs(self._forward(batch, self.reference_model), batch["labels"].to(self.device))
+                return self._logprobs(batch, self.reference_model)
             from lmforge.peft import lora_disabled
 
             with lora_disabled(self.model):
-                return sequence_logprobs(self._forward(batch), batch["labels"].to(self.device))
+                return self._logprobs(batch, None)
+
+    def _logprobs(self, batch: dict[str, torch.Tensor], module: torch.nn.Module | None) -> torch.Tensor:
+        """Each row's answer log-probability, computing logits from the first answer on only."""
+        labels = batch["labels"].to(self.device)
+        start = self.prediction_start(labels)
+        return sequence_logprobs(self._forward(batch, module, start), labels[:, start:])
 
     def pair_terms(self, batch: dict[str, torch.Tensor], module: torch.nn.Module | None = None):
         """(per-pair loss, per-pair reward margin, mask of real pairs) of a batch."""
         labels = batch["labels"].to(self.device)
-        policy = sequence_logprobs(self._forward(batch, module), labels)
+        policy = self._logprobs(batch, module)
         reference = self._reference_logprobs(batch)
         pairs = labels.shape[0] // 2
         real = (labels[:pairs] != IGNORE_INDEX).any(-1)  # a process's stand-in batch has no target

@@ -171,7 +171,8 @@ class VirtualTokensLM(nn.Module):
         return self.prompt_encoder.num_virtual_tokens
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None, **kwargs):
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                logits_to_keep: int | torch.Tensor | None = None):
         if kv_cache is None:
             kv_cache = GrowingKVCache.for_model(self)
         elif not isinstance(kv_cache, KVCache):
@@ -189,7 +190,7 @@ class VirtualTokensLM(nn.Module):
             attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], virtual), attention_mask], 1)
         if position_ids is not None:
             position_ids = position_ids + virtual
-        return super().forward(input_ids, attention_mask, position_ids, kv_cache, **kwargs)
+        return super().forward(input_ids, attention_mask, position_ids, kv_cache, logits_to_keep)
 
 
 @functools.cache

@@ -279,13 +279,17 @@ class Trainer:
             batches.append(batch)
         return batches
 
-    def _forward(self, batch: dict[str, torch.Tensor], module: torch.nn.Module | None = None) -> torch.Tensor:
+    def _forward(self, batch: dict[str, torch.Tensor], module: torch.nn.Module | None = None,
+                 logits_from: int = 0) -> torch.Tensor:
+        """The logits of `batch` (from position `logits_from` on; see `prediction_start`)."""
         length = batch["input_ids"].shape[-1]
         if self._max_positions is not None and length > self._max_positions:
             raise ValidationError(f"a batch holds sequences of {length} tokens but the model attends over at most "
                                   f"{self._max_positions} positions; tokenize with max_length={self._max_positions} "
                                   "and truncation=True, or pack into shorter blocks.")
         inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels" and k in self._forward_names}
+        if logits_from:
+            inputs["logits_to_keep"] = length - logits_from
         with self.autocast:
             return (module or self.model)(**inputs).logits
 
@@ -296,9 +300,24 @@ class Trainer:
         `loss_sum` for another objective (DPO counts preference pairs)."""
         return count_targets(self.task, batch["labels"])
 
+    def prediction_start(self, labels: torch.Tensor) -> int:
+        """The first position whose next-token logits any target needs, for a causal LM that can skip the
+        others (`logits_to_keep`); 0 otherwise.
+
+        SFT and preference data label only the answers: the vocabulary projection of every prompt
+        position before the first answer would be computed for nothing (for SmolLM2 the head is a
+        fifth of the forward pass, and its logits the largest activation).
+        """
+        if self.task != "causal-lm" or "logits_to_keep" not in self._forward_names:
+            return 0
+        targets = (labels != IGNORE_INDEX).any(0).nonzero()
+        return max(int(targets[0]) - 1, 0) if len(targets) else 0
+
     def loss_sum(self, batch: dict[str, torch.Tensor], module: torch.nn.Module) -> torch.Tensor:
         """The summed (not averaged) loss of `batch`, computed with `module`."""
-        return loss_sum(self.task, self._forward(batch, module), batch["labels"].to(self.device))
+        labels = batch["labels"].to(self.device)
+        start = self.prediction_start(labels)
+        return loss_sum(self.task, self._forward(batch, module, start), labels[:, start:] if start else labels)
 
     def accumulate_gradients(self, batches: list[dict[str, torch.Tensor]]) -> float:
         """Backpropagate the loss of one optimizer step over its micro-batches; return that loss.

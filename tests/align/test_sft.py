@@ -100,6 +100,8 @@ def test_sft_learns_the_answers_and_only_counts_answer_tokens(method, tokenizer,
         expected = loss_sum("causal-lm", model(input_ids=batch["input_ids"],
                                                 attention_mask=batch["attention_mask"]).logits, batch["labels"])
         answer_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    first_answer = int((batch["labels"] != IGNORE_INDEX).any(0).nonzero()[0])
+    assert trainer.prediction_start(batch["labels"]) == first_answer - 1 > 0  # no head over the prompts
     state = trainer.train()
     assert state.history[0]["loss"] == pytest.approx(expected.item() / answer_tokens, rel=1e-4)
     assert state.history[-1]["loss"] < 0.5 * state.history[0]["loss"]
