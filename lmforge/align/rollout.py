@@ -245,13 +245,9 @@ class RolloutTrainer(Trainer):
         if self.max_length < 1:
             raise ValidationError(f"max_new_tokens={args.max_new_tokens} leaves no room for a prompt in the model's "
                                   f"{model.config.context_length} positions; lower it.")
-        train, self.dropped = prompt_examples(train_dataset, tokenizer, self.max_length, args.overlong)
-        evaluation = (prompt_examples(eval_dataset, tokenizer, self.max_length, args.overlong)[0]
-                      if eval_dataset else None)
-        self.reward = as_reward(reward)
-        if isinstance(self.reward, RewardFunction):
-            self.reward.check_columns([example["row"] for example in train + (evaluation or [])])
-        self.tokenizer = tokenizer
+        self.reward, self.tokenizer = as_reward(reward), tokenizer
+        train, self.dropped = self.prompt_set(train_dataset, args.overlong)
+        evaluation = self.prompt_set(eval_dataset, args.overlong)[0] if eval_dataset else None
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = pad or 0
         if self.uses_reference(args) and reference_model is None and not has_lora(model):
@@ -275,12 +271,15 @@ class RolloutTrainer(Trainer):
     # ----- what a subclass defines ---------------------------------------------------------------
 
     def samples_per_prompt(self) -> int:
+        """Completions sampled per prompt in a training step."""
         return 1
 
     def updates_per_rollout(self) -> int:
+        """Optimizer updates a training step makes (the schedule counts them)."""
         return 1
 
     def uses_reference(self, args: RolloutConfig) -> bool:
+        """Whether the objective needs log π_ref (if not, no reference copy is made)."""
         return True
 
     def updates(self, rollouts: list[list[dict[str, Any]]]) -> list[list[dict[str, torch.Tensor]]]:
@@ -289,6 +288,13 @@ class RolloutTrainer(Trainer):
         raise NotImplementedError
 
     # ----- rollouts ---------------------------------------------------------------------------------
+
+    def prompt_set(self, rows: Sequence[dict[str, Any]], overlong: str) -> tuple[list[dict[str, Any]], int]:
+        """`prompt_examples` of the rows, which must also hold the columns a reward function requires."""
+        examples, dropped = prompt_examples(rows, self.tokenizer, self.max_length, overlong)
+        if isinstance(self.reward, RewardFunction):
+            self.reward.check_columns(rows)
+        return examples, dropped
 
     def complete(self, examples: Sequence[dict[str, Any]], n: int, temperature: float) -> list[RequestOutput]:
         """`n` completions of each prompt example from the current policy (temperature 0: greedy). Each
@@ -384,8 +390,7 @@ class RolloutTrainer(Trainer):
         """Greedy completions of prompt rows (default: eval_dataset), scored: the mean `reward` over those that
         scored, `completion_length` in tokens, `skipped_samples`; `loss` is −reward, so that periodic
         evaluation and early stopping, which keep the lowest eval loss, keep the best reward."""
-        examples = (self.eval_dataset if dataset is None else
-                    prompt_examples(dataset, self.tokenizer, self.max_length, self.args.overlong)[0])
+        examples = self.eval_dataset if dataset is None else self.prompt_set(dataset, self.args.overlong)[0]
         if not examples:
             raise ValidationError("evaluate() needs prompt rows; pass some or set eval_dataset.")
         rewards, lengths = [], []
