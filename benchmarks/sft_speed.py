@@ -123,7 +123,7 @@ def write_report(results: dict[str, dict], args) -> None:
 alpha {ALPHA} on all linear layers, the same pre-tokenized dates-task rows (answer-only loss), batch {args.batch},
 AdamW lr {LEARNING_RATE} constant, no gradient checkpointing, {args.steps} steps of which the first {args.warmup}
 are not timed; each system in its own process. Tokens/s = mean row length × batch / median step time.
-The losses differ a little because the two draw the rows in different orders.
+The step-1 losses agree (same weights, same first rows): the two compute the same training.
 
 {table}
 """)
