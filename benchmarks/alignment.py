@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from benchmarks.report import machine_line, markdown_table, run_isolated, write_section
+from benchmarks.report import machine_line, markdown_table, run_each, write_section
 
 MODEL = "smollm2-135m-instruct"
 METHODS = ("zero-shot", "few-shot", "prompt", "prefix", "lora", "qlora", "full", "dpo")
@@ -149,12 +149,7 @@ def main() -> None:
         return
     argv = [f"--steps={args.steps}", f"--batch={args.batch}", f"--train={args.train}",
             f"--held-out={args.held_out}", f"--shots={args.shots}"]
-    results = {}
-    for method in args.methods.split(","):
-        print(f"{method} ...", flush=True)
-        results[method] = run_isolated("benchmarks.alignment", method, argv)
-        print(f"  {json.dumps(results[method])}", flush=True)
-    write_report(results, args)
+    write_report(run_each("benchmarks.alignment", args.methods.split(","), argv), args)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,16 @@ def run_isolated(module: str, name: str, argv: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def run_each(module: str, names: list[str] | tuple[str, ...], argv: list[str]) -> dict[str, dict]:
+    """`run_isolated` for each name in turn, printing progress; {name: its result}."""
+    results = {}
+    for name in names:
+        print(f"{name} ...", flush=True)
+        results[name] = run_isolated(module, name, argv)
+        print(f"  {json.dumps(results[name])}", flush=True)
+    return results
+
+
 def machine_line() -> str:
     """CPU model, cores, torch threads and library versions, for the table's caption."""
     cpu = platform.processor() or platform.machine()

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import tempfile
 import time
 
 import torch
 
-from benchmarks.report import machine_line, markdown_table, run_isolated, write_section
-from benchmarks.train import StepClock
+from benchmarks.report import machine_line, run_each, write_section
+from benchmarks.train import StepClock, speed_table, step_result
 
 MODEL = "smollm2-135m-instruct"
 SYSTEMS = ("lmforge SFTTrainer + LoRA", "TRL SFTTrainer + PEFT LoRA")
@@ -101,18 +99,12 @@ def measure(system: str, args) -> dict:
     rows = tokenized_rows(args.batch * args.steps)
     clock = StepClock()
     (train_lmforge if system == SYSTEMS[0] else train_trl)(rows, args, clock)
-    timed = clock.durations[args.warmup:]
     mean_length = sum(len(ids) for ids, _ in rows) / len(rows)
-    return {"tokens_per_second": args.batch * mean_length / statistics.median(timed),
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "first_loss": clock.losses[0], "last_loss": clock.losses[-1], "steps": len(clock.losses)}
+    return step_result(clock, args.warmup, args.batch * mean_length)
 
 
 def write_report(results: dict[str, dict], args) -> None:
-    rows = [[name, f"{r['tokens_per_second']:.0f}", f"{r['peak_rss'] / 2**20:.0f}",
-             f"{r['first_loss']:.4f}", f"{r['last_loss']:.4f}"] for name, r in results.items()]
-    table = markdown_table(["system", "train tokens/s", "peak RSS MB", "loss step 1", f"loss step {args.steps}"],
-                           rows)
+    table = speed_table(results, args.steps)
     import peft
     import trl
 
@@ -148,11 +140,7 @@ def main() -> None:
         AutoModelForCausalLM.from_pretrained(MODEL).save_pretrained(folder)
         AutoTokenizer.from_pretrained(MODEL).save_pretrained(folder)
         argv = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--batch={args.batch}", f"--folder={folder}"]
-        results = {}
-        for system in SYSTEMS:
-            print(f"{system} ...", flush=True)
-            results[system] = run_isolated("benchmarks.sft_speed", system, argv)
-            print(f"  {json.dumps(results[system])}", flush=True)
+        results = run_each("benchmarks.sft_speed", SYSTEMS, argv)
     write_report(results, args)
 
 

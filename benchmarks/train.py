@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from benchmarks.report import machine_line, markdown_table, run_isolated, write_section
+from benchmarks.report import machine_line, markdown_table, run_each, write_section
 
 SYSTEMS = ("lmforge Trainer", "HF transformers Trainer")
 CONFIG = {"vocab_size": 16384, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 8,
@@ -101,23 +101,30 @@ def train_hf(folder: str, blocks, args, clock: StepClock) -> None:
     trainer.train()
 
 
+def step_result(clock: StepClock, warmup: int, tokens_per_step: float) -> dict:
+    """Tokens/s over the median timed step, this process's peak RSS, first and last loss."""
+    return {"tokens_per_second": tokens_per_step / statistics.median(clock.durations[warmup:]),
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "first_loss": clock.losses[0], "last_loss": clock.losses[-1], "steps": len(clock.losses)}
+
+
+def speed_table(results: dict[str, dict], steps: int) -> str:
+    rows = [[name, f"{r['tokens_per_second']:.0f}", f"{r['peak_rss'] / 2**20:.0f}",
+             f"{r['first_loss']:.4f}", f"{r['last_loss']:.4f}"] for name, r in results.items()]
+    return markdown_table(["system", "train tokens/s", "peak RSS MB", "loss step 1", f"loss step {steps}"], rows)
+
+
 def measure(system: str, args) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         initial_weights(folder)
         blocks = token_blocks(args)
         clock = StepClock()
         (train_lmforge if system == SYSTEMS[0] else train_hf)(folder, blocks, args, clock)
-    timed = clock.durations[args.warmup:]
-    return {"tokens_per_second": args.batch * args.seq_len / statistics.median(timed),
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "first_loss": clock.losses[0], "last_loss": clock.losses[-1], "steps": len(clock.losses)}
+    return step_result(clock, args.warmup, args.batch * args.seq_len)
 
 
 def write_report(results: dict[str, dict], args) -> None:
-    rows = [[name, f"{r['tokens_per_second']:.0f}", f"{r['peak_rss'] / 2**20:.0f}",
-             f"{r['first_loss']:.4f}", f"{r['last_loss']:.4f}"] for name, r in results.items()]
-    table = markdown_table(["system", "train tokens/s", "peak RSS MB", "loss step 1", f"loss step {args.steps}"],
-                           rows)
+    table = speed_table(results, args.steps)
     from lmforge.config import LlamaConfig
     from lmforge.models.llama import LlamaForCausalLM
 
@@ -148,12 +155,7 @@ def main() -> None:
         print(json.dumps(measure(args.only, args)))
         return
     argv = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--batch={args.batch}", f"--seq-len={args.seq_len}"]
-    results = {}
-    for system in SYSTEMS:
-        print(f"{system} ...", flush=True)
-        results[system] = run_isolated("benchmarks.train", system, argv)
-        print(f"  {json.dumps(results[system])}", flush=True)
-    write_report(results, args)
+    write_report(run_each("benchmarks.train", SYSTEMS, argv), args)
 
 
 if __name__ == "__main__":
