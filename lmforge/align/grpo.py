@@ -74,7 +74,7 @@ class GRPOConfig(RolloutConfig):
     beta: float = 0.04
     epsilon: float = 0.2
     num_iterations: int = 1
-    learning_rate: float = 5e-5
+    learning_rate: float = 2e-4
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -79,7 +79,7 @@ class PPOConfig(RolloutConfig):
     epsilon: float = 0.2
     value_clip: float = 0.2
     vf_coef: float = 0.1
-    learning_rate: float = 5e-5
+    learning_rate: float = 2e-4
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -29,7 +29,7 @@ from lmforge.cli.sft import (
     training_config,
 )
 
-LEARNING_RATES = {"full": 1e-6, "lora": 5e-5, "qlora": 5e-5}
+LEARNING_RATES = {"full": 1e-6, "lora": 2e-4, "qlora": 2e-4}
 DATES_REWARD = "lmforge.align.tasks:iso_date_reward"
 RECORD = "grpo.json"
 

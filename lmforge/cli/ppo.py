@@ -27,7 +27,7 @@ from lmforge.cli.sft import (
     training_config,
 )
 
-LEARNING_RATES = {"full": 1e-6, "lora": 5e-5, "qlora": 5e-5}
+LEARNING_RATES = {"full": 1e-6, "lora": 2e-4, "qlora": 2e-4}
 RECORD = "ppo.json"
 
 EXAMPLES = """examples:
