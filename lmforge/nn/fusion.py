@@ -4,9 +4,11 @@ q/k/v (and an MLP's gate/up) all multiply the same activations. One matmul over
 their concatenated weights reads the input once and replaces three small kernel
 launches by one larger, faster one — it matters most when decoding one token.
 This is an inference-time transform: the canonical modules (`q_proj`, ...) stay
-in place with their names, their weights become views into the fused matrix
-(no copy, so checkpoints, in-place updates and LoRA targeting still see them),
-and `unfuse` undoes it. Quantized layers whose class can `concatenate` them
+in place with their names and the same Parameter objects, whose data become views
+into the fused matrix (no copy, so checkpoints, optimizers, in-place updates and
+LoRA targeting still see them), and `unfuse` undoes it. The fused matmul runs only
+while gradients are off (generation, evaluation): a forward that trains goes through
+the separate layers, so their parameters get their gradients. Quantized layers whose class can `concatenate` them
 (lmforge.quant's QuantizedLinear) fuse the same way, into one quantized layer.
 """
 
@@ -61,10 +63,9 @@ class FusedProjections:
         start = 0
         for layer in layers:
             rows = layer.out_features
-            grad = layer.weight.requires_grad
-            layer.weight = nn.Parameter(weight[start:start + rows], requires_grad=grad)
+            layer.weight.data = weight[start:start + rows]  # the same Parameter: an optimizer keeps tracking it
             if bias is not None:
-                layer.bias = nn.Parameter(bias[start:start + rows], requires_grad=layer.bias.requires_grad)
+                layer.bias.data = bias[start:start + rows]
             start += rows
 
     def unfuse(self) -> None:
@@ -80,16 +81,17 @@ class FusedProjections:
                 continue
             for name in names:
                 layer = getattr(self, name)
-                layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
+                layer.weight.data = layer.weight.data.clone()
                 if layer.bias is not None:
-                    layer.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
+                    layer.bias.data = layer.bias.data.clone()
             delattr(self, f"{fused}_weight")
             delattr(self, f"{fused}_bias")
             del self._fused_sizes[fused]
 
     def fused_output(self, fused: str, x: torch.Tensor) -> torch.Tensor | None:
-        """The group's outputs side by side ([..., sum of out_features]) from one matmul, or None if unfused."""
-        if fused not in self.__dict__.get("_fused_sizes", {}):  # plain dict lookups: this runs every step
+        """The group's outputs side by side ([..., sum of out_features]) from one matmul, or None if unfused
+        (or if gradients are on: the fused buffers are not the parameters a backward pass must reach)."""
+        if fused not in self.__dict__.get("_fused_sizes", {}) or torch.is_grad_enabled():
             return None
         modules = self.__dict__.get("_fused_modules")
         if modules and fused in modules:

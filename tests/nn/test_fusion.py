@@ -43,3 +43,28 @@ def test_moving_the_model_keeps_the_views_linked():
     attention = model.model.layers[0].self_attn
     assert attention.qkv_weight.dtype == torch.float64
     assert attention.k_proj.weight.data_ptr() == attention.qkv_weight[attention.q_proj.out_features:].data_ptr()
+
+
+def test_training_after_fusion_updates_the_parameters_the_optimizer_holds():
+    """Generation fuses; a trainer's optimizer must keep updating the same Parameter objects, and a forward
+    with gradients must reach them (the fused matmul serves only gradient-free forwards)."""
+    model = ours_from_hf(hf_llama(num_key_value_heads=2), "causal-lm")
+    attention = model.model.layers[0].self_attn
+    parameter = attention.k_proj.weight
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    fuse_projections(model)
+    assert attention.k_proj.weight is parameter  # the same object, its data a view into the fused matrix
+    ids = torch.randint(0, 97, (2, 6))
+    model(ids).logits.square().mean().backward()
+    assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+    before = attention.qkv_weight.clone()
+    optimizer.step()
+    rows = attention.q_proj.out_features
+    assert not torch.equal(attention.qkv_weight, before)  # the update reached the fused matrix too
+    assert torch.equal(attention.qkv_weight[rows:rows + attention.k_proj.out_features], parameter)
+    with torch.no_grad():
+        fused = model(ids).logits
+    unfuse_projections(model)
+    assert attention.k_proj.weight is parameter
+    with torch.no_grad():
+        assert max_abs_diff(model(ids).logits, fused) <= 1e-5
