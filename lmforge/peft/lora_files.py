@@ -81,15 +81,25 @@ def save_lora(model: nn.Module, folder: str | Path, base_model_name_or_path: str
     return folder
 
 
-def _read_config(folder: Path) -> dict:
+def read_peft_config(folder: str | Path) -> dict:
+    """The adapter_config.json of a PEFT adapter folder (which must hold the weights file too)."""
+    folder = Path(folder)
     path = folder / ADAPTER_CONFIG
     if not path.is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
         raise CheckpointError(f"{folder}: not a PEFT adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}); "
-                              "write one with save_lora() or peft's save_pretrained().")
+                              "write one with save_peft_adapter() or peft's save_pretrained().")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc}).") from None
+    if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
+        raise CheckpointError(f"{path}: has no \"peft_type\"; write the folder again with save_peft_adapter().")
+    return config
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / ADAPTER_CONFIG
+    config = read_peft_config(folder)
     if config.get("peft_type") != "LORA":
         raise UnsupportedError(f"{path}: peft_type {config.get('peft_type')!r}; only LoRA adapters load here.")
     for key, feature in _FEATURES_WE_LACK.items():

@@ -18,7 +18,7 @@ from torch import nn
 
 from lmforge.errors import CheckpointError, UnsupportedError, ValidationError
 from lmforge.peft.lora import LoraLayer
-from lmforge.peft.lora_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_lora, save_lora
+from lmforge.peft.lora_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_lora, read_peft_config, save_lora
 from lmforge.peft.virtual_tokens import PrefixEncoder, SoftPrompt, VirtualTokensLM, load_virtual_tokens
 
 PROMPT_EMBEDDINGS = "prompt_embeddings"
@@ -57,18 +57,7 @@ def _save_virtual_tokens(model: VirtualTokensLM, folder: Path, base_model_name_o
 
 def peft_type(folder: str | Path) -> str:
     """The method of a PEFT adapter folder ("LORA", "PROMPT_TUNING", "PREFIX_TUNING", ...)."""
-    folder = Path(folder)
-    path = folder / ADAPTER_CONFIG
-    if not path.is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
-        raise CheckpointError(f"{folder}: not a PEFT adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}); "
-                              "write one with save_peft_adapter() or peft's save_pretrained().")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc}).") from None
-    if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
-        raise CheckpointError(f"{path}: has no \"peft_type\"; write the folder again with save_peft_adapter().")
-    return config["peft_type"]
+    return read_peft_config(folder)["peft_type"]
 
 
 def load_peft_adapter(model: nn.Module, folder: str | Path) -> str:

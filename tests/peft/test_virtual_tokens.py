@@ -19,6 +19,7 @@ from lmforge.peft import (
 )
 from lmforge.peft.virtual_tokens import init_token_ids
 from lmforge.train import PaddingCollator, Trainer, TrainingArguments
+from tests.peft.test_lora import hf_pair
 from tests.peft.tiny import tiny, token_ids
 
 DECODERS = ["llama", "gpt2"]
@@ -146,13 +147,6 @@ def test_saved_adapters_load_back_onto_a_fresh_base(tmp_path, add, config):
     assert load_peft_adapter(fresh, tmp_path / "adapter") == model.prompt_encoder.peft_type
     ids = token_ids()
     torch.testing.assert_close(logits(fresh, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
-
-
-def hf_pair(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    ours = tiny("llama", "causal-lm")
-    ours.save_pretrained(tmp_path / "base")
-    return ours, transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
 
 
 def peft_configs(peft):
