@@ -59,7 +59,7 @@ def test_serve_loads_answers_and_drains_on_sigterm():
 
 
 def test_sigterm_lets_requests_in_flight_run_until_the_drain_timeout():
-    process, url, _ = start_server("--embedding-model", "none", "--drain-timeout", "2")
+    process, url, _ = start_server("--embedding-model", "none", "--drain-timeout", "5")
     body = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_completion_tokens": 400,
             "ignore_eos": True, "stream": True}
     received = []
