@@ -170,6 +170,9 @@ def _virtual_token_model(args: argparse.Namespace, tokenizer):
     if args.merge:
         raise ValidationError(f"--merge folds LoRA updates into the weights; --method {args.method} learns virtual "
                               "tokens, which have no weights to fold into. Leave --merge out.")
+    if getattr(args, "packing", False):
+        raise ValidationError(f"--packing lays several examples in one row, but every example must see the virtual "
+                              f"tokens of --method {args.method} from its start; leave --packing out.")
     if args.method == "prompt":  # check the settings before the model loads
         config = PromptTuningConfig(args.num_virtual_tokens, init_text=args.init_text, seed=args.seed)
     else:

@@ -90,6 +90,9 @@ def test_bad_input_is_one_line(tiny_chat_model, rows, tmp_path, capsys):
     assert main(["sft", str(tiny_chat_model), "--data", str(rows), "--method", "prompt", "--merge",
                  "--out", str(tmp_path / "x")]) == 2
     assert "no weights to fold into" in capsys.readouterr().err
+    assert main(["sft", str(tiny_chat_model), "--data", str(rows), "--method", "prompt", "--packing",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "leave --packing out" in capsys.readouterr().err
     assert main(["sft", str(tiny_chat_model), "--data", str(rows), "--method", "prefix", "--num-virtual-tokens", "0",
                  "--out", str(tmp_path / "x")]) == 2
     assert "num_virtual_tokens must be an integer >= 1" in capsys.readouterr().err
