@@ -45,7 +45,6 @@ from lmforge.align.rewards import RewardFunction, RewardSource, as_reward
 from lmforge.align.sft import OVERLONG
 from lmforge.errors import InputError, UnsupportedError, ValidationError
 from lmforge.generation import RequestOutput, SamplingParams, generate
-from lmforge.nn.fusion import unfuse_projections
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.schedules import build_scheduler
 from lmforge.train.trainer import Trainer, TrainerCallback, TrainingArguments
@@ -178,19 +177,13 @@ def collate_rollout(samples: Sequence[dict[str, Any]], pad_id: int) -> dict[str,
 @contextmanager
 def inference(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """The policy in eval mode for sampling and the rollout's forward passes; afterwards its training mode
-    and its trained parameters again. Generation fuses q/k/v and gate/up into new tensors (lmforge.nn.fusion),
-    while the optimizer must go on updating the parameters the model computes with."""
-    kept = [(module, name, parameter) for module in model.modules()
-            for name, parameter in module._parameters.items() if parameter is not None]
+    again. (Generation's fused q/k/v and gate/up keep the Parameter objects the optimizer holds and serve
+    only gradient-free forwards: see lmforge.nn.fusion.)"""
     training = model.training
     model.eval()
     try:
         yield model
     finally:
-        unfuse_projections(model)
-        for module, name, parameter in kept:
-            if module._parameters.get(name) is not parameter:
-                setattr(module, name, parameter)
         model.train(training)
 
 
