@@ -36,15 +36,12 @@ ISO = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
 def answers(model, tokenizer, rows, shots: list[dict]) -> list[str]:
-    """Greedy answers to each row's instruction, after `shots` as solved earlier turns."""
-    from lmforge.generation import SamplingParams, generate
+    """Greedy answers to each row's instruction, after `shots` as solved earlier turns (what
+    `lmforge eval exact-match --shots K` runs)."""
+    from lmforge.evaluation import evaluate_exact_match, few_shot_history
 
-    history = [message for shot in shots for message in (
-        {"role": "user", "content": shot["instruction"]}, {"role": "assistant", "content": shot["response"]})]
-    prompts = [tokenizer.apply_chat_template([*history, {"role": "user", "content": row["instruction"]}])
-               for row in rows]
-    outputs = generate(model, tokenizer, prompts, SamplingParams(temperature=0.0, max_tokens=16))
-    return [output.outputs[0].text.strip() for output in outputs]
+    result = evaluate_exact_match(model, tokenizer, rows, few_shot_history(shots), max_new_tokens=16)
+    return [answer.strip() for answer in result.answers]
 
 
 def measure(method: str, args) -> dict:

@@ -3,7 +3,8 @@
 The task is lmforge.align.tasks' dates (a date in words → ISO 8601). Held-out prompts are answered greedily,
 and sampled 4 times each as in training, before and after. Each method runs in its own process (its peak RSS
 is its own) on this CPU:
-- grpo: rewarded by iso_date_reward (1 for the exact date, 0.2 for another well-formed date, 0 otherwise),
+- grpo: rewarded by iso_date_reward (1 for the exact date, 0.1 + 0.3 per right field for another
+  well-formed date, 0 otherwise),
   --generations completions per prompt, KL β 0.04 to the model with LoRA switched off. That reward is sparse:
   the instruct model's sampled answers almost never score (0 of 32 in a check), so its groups have nothing to
   compare and GRPO cannot start.
@@ -70,7 +71,7 @@ def answer_scores(trainer, reward_model=None) -> dict[str, float]:
     """Greedy answers to the held-out prompts: mean dates reward, exact-match and well-formed shares, and the
     reward model's mean score when there is one; and the mean dates reward of SAMPLES answers per prompt
     sampled as in training (seeded), which sees the policy's whole distribution, not only its mode."""
-    from lmforge.align.tasks import WRONG_DATE_REWARD, iso_date_reward
+    from lmforge.align.tasks import FORMAT_REWARD, iso_date_reward
 
     examples = trainer.eval_dataset
     texts = [output.outputs[0].text for output in trainer.complete(examples, 1, 0.0)]
@@ -83,7 +84,7 @@ def answer_scores(trainer, reward_model=None) -> dict[str, float]:
     sampled_rewards = [reward for outputs, answer in sampled
                        for reward in iso_date_reward(None, [o.text for o in outputs], [answer] * len(outputs))]
     scores = {"dates_reward": sum(rewards) / len(rewards), "exact": sum(r == 1.0 for r in rewards) / len(rewards),
-              "well_formed": sum(r >= WRONG_DATE_REWARD for r in rewards) / len(rewards), "example": texts[0],
+              "well_formed": sum(r >= FORMAT_REWARD for r in rewards) / len(rewards), "example": texts[0],
               "sampled_reward": sum(sampled_rewards) / len(sampled_rewards)}
     if reward_model is not None:
         scores["rm_score"] = sum(reward_model.score(prompts, texts, rows)) / len(texts)
@@ -172,7 +173,7 @@ def write_report(results: dict[str, dict], args) -> None:
 
 {machine_line()}. SmolLM2-135M-Instruct with LoRA r=8 on all linear layers, {args.steps} steps, answers of at
 most {args.max_new_tokens} tokens, learning rate {args.lr:g}. GRPO: {args.batch} prompts per step,
-{args.generations} answers each, rewarded by `iso_date_reward` (1 exact, 0.2 another well-formed date), {start}.
+{args.generations} answers each, rewarded by `iso_date_reward` (1 exact; a well-formed date 0.1 + 0.3 per right field), {start}.
 PPO: {args.ppo_batch} prompts per step, one answer each, 2 PPO epochs per
 rollout, rewarded by a reward model trained in the same run on the dates preference pairs, from the instruct
 model.{reward_text} Held-out: {args.held_out} prompts answered greedily before → after; each method in its own

@@ -4,7 +4,7 @@
 models read such dates poorly, the answer is one short string, and any number of
 examples can be made from a seed — enough to measure what prompting, SFT, LoRA and the
 rest each buy, with a held-out split the training never sees. `iso_date_reward` scores answers
-for online RL, with partial credit for the right format.
+for online RL, with partial credit for the right format and for each right field.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ ORDINAL_ONES = ["", "first", "second", "third", "fourth", "fifth", "sixth", "sev
                 "eighteenth", "nineteenth"]
 INSTRUCTION = "Write this date in ISO format (YYYY-MM-DD). Answer with the date only."
 ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-WRONG_DATE_REWARD = 0.2  # iso_date_reward's partial credit: the right format, the wrong date
+FORMAT_REWARD = 0.1  # iso_date_reward for a well-formed YYYY-MM-DD with every field wrong
+FIELD_REWARD = 0.3  # and for each of year, month and day it gets right (all three: 1.0)
 
 
 def below_hundred(number: int) -> str:
@@ -84,18 +85,45 @@ def exact_match(predictions: Sequence[str], rows: Sequence[dict[str, Any]],
     return hits / max(len(rows), 1)
 
 
-def date_preferences(count: int, seed: int = 0) -> list[dict[str, str]]:
+def date_preferences(count: int, seed: int = 0, near_misses: float = 0.0) -> list[dict[str, str]]:
     """Preference rows for the dates task: the bare ISO date (chosen) over a chatty answer in another
-    format (rejected) — the "required answer format" that preference tuning should instil."""
+    format (rejected) — the "required answer format" that preference tuning should instil.
+
+    With `near_misses` > 0, that share of the rows rejects a well-formed ISO date with one field wrong
+    instead (the day and month swapped, or the year, month or day off by a little): a reward model
+    trained on those must read the date in words, not only the answer's shape.
+    """
     generator = random.Random(seed + 1)
     rows = []
     for row in date_rows(count, seed):
         date = datetime.date.fromisoformat(row["response"])
-        chatty = generator.choice([f"Sure! The date is {date.strftime('%B')} {date.day}, {date.year}.",
-                                   f"That would be {date.day:02d}/{date.month:02d}/{date.year}.",
-                                   f"In ISO format, I believe the date is {date.year}/{date.month}/{date.day}."])
-        rows.append({"prompt": row["instruction"], "chosen": row["response"], "rejected": chatty})
+        if near_misses and generator.random() < near_misses:
+            rejected = _near_miss(date, generator).isoformat()
+        else:
+            rejected = generator.choice([f"Sure! The date is {date.strftime('%B')} {date.day}, {date.year}.",
+                                         f"That would be {date.day:02d}/{date.month:02d}/{date.year}.",
+                                         f"In ISO format, I believe the date is {date.year}/{date.month}/{date.day}."])
+        rows.append({"prompt": row["instruction"], "chosen": row["response"], "rejected": rejected})
     return rows
+
+
+def _near_miss(date: datetime.date, generator: random.Random) -> datetime.date:
+    """Another valid date that differs from `date` in one plausible way."""
+    while True:
+        kind, shift = generator.choice(["swap", "year", "month", "day"]), generator.choice([-10, -1, 1, 10])
+        try:
+            if kind == "swap":
+                other = date.replace(month=date.day, day=date.month)
+            elif kind == "year":
+                other = date.replace(year=date.year + shift)
+            elif kind == "month":
+                other = date.replace(month=date.month + (shift > 0) - (shift < 0))
+            else:
+                other = date.replace(day=date.day + shift)
+        except ValueError:  # no such date (month 13, day 31 of a 30-day month, ...): draw again
+            continue
+        if other != date:
+            return other
 
 
 def date_prompts(count: int, seed: int = 0) -> list[dict[str, str]]:
@@ -106,12 +134,21 @@ def date_prompts(count: int, seed: int = 0) -> list[dict[str, str]]:
 
 def iso_date_reward(prompts: Sequence[Any], completions: Sequence[str], response: Sequence[str],
                     **columns: Any) -> list[float]:
-    """The dates task as a reward function (TRL's signature: the rows' columns arrive as keyword lists):
-    1.0 for the exact ISO date, 0.2 for a well-formed YYYY-MM-DD of another date, 0.0 otherwise."""
+    """The dates task as a reward function (TRL's signature: the rows' columns arrive as keyword lists).
+
+    Partial credit makes the reward dense enough for RL to climb: an answer that is exactly a valid
+    YYYY-MM-DD earns 0.1 plus 0.3 for each of year, month and day that match the expected date (so the
+    exact date earns 1.0, the right year and month 0.7); anything else (extra words, another format, an
+    impossible date) earns 0.0.
+    """
     rewards = []
     for completion, answer in zip(completions, response):
         text = completion.strip()
-        rewards.append(1.0 if text == answer.strip() else WRONG_DATE_REWARD if _is_iso_date(text) else 0.0)
+        if not _is_iso_date(text):
+            rewards.append(0.0)
+            continue
+        right = sum(got == want for got, want in zip(text.split("-"), answer.strip().split("-")))
+        rewards.append(round(FORMAT_REWARD + FIELD_REWARD * right, 6))
     return rewards
 
 

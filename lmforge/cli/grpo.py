@@ -10,7 +10,8 @@ current folder imports as is) or a reward model folder from `lmforge reward-mode
 A seeded held-out part of the rows measures the mean reward of greedy answers before and after. --out
 receives what `lmforge sft` writes (an adapter folder, or a model folder for full / --merge) with
 grpo.json. Without --data, the prompts are the dates task (dates in words → ISO 8601), rewarded by
-lmforge.align.tasks:iso_date_reward (1 for the exact date, 0.2 for another well-formed date).
+lmforge.align.tasks:iso_date_reward (1 for the exact date; a well-formed YYYY-MM-DD earns 0.1
+plus 0.3 for each right field).
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ LOGGER = "lmforge.align.rewards"
 
 
 def test_the_dates_reward_gives_full_partial_and_no_credit():
-    completions = ["1984-03-21", " 1984-03-21\n", "1984-03-22", "1984-02-30", "March 21, 1984", "1984-3-21"]
-    rewards = iso_date_reward(["p"] * 6, completions, response=["1984-03-21"] * 6, other=[None] * 6)
-    assert rewards == [1.0, 1.0, 0.2, 0.0, 0.0, 0.0]  # 1984-02-30 is no date
+    completions = ["1984-03-21", " 1984-03-21\n", "1984-03-22", "1985-04-21", "2001-12-30", "1984-02-30",
+                   "March 21, 1984", "1984-3-21", "It is 1984-03-21."]
+    rewards = iso_date_reward(["p"] * 9, completions, response=["1984-03-21"] * 9, other=[None] * 9)
+    assert rewards == [1.0, 1.0, 0.7, 0.4, 0.1, 0.0, 0.0, 0.0, 0.0]  # 1984-02-30 is no date
     rows = date_prompts(3)
     assert set(rows[0]) == {"prompt", "response"} and rows[0]["prompt"].startswith("Write this date")
 
