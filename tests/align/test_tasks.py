@@ -49,3 +49,19 @@ def test_format_preferences_choose_the_bare_iso_date():
     for row, plain in zip(rows, date_rows(30, seed=2)):
         assert (row["prompt"], row["chosen"]) == (plain["instruction"], plain["response"])
         assert row["rejected"] != row["chosen"] and len(row["rejected"]) > len(row["chosen"])
+
+
+def test_near_miss_preferences_reject_another_valid_date_one_field_away():
+    import datetime
+
+    from lmforge.align.tasks import date_preferences
+
+    rows = date_preferences(200, seed=3, near_misses=0.5)
+    near = [row for row in rows if row["rejected"][:1].isdigit()]
+    assert 70 < len(near) < 130  # about half
+    for row in near:
+        chosen, rejected = (datetime.date.fromisoformat(row[key]) for key in ("chosen", "rejected"))
+        differing = [f for f in ("year", "month", "day") if getattr(chosen, f) != getattr(rejected, f)]
+        swapped = (rejected.month, rejected.day) == (chosen.day, chosen.month)
+        assert rejected != chosen and (len(differing) == 1 or swapped), (row["chosen"], row["rejected"])
+    assert [row["chosen"] for row in rows] == [row["chosen"] for row in date_preferences(200, seed=3)]
