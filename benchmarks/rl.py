@@ -1,21 +1,22 @@
 """Online RL on SmolLM2-135M-Instruct with LoRA: GRPO against a programmatic reward, PPO against a reward model.
 
-The task is lmforge.align.tasks' dates (a date in words → ISO 8601). Held-out prompts are answered greedily,
-and sampled 4 times each as in training, before and after. Each method runs in its own process (its peak RSS
-is its own) on this CPU:
-- grpo: rewarded by iso_date_reward (1 for the exact date, 0.1 + 0.3 per right field for another
-  well-formed date, 0 otherwise),
-  --generations completions per prompt, KL β 0.04 to the model with LoRA switched off. That reward is sparse:
-  the instruct model's sampled answers almost never score (0 of 32 in a check), so its groups have nothing to
-  compare and GRPO cannot start.
-  The policy therefore starts from --warm-start steps of LoRA SFT on other dates, merged into the weights
-  (SFT, then RL, as usual); that model is the reference;
-- ppo: first a LoRA reward model trained on the dates preference pairs (the bare ISO date over chatty answers
-  in other formats) with RewardTrainer, then PPO against it (value head, GAE, KL β 0.05); reported are its
-  held-out pairwise accuracy and the mean reward-model score of the greedy answers, with their dates reward.
+The task is lmforge.align.tasks' dates (a date in words → ISO 8601). Both methods follow the usual pipeline,
+SFT then RL: the policy starts from --warm-start steps of LoRA SFT on other dates, merged into the weights
+(that model is "before" and the KL reference). Without it the instruct model's sampled answers almost never
+have the required shape, so every reward is 0 and there is nothing to compare. Held-out prompts are answered
+greedily, and sampled 4 times each as in training, before and after. Each method runs in its own process
+(its peak RSS is its own) on this CPU:
+- grpo: rewarded by iso_date_reward (1 for the exact date; a well-formed YYYY-MM-DD of another date earns
+  0.1 + 0.3 per right field; 0 otherwise), --generations completions per prompt, KL β 0.04 to the
+  reference (LoRA switched off).
+- ppo: first a LoRA reward model trained with RewardTrainer on dates preference pairs where the chosen
+  answer is the right ISO date and the rejected one is either chatty or a near miss (a valid date one
+  field away), so the scorer must read the date, not only the answer's shape; then PPO against it (value
+  head, GAE, KL β 0.05). Reported are its held-out pairwise accuracy (all pairs, and near misses alone),
+  and the mean reward-model score of the greedy answers beside their dates reward.
 Writes the table to docs/benchmarks.md (section "rl"); --quick runs tiny settings as a smoke test and only
 prints (its numbers mean nothing).
-Usage: python -m benchmarks.rl [--steps 24] [--batch 4] [--generations 4] [--warm-start 3] [--methods grpo,ppo]
+Usage: python -m benchmarks.rl [--steps 30] [--batch 4] [--generations 8] [--warm-start 3] [--methods grpo,ppo]
        [--quick]
 """
 
@@ -37,6 +38,7 @@ QUICK = {"steps": 2, "batch": 2, "ppo_batch": 2, "generations": 2, "max_new_toke
          "reward_steps": 2, "warm_start": 1}
 SFT_ROWS = 200  # dates for the warm start, none of them among the RL prompts
 SAMPLES = 4  # sampled answers per held-out prompt
+NEAR_MISSES = 0.5  # share of the reward model's pairs that reject a near-miss date
 
 
 def lora_model(task: str = "causal-lm"):
@@ -91,9 +93,32 @@ def answer_scores(trainer, reward_model=None) -> dict[str, float]:
     return scores
 
 
+def train_reward_model(tokenizer, args, result: dict):
+    """A LoRA reward model on the dates preference pairs with near misses; its held-out pairwise accuracy
+    (all pairs, near misses alone) and training time go into `result`."""
+    from lmforge.align import RewardConfig, RewardModel, RewardTrainer, tokenize_preferences
+    from lmforge.align.tasks import date_preferences
+    from lmforge.peft import merge_and_unload
+
+    pairs = date_preferences(args.train + args.held_out, seed=1, near_misses=NEAR_MISSES)
+    held_out = pairs[args.train:]
+    scorer = lora_model("sequence-classification")
+    config = RewardConfig(output_dir=tempfile.mkdtemp(), max_steps=args.reward_steps, per_device_batch_size=8,
+                          learning_rate=args.reward_lr, logging_steps=0, progress=False)
+    trainer = RewardTrainer(scorer, config, pairs[:args.train], tokenizer, eval_dataset=held_out)
+    clock = time.perf_counter()
+    trainer.train()
+    result["reward_model_seconds"] = time.perf_counter() - clock
+    result["pairwise_accuracy"] = trainer.evaluate()["pairwise_accuracy"]
+    near = [pair for pair in held_out if pair["rejected"][:1].isdigit()]
+    near_examples = tokenize_preferences(near, tokenizer, scorer.config.context_length, "error")[0]
+    result["near_miss_accuracy"] = trainer.evaluate(near_examples)["pairwise_accuracy"]
+    return RewardModel(merge_and_unload(scorer), tokenizer)
+
+
 def measure(method: str, args) -> dict:
     from lmforge import AutoTokenizer
-    from lmforge.align import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, RewardModel
+    from lmforge.align import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer
     from lmforge.align.tasks import date_rows, iso_date_reward
     from lmforge.peft import trainable_summary
 
@@ -105,29 +130,14 @@ def measure(method: str, args) -> dict:
     common = {"output_dir": tempfile.mkdtemp(), "max_steps": args.steps, "max_new_tokens": args.max_new_tokens,
               "learning_rate": args.lr, "logging_steps": 1, "progress": False}
     result, reward_model = {}, None
+    model = lora_model()
+    if args.warm_start:
+        result["warm_start_seconds"] = warm_start(model, tokenizer, rows[-SFT_ROWS:], args.warm_start)
     if method == "ppo":
-        from lmforge.align import RewardConfig, RewardTrainer
-        from lmforge.align.tasks import date_preferences
-        from lmforge.peft import merge_and_unload
-
-        pairs = date_preferences(args.train + args.held_out, seed=1)
-        scorer = lora_model("sequence-classification")
-        reward_config = RewardConfig(output_dir=tempfile.mkdtemp(), max_steps=args.reward_steps,
-                                     per_device_batch_size=8, learning_rate=1e-4, logging_steps=0, progress=False)
-        reward_trainer = RewardTrainer(scorer, reward_config, pairs[:args.train], tokenizer,
-                                       eval_dataset=pairs[args.train:])
-        clock = time.perf_counter()
-        reward_trainer.train()
-        result["reward_model_seconds"] = time.perf_counter() - clock
-        result["pairwise_accuracy"] = reward_trainer.evaluate()["pairwise_accuracy"]
-        reward_model = RewardModel(merge_and_unload(scorer), tokenizer)
-        model = lora_model()
+        reward_model = train_reward_model(tokenizer, args, result)
         trainer = PPOTrainer(model, PPOConfig(**common, per_device_batch_size=args.ppo_batch, ppo_epochs=2), train,
                              tokenizer, reward_model, eval_dataset=held_out)
     else:
-        model = lora_model()
-        if args.warm_start:
-            result["warm_start_seconds"] = warm_start(model, tokenizer, rows[-SFT_ROWS:], args.warm_start)
         config = GRPOConfig(**common, per_device_batch_size=args.batch, num_generations=args.generations)
         trainer = GRPOTrainer(model, config, train, tokenizer, iso_date_reward, eval_dataset=held_out)
     result["before"] = answer_scores(trainer, reward_model)
@@ -158,26 +168,27 @@ def write_report(results: dict[str, dict], args) -> None:
                             "exact ISO date", "well-formed YYYY-MM-DD",
                             "reward-model score", "training reward (first → last third)", "train minutes",
                             "peak RSS MB", "first answer after"], rows)
-    grpo, ppo = results.get("grpo"), results.get("ppo")
-    warm_text = "" if not grpo or "warm_start_seconds" not in grpo else (
-        f" The warm start took {grpo['warm_start_seconds'] / 60:.1f} min.")
-    reward_text = warm_text + ("" if ppo is None else (
-        f" The reward model (LoRA r=8 + score head, {args.reward_steps} steps of 8 pairs, "
-        f"{ppo['reward_model_seconds'] / 60:.1f} min) reaches {ppo['pairwise_accuracy']:.0%} held-out pairwise "
-        "accuracy."))
-    start = ("from the instruct model" if not args.warm_start else
-             f"from {args.warm_start} steps of LoRA SFT (8 rows each, merged), which are \"before\": the instruct "
-             "model's sampled answers almost never score, so its groups have nothing to compare")
+    ppo = results.get("ppo")
+    warm = next((r["warm_start_seconds"] for r in results.values() if "warm_start_seconds" in r), None)
+    start = ("Both start from the instruct model." if warm is None else
+             f"Both start from {args.warm_start} steps of LoRA SFT (8 rows each, {warm / 60:.1f} min, merged), which "
+             "are \"before\" and the KL reference: SFT, then RL. Without it the instruct model's sampled answers "
+             "almost never have the required shape, so every reward is 0 and there is nothing to compare.")
+    reward_text = "" if ppo is None else (
+        f" The reward model (LoRA r=8 + score head, {args.reward_steps} steps of 8 pairs, lr {args.reward_lr:g}, "
+        f"{ppo['reward_model_seconds'] / 60:.1f} min) learns from pairs whose rejected answer is chatty or, in "
+        f"{NEAR_MISSES:.0%} of them, a valid date one field away; held-out pairwise accuracy "
+        f"{ppo['pairwise_accuracy']:.0%} ({ppo['near_miss_accuracy']:.0%} on the near misses alone).")
     write_section("rl", f"""
 ## Online RL: GRPO and PPO on the dates task (`benchmarks/rl.py`)
 
 {machine_line()}. SmolLM2-135M-Instruct with LoRA r=8 on all linear layers, {args.steps} steps, answers of at
-most {args.max_new_tokens} tokens, learning rate {args.lr:g}. GRPO: {args.batch} prompts per step,
-{args.generations} answers each, rewarded by `iso_date_reward` (1 exact; a well-formed date 0.1 + 0.3 per right field), {start}.
-PPO: {args.ppo_batch} prompts per step, one answer each, 2 PPO epochs per
-rollout, rewarded by a reward model trained in the same run on the dates preference pairs, from the instruct
-model.{reward_text} Held-out: {args.held_out} prompts answered greedily before → after; each method in its own
-process.
+most {args.max_new_tokens} tokens, learning rate {args.lr:g}. {start}
+GRPO: {args.batch} prompts per step, {args.generations} answers each, rewarded by `iso_date_reward` (1 for the
+exact date; a well-formed YYYY-MM-DD of another date 0.1 + 0.3 per right field). PPO: {args.ppo_batch} prompts
+per step, one answer each, 2 PPO epochs per rollout, rewarded by a reward model trained in the same
+run.{reward_text} Held-out: {args.held_out} prompts answered greedily (and sampled {SAMPLES} times each) before →
+after; each method in its own process.
 
 {table}
 """)
@@ -185,16 +196,17 @@ process.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=24, help="optimizer steps (rollouts) of each method")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps (rollouts) of each method")
     parser.add_argument("--batch", type=int, default=4, help="GRPO's prompts per step")
     parser.add_argument("--ppo-batch", type=int, default=8, help="PPO's prompts per step")
-    parser.add_argument("--warm-start", type=int, default=3, help="LoRA SFT steps before GRPO (0: none)")
-    parser.add_argument("--generations", type=int, default=4, help="GRPO's completions per prompt")
+    parser.add_argument("--warm-start", type=int, default=3, help="LoRA SFT steps before RL (0: none)")
+    parser.add_argument("--generations", type=int, default=8, help="GRPO's completions per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="longest sampled answer")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the LoRA policies")
     parser.add_argument("--train", type=int, default=200, help="training prompts (and reward-model pairs)")
     parser.add_argument("--held-out", type=int, default=40, help="held-out prompts (and pairs)")
-    parser.add_argument("--reward-steps", type=int, default=30, help="reward model training steps (ppo)")
+    parser.add_argument("--reward-steps", type=int, default=60, help="reward model training steps (ppo)")
+    parser.add_argument("--reward-lr", type=float, default=3e-4, help="reward model learning rate (ppo)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset to run")
     parser.add_argument("--quick", action="store_true", help="tiny settings, printed only: a smoke test")
     parser.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)  # one method in this process
@@ -208,7 +220,7 @@ def main() -> None:
     argv = [f"--steps={args.steps}", f"--batch={args.batch}", f"--ppo-batch={args.ppo_batch}",
             f"--warm-start={args.warm_start}", f"--generations={args.generations}",
             f"--max-new-tokens={args.max_new_tokens}", f"--lr={args.lr}", f"--train={args.train}",
-            f"--held-out={args.held_out}", f"--reward-steps={args.reward_steps}"]
+            f"--held-out={args.held_out}", f"--reward-steps={args.reward_steps}", f"--reward-lr={args.reward_lr}"]
     results = run_each("benchmarks.rl", args.methods.split(","), argv)
     if not args.quick:
         write_report(results, args)
