@@ -96,7 +96,12 @@ def answer_scores(trainer, reward_model=None) -> dict[str, float]:
 def train_reward_model(tokenizer, args, result: dict):
     """A LoRA reward model on the dates preference pairs with near misses; its held-out pairwise accuracy
     (all pairs, near misses alone) and training time go into `result`."""
-    from lmforge.align import RewardConfig, RewardModel, RewardTrainer, tokenize_preferences
+    from lmforge.align import (
+        RewardConfig,
+        RewardModel,
+        RewardTrainer,
+        tokenize_preferences,
+    )
     from lmforge.align.tasks import date_preferences
     from lmforge.peft import merge_and_unload
 

@@ -49,3 +49,17 @@ class KeyMap:
 
     def __add__(self, other: "KeyMap") -> "KeyMap":
         return KeyMap(self.rules + other.rules)
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one of our tensors lives in an HF checkpoint, for readers that fetch slices of it.
+
+    `name` is the checkpoint tensor; `transposed` says it is stored [in, out] (GPT-2's Conv1D) where we
+    hold [out, in]; `rows` is the [start, stop) range of our first dimension inside a fused tensor
+    (q, k and v as thirds of GPT-2's c_attn), None when the tensor is ours alone.
+    """
+
+    name: str
+    transposed: bool = False
+    rows: tuple[int, int] | None = None

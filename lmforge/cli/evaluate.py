@@ -17,7 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-from lmforge.cli.common import QUANTIZATION_CHOICES, add_model_argument, add_quantization_argument, note
+from lmforge.cli.common import (
+    QUANTIZATION_CHOICES,
+    add_model_argument,
+    add_quantization_argument,
+    note,
+)
 from lmforge.errors import InputError
 
 EXAMPLES = """examples:

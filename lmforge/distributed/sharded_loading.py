@@ -6,8 +6,9 @@ one holding this process's slice, read straight from the file: safetensors reads
 tensor without the rest, and a GGUF matrix is decoded row range by row range (its quantized
 blocks never span two rows). Only the small replicated tensors (norms) are read whole. So no
 process ever holds the full model; each holds about 1/N of the weights, plus what all share.
-Layouts that store tensors differently on disk (GPT-2's fused Conv1D attention) are loaded
-whole and then sharded.
+Layouts that store tensors differently on disk say where each of ours is (GPT-2: q, k and v are
+column ranges of the fused Conv1D c_attn, stored [in, out]), so their slices are read the same way.
+GGUF files of other architectures than llama are loaded whole and then sharded.
 """
 
 from __future__ import annotations
@@ -31,26 +32,45 @@ COLUMN_CHUNK_ROWS = 1024  # rows decoded at a time when a GGUF matrix is sliced 
 
 
 class SafetensorsTensors:
-    """Slices of an HF folder's tensors (one file or shards with an index), named the model's way."""
+    """Slices of an HF folder's tensors (one file or shards with an index), named the model's way.
+
+    Where the model stores a tensor differently (`PreTrainedModel.stored_tensor`: a part of a fused
+    tensor, or transposed), the slice is taken from the stored tensor and turned into ours.
+    """
 
     def __init__(self, folder: Path, model: PreTrainedModel):
-        self.folder, self.keymap = folder, model.hf_keymap()
+        self.folder, self.model = folder, model
         if (folder / WEIGHTS_NAME).is_file():
             with safe_open(folder / WEIGHTS_NAME, framework="pt") as handle:
                 self.files = dict.fromkeys(handle.keys(), WEIGHTS_NAME)
         else:
             self.files = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
 
+    def _file_name(self, hf_name: str) -> str:
+        """The checkpoint's name for `hf_name`; a bare-backbone checkpoint (GPT-2's) lacks the task prefix."""
+        prefix = f"{self.model.hf_prefix}."
+        bare = hf_name[len(prefix):] if hf_name.startswith(prefix) else None
+        for candidate in (hf_name, bare):
+            if candidate in self.files:
+                return candidate
+        raise CheckpointError(f"{self.folder}: no tensor {hf_name!r}; the checkpoint is for another "
+                              "architecture or incomplete.")
+
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        hf_name = self.keymap.to_hf(name)
-        if hf_name not in self.files:
-            raise CheckpointError(f"{self.folder}: no tensor {hf_name!r}; the checkpoint is for another "
-                                  "architecture or incomplete.")
-        with safe_open(self.folder / self.files[hf_name], framework="pt") as handle:
-            if dim is None:
-                return handle.get_tensor(hf_name)
-            index = (slice(None),) * dim + (slice(start, stop),)
-            return handle.get_slice(hf_name)[index]
+        stored = self.model.stored_tensor(name)
+        file_name = self._file_name(stored.name)
+        with safe_open(self.folder / self.files[file_name], framework="pt") as handle:
+            view = handle.get_slice(file_name)
+            ours = [slice(None)] * len(view.get_shape())  # the slice in our layout, [out, in]
+            if dim is not None:
+                ours[dim] = slice(start, stop)
+            if stored.rows is not None:  # our rows are a range of the fused tensor's
+                first, last = stored.rows
+                within = ours[0]
+                ours[0] = slice(first + (within.start or 0), first + (last - first if within.stop is None
+                                                                       else within.stop))
+            tensor = view[tuple(reversed(ours)) if stored.transposed else tuple(ours)]
+        return tensor.t().contiguous() if stored.transposed else tensor
 
 
 class GGUFTensors:
@@ -83,8 +103,9 @@ class GGUFTensors:
 
 def _tensor_source(path: Path, model: PreTrainedModel):
     """A slice reader for the checkpoint at `path`, or None when its layout must be loaded whole."""
-    if type(model).from_hf_layout.__func__ is not PreTrainedModel.from_hf_layout.__func__:
-        return None  # stored differently on disk (fused, transposed): no slice maps to a shard
+    rewritten = type(model).from_hf_layout.__func__ is not PreTrainedModel.from_hf_layout.__func__
+    if rewritten and type(model).stored_tensor is PreTrainedModel.stored_tensor:
+        return None  # stored differently on disk, and the model does not say where its slices are
     if path.is_file():
         gguf_file = open_gguf(path)
         return GGUFTensors(gguf_file, model) if gguf_file.architecture == "llama" else None

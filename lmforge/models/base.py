@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lmforge.checkpoint.hf import save_hf_weights
-from lmforge.checkpoint.keymap import KeyMap
+from lmforge.checkpoint.keymap import KeyMap, StoredTensor
 from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointError
 from lmforge.nn.attention import Attention
@@ -145,6 +145,11 @@ class PreTrainedModel(nn.Module):
         if cls.is_backbone:
             return cls.backbone_keymap
         return cls.head_keymap + cls.backbone_keymap.prefixed("model", cls.hf_prefix)
+
+    def stored_tensor(self, name: str) -> StoredTensor:
+        """Where our tensor `name` is in an HF checkpoint (a model that overrides `from_hf_layout` says how
+        its fused or transposed tensors are stored here, so loaders can read slices of them)."""
+        return StoredTensor(self.hf_keymap().to_hf(name))
 
     @classmethod
     def from_hf_layout(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ import re
 import torch
 from torch import nn
 
-from lmforge.checkpoint.keymap import KeyMap
+from lmforge.checkpoint.keymap import KeyMap, StoredTensor
 from lmforge.config import GPT2Config
 from lmforge.models.base import DecoderLM, ModelOutput, PreTrainedModel
 from lmforge.nn import (
@@ -67,6 +67,17 @@ class GPT2PreTrainedModel(PreTrainedModel):
             else:
                 out[name] = tensor.t().contiguous() if CONV1D_WEIGHT.search(name) else tensor
         return out
+
+    def stored_tensor(self, name: str) -> StoredTensor:
+        """q/k/v are thirds of the fused c_attn (its columns, as Conv1D stores [in, out]); the other Conv1D
+        weights are stored transposed."""
+        hf_name = self.hf_keymap().to_hf(name)
+        part = re.search(r"\.attn\.(q_proj|k_proj|v_proj)\.(weight|bias)$", hf_name)
+        if part:
+            width, index = self.config.n_embd, QKV.index(part[1])
+            return StoredTensor(f"{hf_name[:part.start()]}.attn.c_attn.{part[2]}", transposed=part[2] == "weight",
+                                rows=(index * width, (index + 1) * width))
+        return StoredTensor(hf_name, transposed=bool(CONV1D_WEIGHT.search(hf_name)))
 
     @classmethod
     def to_hf_layout(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -15,16 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmforge.config import LlamaConfig
+from lmforge.config import GPT2Config, LlamaConfig
 from lmforge.distributed.process_group import free_port
 from lmforge.distributed.sharded_loading import load_tensor_parallel
 from lmforge.distributed.tensor_parallel import TensorParallelPlan, check_devices, shard_model
 from lmforge.errors import ConfigError, UnsupportedError, ValidationError
+from lmforge.models.gpt2 import GPT2LMHeadModel
 from lmforge.models.llama import LlamaForCausalLM
 from lmforge.quant import quantize_loaded
-from tests.distributed.tensor_parallel_worker import TINY_LLAMA
+from tests.distributed.tensor_parallel_worker import TINY_GPT2, TINY_LLAMA, randomized
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,6 +98,28 @@ def test_sharded_safetensors_loading_equals_sharding_the_loaded_model(tmp_path, 
         assert torch.equal(loaded.state_dict()[name], tensor), name
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert loaded.model.embed_tokens.weight.shape == (32, 32)
+
+
+@pytest.mark.parametrize("bare_backbone", [False, True])
+def test_gpt2_shards_are_read_as_slices_of_the_fused_transposed_c_attn(tmp_path, monkeypatch, bare_backbone):
+    """GPT-2 keeps q/k/v as column thirds of one Conv1D c_attn ([in, out]); each rank reads its heads' columns
+    straight from the file, from a checkpoint with the task prefix or a bare backbone's (as the hub's gpt2)."""
+    torch.manual_seed(0)
+    model = randomized(GPT2LMHeadModel(GPT2Config(**TINY_GPT2))).eval()
+    model.save_pretrained(tmp_path)
+    if bare_backbone:
+        state = load_file(tmp_path / "model.safetensors")
+        save_file({name.removeprefix("transformer."): tensor for name, tensor in state.items()},
+                  tmp_path / "model.safetensors")
+    monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", None)  # the whole model is never loaded
+    for rank in (0, 1):
+        loaded = load_tensor_parallel(tmp_path, rank=rank, world_size=2)
+        sharded = copy.deepcopy(model)
+        shard_model(sharded, rank, 2)
+        assert loaded.state_dict().keys() == sharded.state_dict().keys()
+        for name, tensor in sharded.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], tensor), name
+        assert loaded.model.layers[1].self_attn.k_proj.weight.shape == (16, 32)
 
 
 def test_key_value_heads_are_split_or_replicated_by_query_group():
