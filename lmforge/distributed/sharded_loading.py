@@ -4,11 +4,12 @@ The model is first built as a skeleton whose weights are allocated but never wri
 the operating system never gives them memory. `shard_model` then swaps every split layer for
 one holding this process's slice, read straight from the file: safetensors reads a slice of a
 tensor without the rest, and a GGUF matrix is decoded row range by row range (its quantized
-blocks never span two rows). Only the small replicated tensors (norms) are read whole. So no
-process ever holds the full model; each holds about 1/N of the weights, plus what all share.
+blocks never span two rows; it keeps every matrix [out, in]). Only the small replicated tensors
+(norms) are read whole. So no process ever holds the full model; each holds about 1/N of the
+weights, plus what all share.
 Layouts that store tensors differently on disk say where each of ours is (GPT-2: q, k and v are
-column ranges of the fused Conv1D c_attn, stored [in, out]), so their slices are read the same way.
-GGUF files of other architectures than llama are loaded whole and then sharded.
+column ranges of the fused Conv1D c_attn, stored [in, out]; row ranges of a GGUF's attn_qkv), so
+their slices are read the same way.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lmforge.checkpoint.gguf import GGUFFile, open_gguf
-from lmforge.checkpoint.gguf_convert import LLAMA_TENSOR_NAMES, hf_tensor_name, unpermute_qk
+from lmforge.checkpoint.gguf_convert import ARCHITECTURES, hf_tensor_name, unpermute_qk
 from lmforge.checkpoint.hf import INDEX_NAME, WEIGHTS_NAME
 from lmforge.distributed.tensor_parallel import shard_model
 from lmforge.errors import CheckpointError, UnsupportedError
@@ -74,28 +75,38 @@ class SafetensorsTensors:
 
 
 class GGUFTensors:
-    """Slices of a llama-architecture GGUF file's tensors, dequantized and in HF row order."""
+    """Slices of a GGUF file's tensors (an architecture lmforge converts), dequantized and in HF row order.
+
+    GGUF keeps every matrix [out, in], so GPT-2's fused attention is read as row ranges of attn_qkv.
+    """
 
     def __init__(self, gguf_file: GGUFFile, model: PreTrainedModel):
-        self.file, self.keymap, self.head_dim = gguf_file, model.hf_keymap(), model.config.head_dim
-        self.names = {hf_tensor_name(name, LLAMA_TENSOR_NAMES): name for name in gguf_file.tensor_names}
+        self.file, self.model = gguf_file, model
+        self.head_dim = model.decoder_attention_layers()[0].head_dim
+        table = ARCHITECTURES[gguf_file.architecture].tensor_names
+        self.names = {hf_tensor_name(name, table): name for name in gguf_file.tensor_names}
+        self.llama = gguf_file.architecture == "llama"
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        gguf_name = self.names.get(self.keymap.to_hf(name))
+        stored = self.model.stored_tensor(name)
+        gguf_name = self.names.get(stored.name)
         if gguf_name is None:
             raise CheckpointError(f"{self.file.path}: no tensor for {name}; the file does not hold every weight "
                                   "this model needs.")
-        matrix = len(self.file.tensor_shape(gguf_name)) == 2
-        if dim == 0 and matrix:
-            tensor = self.file.load_rows(gguf_name, start, stop)
-        elif dim == 1:  # a column slice: decode a chunk of whole rows at a time, keep the columns
-            rows = self.file.tensor_shape(gguf_name)[0]
-            tensor = torch.cat([self.file.load_rows(gguf_name, r, min(r + COLUMN_CHUNK_ROWS, rows))[:, start:stop]
-                                for r in range(0, rows, COLUMN_CHUNK_ROWS)])
+        shape = self.file.tensor_shape(gguf_name)
+        first, last = stored.rows or (0, shape[0])
+        if dim == 0:
+            first, last = first + start, first + (last - first if stop is None else stop)
+        whole_rows = (first, last) == (0, shape[0])
+        if len(shape) == 2 and dim == 1:  # a column slice: decode a chunk of whole rows at a time, keep the columns
+            tensor = torch.cat([self.file.load_rows(gguf_name, r, min(r + COLUMN_CHUNK_ROWS, last))[:, start:stop]
+                                for r in range(first, last, COLUMN_CHUNK_ROWS)])
+        elif len(shape) == 2 and not whole_rows:
+            tensor = self.file.load_rows(gguf_name, first, last)
         else:
             tensor = self.file.load_tensor(gguf_name)
-            tensor = tensor if dim is None else tensor[start:stop]
-        if ".attn_q." in gguf_name or ".attn_k." in gguf_name:
+            tensor = tensor if whole_rows else tensor[first:last]
+        if self.llama and (".attn_q." in gguf_name or ".attn_k." in gguf_name):
             # llama.cpp interleaves each head's rotary halves; whole heads undo it on their own
             tensor = unpermute_qk(tensor, tensor.shape[0] // self.head_dim)
         return tensor
@@ -108,7 +119,7 @@ def _tensor_source(path: Path, model: PreTrainedModel):
         return None  # stored differently on disk, and the model does not say where its slices are
     if path.is_file():
         gguf_file = open_gguf(path)
-        return GGUFTensors(gguf_file, model) if gguf_file.architecture == "llama" else None
+        return GGUFTensors(gguf_file, model) if gguf_file.architecture in ARCHITECTURES else None
     return SafetensorsTensors(path, model)
 
 

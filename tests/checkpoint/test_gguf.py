@@ -275,11 +275,9 @@ def test_llama_round_trip_untied_with_bias(tmp_path: Path) -> None:
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, None)
 
 
-def test_gpt2_round_trip(tmp_path: Path) -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    hf_model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4))
+def tiny_gpt2_gguf(path: Path, hf_model: torch.nn.Module) -> Path:
+    """Convert an HF GPT-2 (n_inner unset: 4 x n_embd) to GGUF the way convert_hf_to_gguf.py does (float32)."""
+    cfg = hf_model.config
     conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     renames = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
                "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
@@ -295,14 +293,22 @@ def test_gpt2_round_trip(tmp_path: Path) -> None:
                      "ln_f.weight": "output_norm.weight", "ln_f.bias": "output_norm.bias"}[short]] = array
 
     def configure(w: GGUFWriter) -> None:
-        w.add_context_length(32)
-        w.add_embedding_length(32)
-        w.add_feed_forward_length(128)
-        w.add_block_count(2)
-        w.add_head_count(4)
+        w.add_context_length(cfg.n_positions)
+        w.add_embedding_length(cfg.n_embd)
+        w.add_feed_forward_length(4 * cfg.n_embd)
+        w.add_block_count(cfg.n_layer)
+        w.add_head_count(cfg.n_head)
         w.add_layer_norm_eps(1e-5)
 
-    config, state_dict = gguf_to_hf(write_gguf(tmp_path / "gpt2.gguf", "gpt2", tensors, configure))
+    return write_gguf(path, "gpt2", tensors, configure)
+
+
+def test_gpt2_round_trip(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf_model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4))
+    config, state_dict = gguf_to_hf(tiny_gpt2_gguf(tmp_path / "gpt2.gguf", hf_model))
     assert config["tie_word_embeddings"] is True and "lm_head.weight" not in state_dict
     rebuilt = GPT2LMHeadModel(GPT2Config(**{k: v for k, v in config.items() if k != "torch_dtype"}))
     rebuilt.load_state_dict(state_dict, strict=False)

@@ -122,6 +122,27 @@ def test_gpt2_shards_are_read_as_slices_of_the_fused_transposed_c_attn(tmp_path,
         assert loaded.model.layers[1].self_attn.k_proj.weight.shape == (16, 32)
 
 
+def test_gpt2_gguf_shards_are_row_ranges_of_attn_qkv(tmp_path, monkeypatch):
+    """A GPT-2 GGUF keeps attn_qkv [3E, E]: each rank decodes only its heads' rows of q, k and v."""
+    from transformers import GPT2Config as HFGPT2Config
+    from transformers import GPT2LMHeadModel as HFGPT2LMHeadModel
+
+    from tests.checkpoint.test_gguf import tiny_gpt2_gguf
+
+    torch.manual_seed(0)
+    hf_model = HFGPT2LMHeadModel(HFGPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4))
+    path = tiny_gpt2_gguf(tmp_path / "gpt2.gguf", hf_model)
+    whole = GPT2LMHeadModel.from_pretrained(path)
+    monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", None)  # the whole model is never loaded
+    for rank in (0, 1):
+        loaded = load_tensor_parallel(path, rank=rank, world_size=2)
+        sharded = copy.deepcopy(whole)
+        shard_model(sharded, rank, 2)
+        assert loaded.state_dict().keys() == sharded.state_dict().keys()
+        for name, tensor in sharded.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
 def test_key_value_heads_are_split_or_replicated_by_query_group():
     plan = lambda world, rank, kv: TensorParallelPlan(rank, world, 8, kv, 4, 64, 64)
     assert [plan(2, rank, 4).kv_heads for rank in range(2)] == [range(0, 2), range(2, 4)]
