@@ -89,16 +89,17 @@ def date_preferences(count: int, seed: int = 0, near_misses: float = 0.0) -> lis
     """Preference rows for the dates task: the bare ISO date (chosen) over a chatty answer in another
     format (rejected) — the "required answer format" that preference tuning should instil.
 
-    With `near_misses` > 0, that share of the rows rejects a well-formed ISO date with one field wrong
-    instead (the day and month swapped, or the year, month or day off by a little): a reward model
-    trained on those must read the date in words, not only the answer's shape.
+    With `near_misses` > 0, that share of the rows rejects a near miss instead: a valid ISO date with
+    one field wrong (the day and month swapped, or the year, month or day off by a little), or, in a
+    quarter of them, the right date almost in ISO form (a field unpadded, a digit dropped). A reward
+    model trained on those must read the date in words and check the shape, not only the answer's look.
     """
     generator = random.Random(seed + 1)
     rows = []
     for row in date_rows(count, seed):
         date = datetime.date.fromisoformat(row["response"])
         if near_misses and generator.random() < near_misses:
-            rejected = _near_miss(date, generator).isoformat()
+            rejected = _near_miss(date, generator)
         else:
             rejected = generator.choice([f"Sure! The date is {date.strftime('%B')} {date.day}, {date.year}.",
                                          f"That would be {date.day:02d}/{date.month:02d}/{date.year}.",
@@ -107,8 +108,14 @@ def date_preferences(count: int, seed: int = 0, near_misses: float = 0.0) -> lis
     return rows
 
 
-def _near_miss(date: datetime.date, generator: random.Random) -> datetime.date:
-    """Another valid date that differs from `date` in one plausible way."""
+def _near_miss(date: datetime.date, generator: random.Random) -> str:
+    """An answer close to `date`'s ISO form but wrong: another valid date one plausible step away, or
+    (a quarter of the time) this date malformed."""
+    if generator.random() < 0.25:
+        year, month, day = date.isoformat().split("-")
+        malformed = {f"{year}-{int(month)}-{day}", f"{year}-{month}-{int(day)}", f"{year[:3]}-{month}-{day}",
+                     f"{year}{month}{day}"} - {date.isoformat()}  # unpadding 10-12 or 10-31 changes nothing
+        return generator.choice(sorted(malformed))
     while True:
         kind, shift = generator.choice(["swap", "year", "month", "day"]), generator.choice([-10, -1, 1, 10])
         try:
@@ -123,7 +130,7 @@ def _near_miss(date: datetime.date, generator: random.Random) -> datetime.date:
         except ValueError:  # no such date (month 13, day 31 of a 30-day month, ...): draw again
             continue
         if other != date:
-            return other
+            return other.isoformat()
 
 
 def date_prompts(count: int, seed: int = 0) -> list[dict[str, str]]:

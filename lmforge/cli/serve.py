@@ -3,6 +3,10 @@
 The server starts listening at once and loads the model in the background: /health answers 503
 until the model is ready, then 200. SIGTERM or Ctrl-C drains: new requests get 503, requests in
 flight may finish for up to --drain-timeout seconds, then the rest are aborted and the process exits 0.
+
+With --tensor-parallel-size N the server starts N - 1 worker processes itself, or, run under
+torchrun with N processes in all (on one machine or several), rank 0 serves and the other ranks
+are its workers: they exit when it stops.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ import sys
 import threading
 
 from lmforge.cli.common import QUANTIZATION_CHOICES, add_model_argument
+from lmforge.errors import InputError
 from lmforge.sources import DEFAULT_MODEL
 
 EXAMPLES = """examples:
   lmforge serve                                   # SmolLM2-135M-Instruct on http://127.0.0.1:8000
   lmforge serve --port 9000 --api-key secret --max-queue 64
   lmforge serve --tensor-parallel-size 3          # the model split over 3 processes
+  torchrun --nnodes 2 --nproc_per_node 1 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+      -m lmforge.cli serve --tensor-parallel-size 2 --host 0.0.0.0   # split over 2 machines
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 20}'
 """
@@ -91,6 +98,27 @@ def _draining_server_class(state):
 
 
 def run(args: argparse.Namespace) -> int:
+    from lmforge.distributed import destroy_distributed, launched_world_size
+
+    launched = launched_world_size()
+    if launched > 1:
+        if args.tensor_parallel_size != launched:
+            raise InputError(f"torchrun started {launched} processes; pass --tensor-parallel-size {launched} so "
+                             "that they serve one model together (rank 0 serves, the others are its workers).")
+        if int(os.environ.get("RANK", "0")) != 0:
+            from lmforge.engine import run_tensor_parallel_worker
+
+            run_tensor_parallel_worker()
+            destroy_distributed()
+            return 0
+    try:
+        return _serve(args)
+    finally:
+        if launched > 1:
+            destroy_distributed()
+
+
+def _serve(args: argparse.Namespace) -> int:
     import uvicorn
     from fastapi.middleware.cors import CORSMiddleware
 

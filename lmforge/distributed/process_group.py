@@ -60,6 +60,11 @@ def launched_world_size() -> int:
     return _env_int("WORLD_SIZE", 1)
 
 
+def launched_local_world_size() -> int:
+    """How many of the job's processes run on this machine (torchrun's LOCAL_WORLD_SIZE); 1 without one."""
+    return _env_int("LOCAL_WORLD_SIZE", launched_world_size())
+
+
 def init_distributed(backend: str | None = None) -> DistributedContext:
     """Join the job's process group (once; later calls return the same context).
 
@@ -98,8 +103,8 @@ def free_port() -> int:
 
 
 # A process of a serving group waits for the next step as long as the server is idle; a process
-# that dies is noticed by its closed connections, not by this timeout.
-SPAWNED_GROUP_TIMEOUT = timedelta(days=365)
+# that dies is noticed by its closed connections (or by torchrun's agent), not by this timeout.
+SERVING_GROUP_TIMEOUT = timedelta(days=365)
 
 
 def init_spawned(rank: int, world_size: int, port: int, device_type: str = "cpu") -> DistributedContext:
@@ -112,8 +117,14 @@ def init_spawned(rank: int, world_size: int, port: int, device_type: str = "cpu"
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world_size, timeout=SPAWNED_GROUP_TIMEOUT)
+                            rank=rank, world_size=world_size, timeout=SERVING_GROUP_TIMEOUT)
     return DistributedContext(rank=rank, world_size=world_size, local_rank=rank, device=device)
+
+
+def serving_group(context: DistributedContext) -> dist.ProcessGroup:
+    """All of a launched job's processes again, in a group whose collectives wait as long as a server idles
+    (the default group gives up after 30 minutes). Every process must call it, in the same order."""
+    return dist.new_group(list(range(context.world_size)), timeout=SERVING_GROUP_TIMEOUT)
 
 
 def destroy_distributed() -> None:
@@ -146,10 +157,12 @@ def gather_objects(value: Any, context: DistributedContext) -> list[Any]:
     return gathered
 
 
-def broadcast_object(value: Any, context: DistributedContext, src: int = 0) -> Any:
-    """Process `src`'s `value` on every process (plain data: it travels pickled between the processes)."""
+def broadcast_object(value: Any, context: DistributedContext, src: int = 0,
+                     group: dist.ProcessGroup | None = None) -> Any:
+    """Process `src`'s `value` on every process of `group` (default: all; plain data: it travels pickled)."""
     box = [value]
-    dist.broadcast_object_list(box, src=src, device=context.device if context.device.type == "cuda" else None)
+    dist.broadcast_object_list(box, src=src, group=group,
+                               device=context.device if context.device.type == "cuda" else None)
     return box[0]
 
 

@@ -24,7 +24,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lmforge.distributed.parallel_layers import RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
+from lmforge.distributed.parallel_layers import (
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    VocabParallelHead,
+)
 from lmforge.errors import ConfigError, UnsupportedError, ValidationError
 from lmforge.nn.embedding import TokenEmbedding
 from lmforge.nn.fusion import unfuse_projections

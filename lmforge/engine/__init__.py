@@ -9,5 +9,6 @@ batching, chunked prefill, preemption), `model_runner` runs it as one packed for
 from lmforge.engine.config import EngineConfig
 from lmforge.engine.llm import LLM
 from lmforge.engine.llm_engine import EngineStats, LLMEngine
+from lmforge.engine.tensor_parallel import run_tensor_parallel_worker
 
-__all__ = ["LLM", "EngineConfig", "EngineStats", "LLMEngine"]
+__all__ = ["LLM", "EngineConfig", "EngineStats", "LLMEngine", "run_tensor_parallel_worker"]

@@ -43,7 +43,9 @@ class LLM:
         "nf4") quantizes its Linear layers at load time; "gguf" keeps a GGUF file's own 4-/8-bit blocks.
         `tensor_parallel_size` N > 1 splits the model over N processes (this one and N - 1 it starts; see
         lmforge.engine.tensor_parallel): a script doing so must guard its top level with
-        `if __name__ == "__main__":`, as any program that spawns processes; `shutdown()` stops them."""
+        `if __name__ == "__main__":`, as any program that spawns processes; `shutdown()` stops them. In a
+        torchrun job of N processes, rank 0 builds the LLM and the other ranks call
+        `lmforge.engine.run_tensor_parallel_worker()` instead of starting any."""
         config = EngineConfig(**engine_options)
         if tensor_parallel_size != 1:
             self.engine = start_tensor_parallel_engine(model, tensor_parallel_size, tokenizer, config, dtype,

@@ -4,7 +4,14 @@ import datetime
 
 import pytest
 
-from lmforge.align.tasks import date_in_words, date_rows, date_splits, exact_match, ordinal, year_words
+from lmforge.align.tasks import (
+    date_in_words,
+    date_rows,
+    date_splits,
+    exact_match,
+    ordinal,
+    year_words,
+)
 
 
 @pytest.mark.parametrize("year,words", [(1984, "nineteen eighty-four"), (1905, "nineteen oh five"),
@@ -51,17 +58,24 @@ def test_format_preferences_choose_the_bare_iso_date():
         assert row["rejected"] != row["chosen"] and len(row["rejected"]) > len(row["chosen"])
 
 
-def test_near_miss_preferences_reject_another_valid_date_one_field_away():
+def test_near_miss_preferences_reject_a_date_one_field_away_or_the_date_malformed():
     import datetime
 
-    from lmforge.align.tasks import date_preferences
+    from lmforge.align.tasks import _is_iso_date, date_preferences
 
-    rows = date_preferences(200, seed=3, near_misses=0.5)
+    rows = date_preferences(300, seed=3, near_misses=0.5)
     near = [row for row in rows if row["rejected"][:1].isdigit()]
-    assert 70 < len(near) < 130  # about half
+    assert 110 < len(near) < 190  # about half
+    malformed = [row for row in near if not _is_iso_date(row["rejected"])]
+    assert 0.1 < len(malformed) / len(near) < 0.4  # about a quarter
     for row in near:
-        chosen, rejected = (datetime.date.fromisoformat(row[key]) for key in ("chosen", "rejected"))
+        chosen = datetime.date.fromisoformat(row["chosen"])
+        if row in malformed:  # the right date, badly written
+            y, m, d = row["chosen"].split("-")
+            assert row["rejected"] in {f"{y}-{int(m)}-{d}", f"{y}-{m}-{int(d)}", f"{y[:3]}-{m}-{d}", f"{y}{m}{d}"}
+            continue
+        rejected = datetime.date.fromisoformat(row["rejected"])
         differing = [f for f in ("year", "month", "day") if getattr(chosen, f) != getattr(rejected, f)]
         swapped = (rejected.month, rejected.day) == (chosen.day, chosen.month)
         assert rejected != chosen and (len(differing) == 1 or swapped), (row["chosen"], row["rejected"])
-    assert [row["chosen"] for row in rows] == [row["chosen"] for row in date_preferences(200, seed=3)]
+    assert [row["chosen"] for row in rows] == [row["chosen"] for row in date_preferences(300, seed=3)]

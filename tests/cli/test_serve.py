@@ -21,12 +21,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(*flags: str) -> tuple[subprocess.Popen, str, list[int]]:
-    """`lmforge serve FLAGS` on a free port; returns once /health says 200 (with every status seen)."""
+LMFORGE = (sys.executable, "-m", "lmforge.cli")
+
+
+def start_server(*flags: str, launcher: tuple[str, ...] = LMFORGE) -> tuple[subprocess.Popen, str, list[int]]:
+    """`lmforge serve FLAGS` on a free port (run by `launcher`); returns once /health says 200 (with every
+    status seen)."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", "--port", str(port),
-                                "--kv-cache-tokens", "2048", "--max-model-len", "512", *flags],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([*launcher, "serve", "--port", str(port), "--kv-cache-tokens", "2048",
+                                "--max-model-len", "512", *flags],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"} if launcher != LMFORGE else None)
     url, statuses = f"http://127.0.0.1:{port}", []
     deadline = time.time() + 120
     while time.time() < deadline and (not statuses or statuses[-1] != 200) and process.poll() is None:
@@ -161,3 +166,48 @@ def test_a_tensor_parallel_server_answers_and_fails_fast_when_a_worker_dies():
     while any(is_running(pid) for pid in workers) and time.time() < deadline:
         time.sleep(0.1)
     assert not any(is_running(pid) for pid in workers)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+    return found
+
+
+def test_serve_under_torchrun_answers_from_rank_0_and_the_job_ends_together(tiny_chat_model):
+    """Two torchrun processes split the model: rank 0 serves HTTP, rank 1 is its worker; stopping the job
+    (SIGTERM to torchrun, which passes it on) stops both."""
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "lmforge.cli")
+    process, url, statuses = start_server("--model", str(tiny_chat_model), "--tensor-parallel-size", "2",
+                                          "--embedding-model", "none", "--dtype", "float32", launcher=torchrun)
+    try:
+        assert statuses and statuses[-1] == 200, process.communicate(timeout=30)[1][-3000:]
+        ranks = children(process.pid)
+        assert len(ranks) == 2
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "temperature": 0}
+        answer = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 5
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert "/lmforge/" not in stderr, stderr[-3000:]  # no lmforge frame in a traceback (torchrun prints its own)
+    deadline = time.time() + 10
+    while any(is_running(pid) for pid in ranks) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(is_running(pid) for pid in ranks)
+
+
+def test_serve_under_torchrun_needs_the_jobs_size_as_the_split(tiny_chat_model):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "lmforge.cli", "serve", "--model", str(tiny_chat_model), "--embedding-model", "none"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert finished.returncode != 0
+    assert "torchrun started 2 processes; pass --tensor-parallel-size 2" in finished.stderr

@@ -9,8 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from lmforge.distributed import destroy_distributed
-from lmforge.distributed import gather_objects
+from lmforge.distributed import destroy_distributed, gather_objects
 from tests.distributed.setup import WORLD, run, run_mlm
 
 

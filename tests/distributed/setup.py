@@ -2,11 +2,16 @@
 
 import torch
 
-from lmforge.config import LlamaConfig
-from lmforge.models.llama import LlamaForCausalLM
+from lmforge.config import BertConfig, LlamaConfig
 from lmforge.models.bert import BertForMaskedLM
-from lmforge.config import BertConfig
-from lmforge.train import MLMCollator, PaddingCollator, Trainer, TrainerCallback, TrainingArguments
+from lmforge.models.llama import LlamaForCausalLM
+from lmforge.train import (
+    MLMCollator,
+    PaddingCollator,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 WORLD = 2
 TINY = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

@@ -1,7 +1,8 @@
 """Run by torchrun in tests/distributed/test_tensor_parallel.py; rank 0 writes what it measured as JSON:
 each parallel layer against its one-process counterpart, and tiny random models (Llama with split
 and with replicated key/value heads, GPT-2) sharded over the processes against themselves whole:
-logits, and greedy tokens through lmforge.generate.
+logits, and greedy tokens through lmforge.generate; and the serving engine with the job's ranks as its
+tensor-parallel workers (rank 0 runs LLM(..., tensor_parallel_size=2), rank 1 run_tensor_parallel_worker()).
 
 Usage: torchrun --nproc_per_node 2 -m tests.distributed.tensor_parallel_worker OUTPUT_DIR
 """
@@ -16,11 +17,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge import SamplingParams, generate
+from lmforge import LLM, SamplingParams, generate
 from lmforge.config import GPT2Config, LlamaConfig
 from lmforge.distributed import destroy_distributed, init_distributed
-from lmforge.distributed.parallel_layers import RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
+from lmforge.distributed.parallel_layers import (
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    VocabParallelHead,
+)
 from lmforge.distributed.tensor_parallel import shard_model
+from lmforge.engine import run_tensor_parallel_worker
 from lmforge.models.gpt2 import GPT2LMHeadModel
 from lmforge.models.llama import LlamaForCausalLM
 from tests.parity import id_tokenizer
@@ -86,12 +92,29 @@ def tiny_model_results(kind: str, rank: int, world: int) -> dict:
             "kv_heads": shard.decoder_attention_layers()[0].num_kv_heads}
 
 
+def engine_results(context, folder: Path) -> dict | None:
+    """Rank 0: greedy tokens of the engine alone and split over the job's ranks (no process spawned)."""
+    if context.rank != 0:
+        run_tensor_parallel_worker()  # until rank 0 shuts its engine down
+        return None
+    torch.manual_seed(2)
+    randomized(LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))).save_pretrained(folder)
+    engine = {"dtype": torch.float32, "kv_cache_tokens": 256, "block_size": 4, "max_num_batched_tokens": 16}
+    tokens = lambda llm: [out.outputs[0].token_ids for out in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    alone = tokens(LLM(folder, id_tokenizer(64), **engine))
+    llm = LLM(folder, id_tokenizer(64), tensor_parallel_size=context.world_size, **engine)
+    split, spawned = tokens(llm), len(llm.engine.runner.workers.processes)
+    llm.shutdown()
+    return {"alone": alone, "split": split, "spawned": spawned}
+
+
 def main() -> None:
     output_dir = Path(sys.argv[1])
     context = init_distributed()
     rank, world = context.rank, context.world_size
     result = {"world": world, "layers": layer_differences(rank, world),
-              "models": {kind: tiny_model_results(kind, rank, world) for kind in ("llama-gqa", "llama-mqa", "gpt2")}}
+              "models": {kind: tiny_model_results(kind, rank, world) for kind in ("llama-gqa", "llama-mqa", "gpt2")},
+              "engine": engine_results(context, output_dir / "tiny-llama")}
     if context.is_main:
         (output_dir / "result.json").write_text(json.dumps(result))
     destroy_distributed()

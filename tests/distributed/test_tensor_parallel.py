@@ -21,7 +21,11 @@ from torch import nn
 from lmforge.config import GPT2Config, LlamaConfig
 from lmforge.distributed.process_group import free_port
 from lmforge.distributed.sharded_loading import load_tensor_parallel
-from lmforge.distributed.tensor_parallel import TensorParallelPlan, check_devices, shard_model
+from lmforge.distributed.tensor_parallel import (
+    TensorParallelPlan,
+    check_devices,
+    shard_model,
+)
 from lmforge.errors import ConfigError, UnsupportedError, ValidationError
 from lmforge.models.gpt2 import GPT2LMHeadModel
 from lmforge.models.llama import LlamaForCausalLM
@@ -43,6 +47,12 @@ def two_processes(tmp_path_factory):
     finished = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-4000:]
     return json.loads((folder / "result.json").read_text())
+
+
+def test_the_engine_under_torchrun_runs_on_the_jobs_ranks_with_the_same_greedy_tokens(two_processes):
+    engine = two_processes["engine"]
+    assert engine["spawned"] == 0  # rank 1 of the job is the worker; nothing was started
+    assert engine["split"] == engine["alone"] and len(engine["alone"][0]) == 12
 
 
 def test_parallel_layers_equal_their_one_process_counterparts(two_processes):
