@@ -11,7 +11,8 @@ greedily, and sampled 4 times each as in training, before and after. Each method
   reference (LoRA switched off).
 - ppo: first a LoRA reward model trained with RewardTrainer on dates preference pairs where the chosen
   answer is the right ISO date and the rejected one is either chatty or a near miss (a valid date one
-  field away), so the scorer must read the date, not only the answer's shape; then PPO against it (value
+  field away, or the right date malformed), so the scorer must read the date and check its shape, not
+  only the answer's look; then PPO against it (value
   head, GAE, KL β 0.05). Reported are its held-out pairwise accuracy (all pairs, and near misses alone),
   and the mean reward-model score of the greedy answers beside their dates reward.
 Writes the table to docs/benchmarks.md (section "rl"); --quick runs tiny settings as a smoke test and only
@@ -182,7 +183,8 @@ def write_report(results: dict[str, dict], args) -> None:
     reward_text = "" if ppo is None else (
         f" The reward model (LoRA r=8 + score head, {args.reward_steps} steps of 8 pairs, lr {args.reward_lr:g}, "
         f"{ppo['reward_model_seconds'] / 60:.1f} min) learns from pairs whose rejected answer is chatty or, in "
-        f"{NEAR_MISSES:.0%} of them, a valid date one field away; held-out pairwise accuracy "
+        f"{NEAR_MISSES:.0%} of them, a near miss (a valid date one field away, or the right date malformed: a "
+        f"field unpadded, a digit dropped); held-out pairwise accuracy "
         f"{ppo['pairwise_accuracy']:.0%} ({ppo['near_miss_accuracy']:.0%} on the near misses alone).")
     write_section("rl", f"""
 ## Online RL: GRPO and PPO on the dates task (`benchmarks/rl.py`)

@@ -32,6 +32,9 @@ from lmforge.cli.sft import (
 
 LEARNING_RATES = {"full": 1e-6, "lora": 2e-4, "qlora": 2e-4}
 DATES_REWARD = "lmforge.align.tasks:iso_date_reward"
+# No LoRA dropout by default: RL compares the probabilities answers were sampled with (dropout off)
+# to those of the training forward pass, which dropout would make noisy.
+RL_LORA_DROPOUT = 0.0
 RECORD = "grpo.json"
 
 EXAMPLES = f"""examples:
@@ -64,7 +67,7 @@ def add_parser(subparsers) -> None:
                                    "better ones", description=__doc__, epilog=EXAMPLES,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_alignment_arguments(parser, ".json or .jsonl prompt rows (default: the dates task's prompts, 200 rows)",
-                            LEARNING_RATES)
+                            LEARNING_RATES, lora_dropout=RL_LORA_DROPOUT)
     rollouts = add_rollout_arguments(parser, beta=0.04)
     rollouts.add_argument("--num-generations", type=int, default=4, metavar="G",
                           help="answers sampled per prompt, compared with each other (default: 4)")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 from lmforge.cli.common import note
-from lmforge.cli.grpo import add_rollout_arguments, load_prompts
+from lmforge.cli.grpo import RL_LORA_DROPOUT, add_rollout_arguments, load_prompts
 from lmforge.cli.sft import (
     add_alignment_arguments,
     publish,
@@ -42,7 +42,7 @@ def add_parser(subparsers) -> None:
                                    "losses)", description=__doc__, epilog=EXAMPLES,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_alignment_arguments(parser, ".json or .jsonl prompt rows (default: the dates task's prompts, 200 rows)",
-                            LEARNING_RATES)
+                            LEARNING_RATES, lora_dropout=RL_LORA_DROPOUT)
     rollouts = add_rollout_arguments(parser, beta=0.05)
     rollouts.add_argument("--ppo-epochs", type=int, default=4, metavar="N",
                           help="passes over each rollout, one update each (default: 4)")

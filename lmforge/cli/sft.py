@@ -56,9 +56,9 @@ def _validation(text: str) -> float | int:
 
 
 def add_alignment_arguments(parser: argparse.ArgumentParser, data_help: str,
-                            learning_rates: dict[str, float]) -> None:
-    """The options the alignment commands share: model, method (those `learning_rates` names), data, LoRA,
-    training, output."""
+                            learning_rates: dict[str, float], lora_dropout: float = 0.05) -> None:
+    """The options the alignment commands share: model, method (those `learning_rates` names), data, LoRA
+    (dropout `lora_dropout` by default), training, output."""
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                         help=f"embedded short name, HF model folder or .gguf file (default: {DEFAULT_MODEL})")
     parser.add_argument("--method", required=True, choices=tuple(learning_rates),
@@ -74,8 +74,8 @@ def add_alignment_arguments(parser: argparse.ArgumentParser, data_help: str,
     lora = parser.add_argument_group("lora / qlora")
     lora.add_argument("--lora-r", type=int, default=8, metavar="R", help="rank of the updates (default: 8)")
     lora.add_argument("--lora-alpha", type=float, default=16.0, metavar="A", help="scaling alpha/r (default: 16)")
-    lora.add_argument("--lora-dropout", type=float, default=0.05, metavar="P", help="dropout before A (default: "
-                                                                                    "0.05)")
+    lora.add_argument("--lora-dropout", type=float, default=lora_dropout, metavar="P",
+                      help=f"dropout before A (default: {lora_dropout:g})")
     lora.add_argument("--target-modules", default="all-linear", metavar="NAMES",
                       help="comma-separated layer names (e.g. q_proj,v_proj) or all-linear (default)")
     lora.add_argument("--merge", action="store_true", help="write a full model with the updates folded in, "

@@ -60,3 +60,14 @@ def test_a_row_without_a_prompt_and_a_reward_that_does_not_import(tiny_chat_mode
     error = capsys.readouterr().err
     assert "cannot import module 'no_such_rewards'" in error and "PYTHONPATH" in error
     assert not (tmp_path / "y").exists()
+
+
+def test_rl_commands_default_to_no_lora_dropout_while_sft_keeps_it():
+    """RL compares sampling-time probabilities (dropout off) with the training forward's: no dropout there."""
+    from lmforge.cli import build_parser
+
+    parser = build_parser()
+    needs = {"ppo": ["--reward-model", "rm"]}
+    dropout = {command: parser.parse_args([command, "--method", "lora", "--out", "x", *needs.get(command, [])])
+               .lora_dropout for command in ("grpo", "ppo", "sft", "dpo")}
+    assert dropout == {"grpo": 0.0, "ppo": 0.0, "sft": 0.05, "dpo": 0.05}
