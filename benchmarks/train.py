@@ -4,10 +4,12 @@ Both train the same ~10M-parameter Llama-style decoder (vocabulary 16384, 8 laye
 heads, tied embeddings) from the same initial weights on the same random token blocks of --seq-len
 tokens, batch --batch, AdamW (lr 3e-4, weight decay 0.01, linear schedule), gradient clipping at 1.0,
 float32, for --steps optimizer steps; the first --warmup steps are not timed. Each system runs in its
-own process, so the peak RSS is its own. Reported: training tokens/s (median over the timed steps),
-peak RSS, and the losses of the first and last step (the two must agree: same weights, same data).
+own process, so the peak RSS is its own; the systems take turns --repeats times, so that a slow spell
+of a shared machine does not land on one of them only. Reported: training tokens/s (median over the
+timed steps, then over the repeats), peak RSS, and the losses of the first and last step (the two must
+agree: same weights, same data).
 Writes the table to docs/benchmarks.md (section "train").
-Usage: python -m benchmarks.train [--steps 12] [--warmup 2] [--batch 8] [--seq-len 256]
+Usage: python -m benchmarks.train [--steps 12] [--warmup 2] [--batch 8] [--seq-len 256] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -123,8 +125,19 @@ def measure(system: str, args) -> dict:
     return step_result(clock, args.warmup, args.batch * args.seq_len)
 
 
+def interleaved(module: str, systems: tuple[str, ...], argv: list[str], repeats: int) -> dict[str, dict]:
+    """`run_each` `repeats` times in turn; each system's first result with the median tokens/s of all."""
+    runs = [run_each(module, systems, argv) for _ in range(repeats)]
+    results = {}
+    for system in systems:
+        speeds = [run[system]["tokens_per_second"] for run in runs]
+        results[system] = {**runs[0][system], "tokens_per_second": statistics.median(speeds), "runs": speeds}
+    return results
+
+
 def write_report(results: dict[str, dict], args) -> None:
     table = speed_table(results, args.steps)
+    runs = "; ".join(f"{name} " + ", ".join(f"{speed:.0f}" for speed in r["runs"]) for name, r in results.items())
     from lmforge.config import LlamaConfig
     from lmforge.models.llama import LlamaForCausalLM
 
@@ -135,7 +148,8 @@ def write_report(results: dict[str, dict], args) -> None:
 {machine_line()}. A {parameters / 1e6:.1f}M-parameter Llama-style decoder trained from the same initial
 weights on the same random blocks: batch {args.batch} × {args.seq_len} tokens, AdamW lr {LEARNING_RATE}, linear
 schedule, clipping 1.0, float32, {args.steps} steps of which the first {args.warmup} are not timed; each system
-in its own process. Tokens/s is the median over timed steps.
+in its own process, the two taking turns {args.repeats} times. Tokens/s is the median over timed steps, then
+over the {args.repeats} runs (each run's: {runs}).
 
 {table}
 """)
@@ -147,6 +161,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps")
     parser.add_argument("--batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each system, taking turns")
     parser.add_argument("--only", choices=SYSTEMS, help=argparse.SUPPRESS)  # run one system in this process
     args = parser.parse_args()
     if args.steps <= args.warmup:
@@ -155,7 +170,7 @@ def main() -> None:
         print(json.dumps(measure(args.only, args)))
         return
     argv = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--batch={args.batch}", f"--seq-len={args.seq_len}"]
-    write_report(run_each("benchmarks.train", SYSTEMS, argv), args)
+    write_report(interleaved("benchmarks.train", SYSTEMS, argv, args.repeats), args)
 
 
 if __name__ == "__main__":

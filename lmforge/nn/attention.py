@@ -90,12 +90,18 @@ class Attention(FusedProjections, nn.Module):
     def _self_queries_keys_values(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None):
         """q [B, H, T, d], k and v [B, H_kv, T, d] for self-attention, q and k rotated.
 
-        q, k and v are computed side by side (one matmul when fused) and q and k are rotated
-        together: the fewest operations per decoded token.
+        Fused (inference), q, k and v come side by side from one matmul and q and k are rotated
+        together: the fewest operations per decoded token. Unfused (training), each has its own
+        matmul, so no copy joins them forward or splits their gradients backward.
         """
         qkv = self.fused_output("qkv", x)
         if qkv is None:
-            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+            q = self._split_heads(self.q_proj(x), self.num_heads)
+            k = self._split_heads(self.k_proj(x), self.num_kv_heads)
+            v = self._split_heads(self.v_proj(x), self.num_kv_heads)
+            if rotary is not None:
+                q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            return q, k, v
         batch, length, _ = qkv.shape
         heads = self.num_heads + self.num_kv_heads  # query heads, then key heads
         qkv = qkv.view(batch, length, heads + self.num_kv_heads, self.head_dim).transpose(1, 2)

@@ -18,15 +18,12 @@ LOSS_TASKS = ("causal-lm", "masked-lm", "sequence-classification", "token-classi
 
 
 def targets(task: str, labels: torch.Tensor) -> torch.Tensor:
-    """The labels the loss compares with, aligned with `aligned_logits` (causal LM: shifted left by one)."""
+    """The labels the loss compares with each position's logits. Causal LM: position t predicts token t+1,
+    so the labels move left by one and the last position gets none (-100). Shifting the labels rather
+    than slicing the logits keeps the large logits tensor whole: no copy of it forward, none backward."""
     if task not in LOSS_TASKS:
         raise ValidationError(f"task must be one of {', '.join(LOSS_TASKS)} to compute a loss; got {task!r}.")
-    return labels[:, 1:] if task == "causal-lm" else labels
-
-
-def aligned_logits(task: str, logits: torch.Tensor) -> torch.Tensor:
-    """Causal LM: position t predicts token t+1, so the last position has no target."""
-    return logits[:, :-1] if task == "causal-lm" else logits
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX) if task == "causal-lm" else labels
 
 
 def count_targets(task: str, labels: torch.Tensor) -> int:
@@ -36,7 +33,6 @@ def count_targets(task: str, labels: torch.Tensor) -> int:
 
 def loss_sum(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy over the non-ignored targets (bf16/fp16 logits are upcast to float32 first)."""
-    logits = aligned_logits(task, logits)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets(task, labels).reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")

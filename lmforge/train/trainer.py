@@ -53,7 +53,6 @@ from lmforge.train.checkpoint import (
 from lmforge.train.collate import IGNORE_INDEX
 from lmforge.train.metrics import (
     LOSS_TASKS,
-    aligned_logits,
     classification_metrics,
     count_targets,
     loss_sum,
@@ -509,7 +508,7 @@ class Trainer:
             total_loss += loss_sum(self.task, logits, target).item()
             total_count += count_targets(self.task, target)
             if self.task.endswith("classification"):
-                predictions.append(aligned_logits(self.task, logits).argmax(-1).flatten().cpu())
+                predictions.append(logits.argmax(-1).flatten().cpu())
                 labels.append(target.flatten().cpu())
         self.model.train()
         loss = all_reduce_sum(total_loss, self.context) / max(all_reduce_sum(total_count, self.context), 1)
