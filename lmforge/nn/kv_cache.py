@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from lmforge.errors import InputError
-from lmforge.nn.masks import build_attention_mask
+from lmforge.nn.masks import causal_self_attention_mask
 
 
 class KVCache:
@@ -54,8 +54,7 @@ class KVCache:
 
         `padding_mask` [B, length + query_length] covers the cached positions too.
         """
-        return build_attention_mask(padding_mask, query_length, self.length + query_length, causal=True,
-                                    dtype=dtype, device=device)
+        return causal_self_attention_mask(padding_mask, query_length, self.length + query_length, dtype, device)
 
     def attend(self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                mask: torch.Tensor | None, kernel, scale: float) -> torch.Tensor:

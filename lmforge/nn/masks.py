@@ -9,11 +9,30 @@ value, so a query that may see nothing gets a uniform row instead of NaN.
 A third reason serves packing, several short examples laid end to end in one row:
 a token must not see another example. The padding mask then numbers the examples
 (1, 1, 1, 2, 2, 3, 3, 3, 0 for padding) and a query sees only keys of its own number.
+
+The most common mask of all — a decoder reading one unpadded sequence (training blocks, a
+prompt's prefill) — hides only the future. Decoders then pass `CAUSAL` instead of a tensor:
+kernels that skip the future by themselves (SDPA's `is_causal`, the flash kernel's key tiles)
+do about half the work of reading a [T, T] mask; the others build it.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+class CausalMask:
+    """Stands for the plain causal mask of a self-attention whose queries are its keys (nothing padded)."""
+
+    def as_tensor(self, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The additive [1, 1, length, length] mask it stands for."""
+        return build_attention_mask(None, length, length, causal=True, dtype=dtype, device=device)
+
+    def __repr__(self) -> str:
+        return "CAUSAL"
+
+
+CAUSAL = CausalMask()
 
 
 def build_attention_mask(
@@ -48,10 +67,19 @@ def build_attention_mask(
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def causal_self_attention_mask(padding_mask: torch.Tensor | None, query_length: int, key_length: int,
+                               dtype: torch.dtype, device: torch.device) -> torch.Tensor | CausalMask | None:
+    """A decoder's self-attention mask: `CAUSAL` when the queries are all the keys and nothing is padded
+    or packed, else the additive tensor of `build_attention_mask`."""
+    if query_length == key_length > 1 and (padding_mask is None or bool((padding_mask == 1).all())):
+        return CAUSAL
+    return build_attention_mask(padding_mask, query_length, key_length, causal=True, dtype=dtype, device=device)
+
+
 def decoder_self_attention_mask(padding_mask: torch.Tensor | None, query_length: int, kv_cache,
-                                dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+                                dtype: torch.dtype, device: torch.device) -> torch.Tensor | CausalMask | None:
     """The causal self-attention mask of a decoder step; with a KV cache the cache builds it, since
     only the cache knows which past positions (contiguous or paged) the new ones may see."""
     if kv_cache is not None:
         return kv_cache.attention_mask(padding_mask, query_length, dtype, device)
-    return build_attention_mask(padding_mask, query_length, query_length, causal=True, dtype=dtype, device=device)
+    return causal_self_attention_mask(padding_mask, query_length, query_length, dtype, device)

@@ -18,8 +18,13 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.errors import InputError, KVCacheError
-from lmforge.nn.kernels.paged import context_mask, context_slots, gather_from_cache, slots
-from lmforge.nn.masks import build_attention_mask
+from lmforge.nn.kernels.paged import (
+    context_mask,
+    context_slots,
+    gather_from_cache,
+    slots,
+)
+from lmforge.nn.masks import CausalMask, causal_self_attention_mask
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class _Chunk:
     first: int
     length: int
     context: torch.Tensor | None  # slot ids [1, start + length]
-    mask: torch.Tensor
+    mask: torch.Tensor | CausalMask
 
 
 @dataclass
@@ -128,7 +133,7 @@ class PagedKVCache:
         for span in spans[num_decodes:]:
             end = span.start + span.length
             if span.start == 0:  # a fresh prompt (chunk): it only sees itself
-                mask = build_attention_mask(None, span.length, span.length, True, self.keys[0].dtype, self.device)
+                mask = causal_self_attention_mask(None, span.length, span.length, self.keys[0].dtype, self.device)
                 chunks.append(_Chunk(first, span.length, None, mask))
             else:
                 context = context_slots(self._tables([span]), bs, end)

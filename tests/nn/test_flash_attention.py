@@ -137,3 +137,27 @@ def test_whole_model_logits_match_with_flash():
         assert get_attention_kernel("flash") is flash_attention
         got = ours(ids, attention_mask=mask).logits
     assert max_abs_diff(got, expected) <= 1e-5
+
+
+def test_the_causal_marker_equals_its_mask_in_every_kernel_and_stands_only_for_plain_causal_attention():
+    """Decoders pass CAUSAL for an unpadded sequence attending over itself; SDPA then skips the future with
+    is_causal, flash with its key tiles, eager builds the tensor: all three equal the explicit mask."""
+    from lmforge.nn.kernels import ATTENTION_KERNELS
+    from lmforge.nn.masks import CAUSAL, causal_self_attention_mask
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 13, 8), torch.randn(2, 2, 13, 8), torch.randn(2, 2, 13, 8)
+    explicit = build_attention_mask(None, 13, 13, causal=True, dtype=torch.float32, device=CPU)
+    for name, kernel in ATTENTION_KERNELS.items():
+        torch.testing.assert_close(kernel(q, k, v, CAUSAL, 0.35), kernel(q, k, v, explicit, 0.35), msg=name)
+    assert causal_self_attention_mask(None, 13, 13, torch.float32, CPU) is CAUSAL
+    assert causal_self_attention_mask(torch.ones(2, 13), 13, 13, torch.float32, CPU) is CAUSAL
+    padded = torch.ones(2, 13, dtype=torch.long)
+    padded[0, 0] = 0
+    packed = torch.tensor([[1] * 6 + [2] * 7] * 2)
+    for padding_mask, queries in ((padded, 13), (packed, 13), (None, 5)):
+        mask = causal_self_attention_mask(padding_mask, queries, 13, torch.float32, CPU)
+        assert isinstance(mask, torch.Tensor)
+        torch.testing.assert_close(mask, build_attention_mask(padding_mask, queries, 13, causal=True,
+                                                              dtype=torch.float32, device=CPU))
+    assert causal_self_attention_mask(None, 1, 1, torch.float32, CPU) is None  # one token sees itself

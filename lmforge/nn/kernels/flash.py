@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import InputError
+from lmforge.nn.masks import CAUSAL
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -24,7 +25,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     broadcastable to [B, 1, Tq, Tk]. `causal=True` hides future keys without a mask
     tensor (queries are the last Tq positions, as with a KV cache) and skips key
     tiles that lie wholly in a query tile's future. Peak extra memory is
-    O(B * H * block_size^2), independent of the sequence length.
+    O(B * H * block_size^2), independent of the sequence length. `mask` may be `CAUSAL`, which
+    means causal=True.
 
     For one query row and key tile j with scores s_j (already scaled and masked):
 
@@ -37,6 +39,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     and the output is acc / l once every tile has been seen. Subtracting the
     running maximum keeps every exp() <= 1, exactly as a stable softmax does.
     """
+    if mask is CAUSAL:
+        mask, causal = None, True
     batch, heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     if heads % kv_heads:
