@@ -284,12 +284,7 @@ def start_tensor_parallel_engine(ref: str | Path, size: int, tokenizer=None, con
     model = load_tensor_parallel(ref, 0, size, dtype=dtype, device=device)
     if device_type == "cpu":  # the processes share this machine's memory: together they take the fraction
         config = dataclasses.replace(config, kv_cache_memory_fraction=config.kv_cache_memory_fraction / size)
-    workers = TensorParallelWorkers.spawn(ref, size, dtype, device_type)
-    try:
-        return LLMEngine(model, tokenizer, config, workers)
-    except BaseException:
-        workers.shutdown()
-        raise
+    return _engine(model, tokenizer, config, TensorParallelWorkers.spawn(ref, size, dtype, device_type))
 
 
 def _start_launched(ref: str | Path, tokenizer, config: EngineConfig, dtype: str | torch.dtype) -> LLMEngine:
@@ -308,7 +303,11 @@ def _start_launched(ref: str | Path, tokenizer, config: EngineConfig, dtype: str
     if context.device.type == "cpu":  # this machine's processes share its memory
         share = config.kv_cache_memory_fraction / launched_local_world_size()
         config = dataclasses.replace(config, kv_cache_memory_fraction=share)
-    workers = TensorParallelWorkers.launched(ref, dtype, context, group)
+    return _engine(model, tokenizer, config, TensorParallelWorkers.launched(ref, dtype, context, group))
+
+
+def _engine(model, tokenizer, config: EngineConfig, workers: TensorParallelWorkers) -> LLMEngine:
+    """The engine over rank 0's shard; the workers stop if it cannot start."""
     try:
         return LLMEngine(model, tokenizer, config, workers)
     except BaseException:

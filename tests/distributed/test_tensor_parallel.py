@@ -96,18 +96,26 @@ def tiny_llama(**overrides) -> LlamaForCausalLM:
     return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides})).eval()
 
 
-@pytest.mark.parametrize("rank", [0, 1])
-def test_sharded_safetensors_loading_equals_sharding_the_loaded_model(tmp_path, rank):
+def assert_read_shards_equal_sharding(path: Path, whole: nn.Module) -> list[nn.Module]:
+    """Each rank of 2 read slice by slice from `path` holds exactly what sharding the whole model gives it."""
+    shards = []
+    for rank in (0, 1):
+        loaded = load_tensor_parallel(path, rank=rank, world_size=2)
+        sharded = copy.deepcopy(whole)
+        shard_model(sharded, rank, 2)
+        assert loaded.state_dict().keys() == sharded.state_dict().keys()
+        for name, tensor in sharded.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], tensor), name
+        shards.append(loaded)
+    return shards
+
+
+def test_sharded_safetensors_loading_equals_sharding_the_loaded_model(tmp_path):
     model = tiny_llama(tie_word_embeddings=True)
     model.save_pretrained(tmp_path)
-    loaded = load_tensor_parallel(tmp_path, rank=rank, world_size=2)
-    sharded = copy.deepcopy(model)
-    shard_model(sharded, rank, 2)
-    assert loaded.state_dict().keys() == sharded.state_dict().keys()
-    for name, tensor in sharded.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], tensor), name
-    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
-    assert loaded.model.embed_tokens.weight.shape == (32, 32)
+    for loaded in assert_read_shards_equal_sharding(tmp_path, model):
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+        assert loaded.model.embed_tokens.weight.shape == (32, 32)
 
 
 @pytest.mark.parametrize("bare_backbone", [False, True])
@@ -122,13 +130,7 @@ def test_gpt2_shards_are_read_as_slices_of_the_fused_transposed_c_attn(tmp_path,
         save_file({name.removeprefix("transformer."): tensor for name, tensor in state.items()},
                   tmp_path / "model.safetensors")
     monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", None)  # the whole model is never loaded
-    for rank in (0, 1):
-        loaded = load_tensor_parallel(tmp_path, rank=rank, world_size=2)
-        sharded = copy.deepcopy(model)
-        shard_model(sharded, rank, 2)
-        assert loaded.state_dict().keys() == sharded.state_dict().keys()
-        for name, tensor in sharded.state_dict().items():
-            assert torch.equal(loaded.state_dict()[name], tensor), name
+    for loaded in assert_read_shards_equal_sharding(tmp_path, model):
         assert loaded.model.layers[1].self_attn.k_proj.weight.shape == (16, 32)
 
 
@@ -144,13 +146,7 @@ def test_gpt2_gguf_shards_are_row_ranges_of_attn_qkv(tmp_path, monkeypatch):
     path = tiny_gpt2_gguf(tmp_path / "gpt2.gguf", hf_model)
     whole = GPT2LMHeadModel.from_pretrained(path)
     monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", None)  # the whole model is never loaded
-    for rank in (0, 1):
-        loaded = load_tensor_parallel(path, rank=rank, world_size=2)
-        sharded = copy.deepcopy(whole)
-        shard_model(sharded, rank, 2)
-        assert loaded.state_dict().keys() == sharded.state_dict().keys()
-        for name, tensor in sharded.state_dict().items():
-            assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert_read_shards_equal_sharding(path, whole)
 
 
 def test_key_value_heads_are_split_or_replicated_by_query_group():
