@@ -27,12 +27,13 @@ from lmforge.cli import (
     serve,
     sft,
     sweep,
+    tokens,
 )
 from lmforge.cli.option_files import apply_config_option
 from lmforge.errors import LMForgeError
 
 COMMANDS = (generate, chat, info, serve, evaluate, quantize, export, pretrain, sweep, finetune, sft, dpo,
-            reward_model, grpo, ppo)
+            reward_model, grpo, ppo, tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:
