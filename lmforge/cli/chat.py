@@ -2,7 +2,11 @@
 
 Each turn re-renders the whole history (system prompt, user and assistant messages)
 through the model's chat template and generates the assistant's next message: the model
-itself remembers nothing between turns, the prompt carries the conversation.
+itself remembers nothing between turns, the prompt carries the conversation. When it
+outgrows the context window, --context chooses what is sent: full (everything, until it no
+longer fits), truncate (the oldest exchanges dropped) or window (the last --window-turns
+exchanges, or at most --window-tokens tokens); the system prompt and the latest message always
+go, and /save keeps the whole conversation. --max-tokens is reserved for each answer.
 Lines starting with / are commands (/help lists them); Ctrl-C stops an answer, Ctrl-D leaves.
 """
 
@@ -22,6 +26,7 @@ from lmforge.cli.common import (
     sampling_params,
     write_answer,
 )
+from lmforge.context.strategies import STRATEGIES, ContextPolicy, select_context
 from lmforge.errors import InputError, LMForgeError, UnsupportedError
 from lmforge.generation.chat import ChatHistory
 from lmforge.generation.sampling_params import SamplingParams
@@ -30,6 +35,7 @@ EXAMPLES = """examples:
   lmforge chat
   lmforge chat --system "Answer in one sentence." --temperature 0.3 --max-tokens 100
   printf 'Hi!\\n/save chat.json\\n' | lmforge chat --temperature 0 > answers.txt
+  lmforge chat --context window --window-turns 4     # send only the last 4 exchanges
 """
 
 
@@ -40,6 +46,12 @@ def add_parser(subparsers) -> None:
     add_model_argument(parser)
     add_quantization_argument(parser)
     parser.add_argument("--system", metavar="TEXT", help="system prompt (change it later with /system)")
+    context = parser.add_argument_group("context (what is sent when the conversation outgrows the window)")
+    context.add_argument("--context", choices=STRATEGIES, default="full",
+                         help="full: everything; truncate: drop the oldest exchanges; window: the last ones "
+                              "(default: full)")
+    context.add_argument("--window-turns", type=int, metavar="N", help="window: the last N exchanges")
+    context.add_argument("--window-tokens", type=int, metavar="T", help="window/truncate: at most T prompt tokens")
     add_sampling_arguments(parser)
     parser.set_defaults(handler=handle)
 
@@ -110,6 +122,7 @@ def run_command(history: ChatHistory, line: str) -> bool:
 
 def handle(args: argparse.Namespace) -> int:
     params = sampling_params(args)  # bad values fail before the model loads
+    policy = ContextPolicy(args.context, args.window_turns, args.window_tokens, params.max_tokens or 0)
     model, tokenizer = load_generator(args.model, args.quantization, args.adapter)
     if not tokenizer.chat_template:
         raise UnsupportedError(f"{args.model} has no chat template, so it cannot hold a conversation; use a chat "
@@ -136,21 +149,23 @@ def handle(args: argparse.Namespace) -> int:
                 if not run_command(history, line):
                     return 0
             else:
-                answer_turn(model, tokenizer, history, line, params)
+                answer_turn(model, tokenizer, history, line, params, policy)
         except LMForgeError as exc:  # a bad command or a turn that cannot run: report it and keep chatting
             print(f"lmforge: error: {exc}", file=sys.stderr)
 
 
-def answer_turn(model, tokenizer, history: ChatHistory, message: str,
-                params: SamplingParams) -> None:
-    """Add the user's message, stream the assistant's answer and add it too (even when cut by Ctrl-C)."""
+def answer_turn(model, tokenizer, history: ChatHistory, message: str, params: SamplingParams,
+                policy: ContextPolicy | None = None) -> None:
+    """Add the user's message, stream the assistant's answer and add it too (even when cut by Ctrl-C).
+    The prompt is the part of the history `policy` selects (default: all of it)."""
     history.add_user(message)
+    policy = policy or ContextPolicy(reserve_output=params.max_tokens or 0)
     try:
-        prompt_ids = tokenizer.encode(history.to_prompt(tokenizer), add_special_tokens=False)
-        context = model.config.context_length
-        if len(prompt_ids) >= context:
-            raise InputError(f"the conversation is now {len(prompt_ids)} tokens, but the model's context window "
-                             f"is {context}; /save it if you want to keep it, then /reset to start over.")
+        selected = select_context(history, tokenizer, model.config.context_length, policy)
+        if selected.dropped_messages:
+            note(f"context: {selected.tokens} tokens sent, the {selected.dropped_messages} oldest message(s) left out "
+                 f"({policy.strategy})")
+        prompt_ids = tokenizer.encode(selected.history.to_prompt(tokenizer), add_special_tokens=False)
         answer = write_answer(model, tokenizer, prompt_ids, params, interruptible=True)
     except LMForgeError:
         history.messages.pop()  # the turn did not happen

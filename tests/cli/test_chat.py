@@ -89,3 +89,13 @@ def test_ctrl_c_at_the_prompt_leaves(loaded_smollm2, monkeypatch, capsys):
 def test_bad_options_end_the_chat_before_it_starts(capsys, argv, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_window_sends_only_the_last_exchanges_and_says_so(loaded_smollm2, monkeypatch, capsys, tmp_path):
+    lines = f"My name is Ada.\nWhat is 2+2?\nWhat is my name?\n/save {tmp_path / 'chat.json'}\n"
+    status, out, err = chat(monkeypatch, capsys, lines, "--context", "window", "--window-turns", "1")
+    assert status == 0 and len(out.splitlines()) == 3
+    assert err.count("context:") == 2 and "the 2 oldest message(s) left out (window)" in err
+    assert len(ChatHistory.load(tmp_path / "chat.json").messages) == 6  # the whole conversation is kept
+    status, _, err = chat(monkeypatch, capsys, "hi\n", "--context", "window")
+    assert status == 2 and "the window strategy needs max_turns" in err
