@@ -1,4 +1,6 @@
-"""`lmforge tokens count`: how many tokens a text, a file or a chat costs with a model's tokenizer.
+"""`lmforge tokens`: what text costs in tokens, and how to send less of it.
+
+`count`: how many tokens a text, a file or a chat costs with a model's tokenizer.
 
 A chat (a .json chat history: lmforge's, from `lmforge chat` /save, or an OpenAI-style list of
 messages) is rendered with the model's chat template, as the model receives it, and counted per
@@ -7,6 +9,10 @@ system prompt the template inserts). The assistant's cue closes the prompt. Any 
 given on the command line, or - (standard input) is counted as a raw prompt. --price-in and
 --price-out (per million tokens, as providers quote them) add a cost estimate; --output-tokens is
 the answer length the estimate assumes.
+
+`compact`: a .txt, .md, .json, .csv or .html file as compact text for a prompt (whitespace runs,
+markup, link targets, JSON indentation, CSV quoting dropped), on stdout or into --out, with the
+tokens before and after on stderr.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ EXAMPLES = """examples:
   lmforge tokens count chat.json                     # per message, template overhead included
   lmforge tokens count chat.json --price-in 0.15 --price-out 0.60 --output-tokens 200
   cat notes.txt | lmforge tokens count - --json
+  lmforge tokens compact page.html --out page.txt     # the visible text only
 """
 
 
@@ -43,6 +50,13 @@ def add_parser(subparsers) -> None:
                        help="answer length assumed by the cost estimate (default: 0)")
     count.add_argument("--json", action="store_true", help="print the counts as JSON")
     count.set_defaults(handler=run_count)
+    compact = commands.add_parser("compact", help="a file as compact text for a prompt, tokens before and after",
+                                  description=__doc__, epilog=EXAMPLES,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    compact.add_argument("file", help="a .txt, .md, .json, .csv or .html file")
+    add_model_argument(compact)
+    compact.add_argument("--out", metavar="FILE", help="write the compact text here instead of stdout")
+    compact.set_defaults(handler=run_compact)
 
 
 def _read_source(source: str):
@@ -102,3 +116,21 @@ def _print_chat(report: dict) -> None:
     print(f"{'':>3}  {'(cue)':<10} {'':>6} {report['generation_prompt_tokens']:>6} "
           f"{report['generation_prompt_tokens']:>9}")
     print(f"total: {report['total']} tokens ({report['content_tokens']} text, {report['template_tokens']} template)")
+
+
+def run_compact(args: argparse.Namespace) -> int:
+    from lmforge import AutoTokenizer
+    from lmforge.cli.common import note
+    from lmforge.context.converters import compact_file
+
+    result = compact_file(args.file, AutoTokenizer.from_pretrained(args.model))
+    if args.out:
+        try:
+            Path(args.out).write_text(result.text, encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"{args.out}: cannot write the compact text ({exc.strerror}); choose a writable "
+                             "path.") from exc
+    else:
+        sys.stdout.write(result.text)
+    note(f"{args.file}: {result.tokens_before} -> {result.tokens_after} tokens ({result.saved:.0%} fewer)")
+    return 0

@@ -51,3 +51,15 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         assert main(["tokens", "count", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("lmforge: error: ") and message in err and err.count("\n") == 1
+
+
+def test_compact_prints_the_compact_text_or_writes_it(tmp_path, capsys):
+    page = tmp_path / "page.html"
+    page.write_text("<html><head><script>track()</script></head><body><p>Hi &amp; bye</p></body></html>")
+    assert main(["tokens", "compact", str(page)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "Hi & bye\n" and "tokens (" in err and "fewer)" in err
+    assert main(["tokens", "compact", str(page), "--out", str(tmp_path / "page.txt")]) == 0
+    assert (tmp_path / "page.txt").read_text() == "Hi & bye\n" and capsys.readouterr().out == ""
+    assert main(["tokens", "compact", str(tmp_path / "slides.pptx")]) == 2
+    assert "no converter for '.pptx' files" in capsys.readouterr().err
