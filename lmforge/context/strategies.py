@@ -5,8 +5,8 @@ grows past it must lose something; each strategy decides what:
 
 - `full`: send everything, and fail clearly once it no longer fits;
 - `truncate`: drop the oldest exchanges (a user message and the replies to it) until it fits;
-- `window`: send only the last `max_turns` exchanges and/or at most `max_tokens` tokens of them
-  (then, like truncate, whatever still does not fit the budget).
+- `window`: send only the last `max_turns` exchanges and/or a prompt of at most `max_tokens` tokens
+  (then, like truncate, whatever still does not fit the budget). `max_tokens` also caps truncate.
 
 Every strategy keeps the system prompt and the latest user message; the full history stays with the
 caller (to save, or to choose again with another strategy). Counts are of the rendered chat, as
@@ -44,6 +44,10 @@ class ContextPolicy:
             raise ValidationError(f"ContextPolicy.reserve_output must be >= 0, got {self.reserve_output}.")
         if self.strategy == "window" and self.max_turns is None and self.max_tokens is None:
             raise ValidationError("the window strategy needs max_turns (last N exchanges) or max_tokens.")
+        if self.max_turns is not None and self.strategy != "window":
+            raise ValidationError(f"max_turns applies to the window strategy, not {self.strategy!r}.")
+        if self.max_tokens is not None and self.strategy == "full":
+            raise ValidationError("max_tokens caps what truncate or window send; full sends everything.")
 
     def budget(self, context_window: int) -> int:
         """Prompt tokens allowed with a `context_window`-token model."""

@@ -69,3 +69,7 @@ def test_a_budget_too_small_for_the_essentials_and_bad_policies_are_clear(smollm
         ContextPolicy("window")
     with pytest.raises(ValidationError, match="max_turns must be >= 1"):
         ContextPolicy("window", max_turns=0)
+    with pytest.raises(ValidationError, match="max_turns applies to the window strategy, not 'truncate'"):
+        ContextPolicy("truncate", max_turns=3)
+    with pytest.raises(ValidationError, match="full sends everything"):
+        ContextPolicy("full", max_tokens=100)
