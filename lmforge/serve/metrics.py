@@ -1,6 +1,8 @@
 """Prometheus metrics for `GET /metrics`: what an operator watches on a serving dashboard.
 
-Counters and histograms are updated as responses and requests finish; the engine's live state
+Counters and histograms are updated as responses and requests finish, and each finished request
+logs its usage (prompt and generated tokens, time to first token, duration) on the `lmforge.serve`
+logger, so a log shows the bill per request and /metrics the running totals; the engine's live state
 (queue length, running sequences, KV blocks, prefix-cache hit rate) is read from
 `AsyncLLMEngine.stats` at scrape time. Each app has its own registry, so several servers (or
 tests) in one process never mix their numbers.
@@ -8,6 +10,7 @@ tests) in one process never mix their numbers.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -15,6 +18,8 @@ from prometheus_client.core import GaugeMetricFamily
 
 from lmforge.engine.llm_engine import EngineStats
 from lmforge.generation.generate import RequestOutput
+
+logger = logging.getLogger("lmforge.serve")
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -92,8 +97,19 @@ class ServerMetrics:
                 self.prompt_tokens.inc(len(delta.prompt_token_ids))
                 self.generation_tokens.inc(generated)
                 metrics = delta.metrics
+                _log_usage(delta, generated)
                 if metrics is not None and metrics.time_to_first_token is not None:
                     self.time_to_first_token.observe(metrics.time_to_first_token)
                 if metrics is not None and metrics.time_per_output_token is not None:
                     self.inter_token_latency.observe(metrics.time_per_output_token)
             yield delta
+
+
+def _log_usage(output: RequestOutput, generated: int) -> None:
+    """One line per finished request: its tokens and timings."""
+    metrics = output.metrics
+    timing = ""
+    if metrics is not None and metrics.time_to_first_token is not None:
+        timing = f", first token after {metrics.time_to_first_token:.3f} s"
+    logger.info("request %s: %d prompt + %d generated tokens%s", output.request_id, len(output.prompt_token_ids),
+                generated, timing)

@@ -79,8 +79,12 @@ def test_embeddings_float_and_base64(server, client):
         client.embeddings.create(model="text-embedding-3-small", input="hi")
 
 
-def test_metrics_report_traffic_latency_and_the_kv_cache(server, client):
-    client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3)
+def test_metrics_report_traffic_latency_and_the_kv_cache(server, client, caplog):
+    with caplog.at_level("INFO", logger="lmforge.serve"):
+        reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3)
+    usage = reply.usage
+    assert any(f": {usage.prompt_tokens} prompt + {usage.completion_tokens} generated tokens, first token after "
+               in record.getMessage() for record in caplog.records)
     text = httpx.get(server.url + "/metrics").text
     assert 'lmforge_http_responses_total{route="/v1/chat/completions",status="200"}' in text
     for name in ("lmforge_time_to_first_token_seconds_count", "lmforge_inter_token_latency_seconds_count",
