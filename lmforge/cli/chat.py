@@ -4,8 +4,9 @@ Each turn re-renders the whole history (system prompt, user and assistant messag
 through the model's chat template and generates the assistant's next message: the model
 itself remembers nothing between turns, the prompt carries the conversation. When it
 outgrows the context window, --context chooses what is sent: full (everything, until it no
-longer fits), truncate (the oldest exchanges dropped) or window (the last --window-turns
-exchanges, or at most --window-tokens tokens); the system prompt and the latest message always
+longer fits), truncate (the oldest exchanges dropped), window (the last --window-turns
+exchanges, or at most --window-tokens tokens) or summarize (the model writes a running summary
+of the older exchanges, its tokens reported); the system prompt and the latest message always
 go, and /save keeps the whole conversation. --max-tokens is reserved for each answer.
 Lines starting with / are commands (/help lists them); Ctrl-C stops an answer, Ctrl-D leaves.
 """
@@ -26,7 +27,12 @@ from lmforge.cli.common import (
     sampling_params,
     write_answer,
 )
-from lmforge.context.strategies import STRATEGIES, ContextPolicy, select_context
+from lmforge.context.strategies import (
+    STRATEGIES,
+    ContextPolicy,
+    SelectedContext,
+    select_context,
+)
 from lmforge.errors import InputError, LMForgeError, UnsupportedError
 from lmforge.generation.chat import ChatHistory
 from lmforge.generation.sampling_params import SamplingParams
@@ -47,10 +53,11 @@ def add_parser(subparsers) -> None:
     add_quantization_argument(parser)
     parser.add_argument("--system", metavar="TEXT", help="system prompt (change it later with /system)")
     context = parser.add_argument_group("context (what is sent when the conversation outgrows the window)")
-    context.add_argument("--context", choices=STRATEGIES, default="full",
-                         help="full: everything; truncate: drop the oldest exchanges; window: the last ones "
-                              "(default: full)")
-    context.add_argument("--window-turns", type=int, metavar="N", help="window: the last N exchanges")
+    context.add_argument("--context", choices=(*STRATEGIES, "summarize"), default="full",
+                         help="full: everything; truncate: drop the oldest exchanges; window: the last ones; "
+                              "summarize: the model summarizes the older exchanges (default: full)")
+    context.add_argument("--window-turns", type=int, metavar="N",
+                         help="window: the last N exchanges; summarize: exchanges kept word for word (default: 2)")
     context.add_argument("--window-tokens", type=int, metavar="T", help="window/truncate: at most T prompt tokens")
     add_sampling_arguments(parser)
     parser.set_defaults(handler=handle)
@@ -122,12 +129,16 @@ def run_command(history: ChatHistory, line: str) -> bool:
 
 def handle(args: argparse.Namespace) -> int:
     params = sampling_params(args)  # bad values fail before the model loads
-    policy = ContextPolicy(args.context, args.window_turns, args.window_tokens, params.max_tokens or 0)
+    if args.context == "summarize" and args.window_tokens is not None:
+        raise InputError("--window-tokens applies to the truncate and window strategies, not summarize.")
+    policy = None if args.context == "summarize" else ContextPolicy(args.context, args.window_turns,
+                                                                     args.window_tokens, params.max_tokens or 0)
     model, tokenizer = load_generator(args.model, args.quantization, args.adapter)
     if not tokenizer.chat_template:
         raise UnsupportedError(f"{args.model} has no chat template, so it cannot hold a conversation; use a chat "
                                f"model, or complete plain text with: lmforge generate --raw --model {args.model} TEXT")
     history = ChatHistory(system=args.system)
+    select = context_selector(model, tokenizer, policy, params.max_tokens or 0, args.window_turns or 2)
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (arrow keys and line history for input() at a terminal)
@@ -149,22 +160,36 @@ def handle(args: argparse.Namespace) -> int:
                 if not run_command(history, line):
                     return 0
             else:
-                answer_turn(model, tokenizer, history, line, params, policy)
+                answer_turn(model, tokenizer, history, line, params, select)
         except LMForgeError as exc:  # a bad command or a turn that cannot run: report it and keep chatting
             print(f"lmforge: error: {exc}", file=sys.stderr)
 
 
+def context_selector(model, tokenizer, policy: ContextPolicy | None, reserve: int,
+                     keep_turns: int) -> Callable[[ChatHistory], SelectedContext]:
+    """What each turn sends: `policy`'s part of the history, or (None) a running summary of the older
+    exchanges and the last `keep_turns` word for word."""
+    window = model.config.context_length
+    if policy is not None:
+        return lambda history: select_context(history, tokenizer, window, policy)
+    from lmforge.context.summary import SummarizedContext
+
+    summarizer = SummarizedContext(model, tokenizer, reserve, keep_turns=keep_turns)
+    return lambda history: summarizer.select(history, window)
+
+
 def answer_turn(model, tokenizer, history: ChatHistory, message: str, params: SamplingParams,
-                policy: ContextPolicy | None = None) -> None:
+                select: Callable[[ChatHistory], SelectedContext] | None = None) -> None:
     """Add the user's message, stream the assistant's answer and add it too (even when cut by Ctrl-C).
-    The prompt is the part of the history `policy` selects (default: all of it)."""
+    The prompt is the part of the history `select` chooses (default: all of it, if it fits)."""
     history.add_user(message)
-    policy = policy or ContextPolicy(reserve_output=params.max_tokens or 0)
+    policy = ContextPolicy(reserve_output=params.max_tokens or 0)
+    select = select or (lambda history: select_context(history, tokenizer, model.config.context_length, policy))
     try:
-        selected = select_context(history, tokenizer, model.config.context_length, policy)
+        selected = select(history)
         if selected.dropped_messages:
             note(f"context: {selected.tokens} tokens sent, the {selected.dropped_messages} oldest message(s) left out "
-                 f"({policy.strategy})")
+                 "or summarized")
         prompt_ids = tokenizer.encode(selected.history.to_prompt(tokenizer), add_special_tokens=False)
         answer = write_answer(model, tokenizer, prompt_ids, params, interruptible=True)
     except LMForgeError:

@@ -95,7 +95,14 @@ def test_a_window_sends_only_the_last_exchanges_and_says_so(loaded_smollm2, monk
     lines = f"My name is Ada.\nWhat is 2+2?\nWhat is my name?\n/save {tmp_path / 'chat.json'}\n"
     status, out, err = chat(monkeypatch, capsys, lines, "--context", "window", "--window-turns", "1")
     assert status == 0 and len(out.splitlines()) == 3
-    assert err.count("context:") == 2 and "the 2 oldest message(s) left out (window)" in err
+    assert err.count("context:") == 2 and "the 2 oldest message(s) left out or summarized" in err
     assert len(ChatHistory.load(tmp_path / "chat.json").messages) == 6  # the whole conversation is kept
     status, _, err = chat(monkeypatch, capsys, "hi\n", "--context", "window")
     assert status == 2 and "the window strategy needs max_turns" in err
+
+
+def test_summarize_chats_normally_while_the_conversation_fits(loaded_smollm2, monkeypatch, capsys):
+    status, out, err = chat(monkeypatch, capsys, "My name is Ada.\nWhat is my name?\n", "--context", "summarize")
+    assert status == 0 and len(out.splitlines()) == 2 and "context:" not in err
+    status, _, err = chat(monkeypatch, capsys, "hi\n", "--context", "summarize", "--window-tokens", "50")
+    assert status == 2 and "--window-tokens applies to the truncate and window strategies" in err
