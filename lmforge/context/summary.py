@@ -15,8 +15,8 @@ from lmforge.context.strategies import SelectedContext, exchanges, prompt_tokens
 from lmforge.errors import InputError, ValidationError
 from lmforge.generation.chat import ChatHistory, Message
 
-INSTRUCTION = ("Summarize the conversation below in a few sentences. Keep every name, number, date and "
-               "decision; leave out greetings and filler.")
+INSTRUCTION = ("List every fact stated in the conversation below, one short line each. Keep every name, number, "
+               "date and decision; leave out greetings and filler.")
 SUMMARY_HEADER = "Summary of the earlier conversation:"
 
 
