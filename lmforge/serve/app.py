@@ -21,7 +21,9 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from lmforge.context.strategies import ContextPolicy, select_context
 from lmforge.engine.async_engine import AsyncLLMEngine, RequestStream
+from lmforge.generation.chat import ChatHistory
 from lmforge.generation.generate import CompletionOutput, RequestOutput
 from lmforge.generation.sampling_params import SamplingParams
 from lmforge.serve.embeddings import Embedder, encode_vector
@@ -34,7 +36,6 @@ from lmforge.serve.protocol import (
     EmbeddingRequest,
     TokenizeRequest,
 )
-
 
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
 
@@ -141,7 +142,7 @@ def create_app(state: ServerState) -> FastAPI:
         engine = state.ready_engine()
         state.check_model(body.model)
         params = body.sampling_params(default_max_tokens=None)
-        text = state.tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=True)
+        text = _chat_prompt(state, engine, body, params)
         prompt_ids = state.tokenizer.encode(text, add_special_tokens=False)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         stream = _submit(state, engine, request_id, prompt_ids, params)
@@ -257,6 +258,18 @@ def _sse(events: AsyncIterator[dict | str]) -> StreamingResponse:
 
 def _finish_reason(reason: str | None) -> str | None:
     return "stop" if reason == "abort" else reason
+
+
+def _chat_prompt(state: ServerState, engine: AsyncLLMEngine, body: ChatCompletionRequest,
+                 params: SamplingParams) -> str:
+    """The conversation rendered by the chat template — with a `context` strategy, only the part it selects."""
+    if body.context is None:
+        return state.tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=True)
+    options = body.context
+    policy = ContextPolicy(options.strategy, options.max_turns, options.max_tokens, params.max_tokens or 0)
+    history = ChatHistory.from_json(body.conversation(), "messages")
+    return select_context(history, state.tokenizer, engine.engine.max_model_len, policy).history.to_prompt(
+        state.tokenizer)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:

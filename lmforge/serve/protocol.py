@@ -70,8 +70,18 @@ class _Sampling(_Request):
             logprobs=logprobs)
 
 
+class ContextOptions(_Request):
+    """lmforge's extension to chat completions: what part of `messages` to send when they outgrow the
+    window (see lmforge.context.strategies); OpenAI clients pass it with extra_body={"context": {...}}."""
+
+    strategy: Literal["full", "truncate", "window"] = "full"
+    max_turns: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    context: ContextOptions | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)

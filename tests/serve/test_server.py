@@ -192,3 +192,25 @@ def test_32_concurrent_streaming_clients_all_finish_with_the_offline_answers(ser
         else:  # up to the near-tie the text is the reference's
             assert answer.startswith(smollm2_tokenizer.decode(reference.token_ids[:agree], skip_special_tokens=True))
     wait_for_free_blocks(server)
+
+
+def test_a_context_strategy_sends_only_the_part_of_the_conversation_it_selects(server, client, smollm2_tokenizer):
+    """lmforge's `context` extension: a window of the last exchange is the same prompt as sending only it."""
+    earlier = [{"role": "user", "content": f"Fact {i}: the box number {i} is {'red' if i % 2 else 'blue'}."}
+               for i in range(6)]
+    messages = [{"role": "system", "content": "Be brief."}]
+    for message in earlier:
+        messages += [message, {"role": "assistant", "content": "Noted."}]
+    messages.append({"role": "user", "content": "What colour is box 3?"})
+    windowed = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                              extra_body={"context": {"strategy": "window", "max_turns": 1}})
+    alone = client.chat.completions.create(model=MODEL, messages=[messages[0], messages[-1]], max_tokens=4,
+                                           temperature=0)
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    assert windowed.usage.prompt_tokens == alone.usage.prompt_tokens < full.usage.prompt_tokens
+    assert windowed.choices[0].message.content == alone.choices[0].message.content
+    for context, message in (({"strategy": "window"}, "needs max_turns"),
+                             ({"strategy": "summarize"}, "context.strategy")):
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4,
+                                           extra_body={"context": context})
