@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from abc import ABCMeta, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -217,7 +218,7 @@ class RolloutConfig(TrainingArguments):
             raise ValidationError(f"{name}.overlong must be one of {', '.join(OVERLONG)}; got {self.overlong!r}.")
 
 
-class RolloutTrainer(Trainer):
+class RolloutTrainer(Trainer, metaclass=ABCMeta):
     """The Trainer on prompt rows. Each step samples `samples_per_prompt()` completions of every prompt,
     scores them with `reward`, and makes the optimizer updates that the subclass's `updates(rollouts)`
     lays out (each a list of collated micro-batches, whose `loss_sum` / `count_targets` the Trainer
@@ -275,10 +276,10 @@ class RolloutTrainer(Trainer):
         """Whether the objective needs log π_ref (if not, no reference copy is made)."""
         return True
 
+    @abstractmethod
     def updates(self, rollouts: list[list[dict[str, Any]]]) -> list[list[dict[str, torch.Tensor]]]:
         """The step's optimizer updates, each a list of micro-batches, from its rollouts (one list of samples
         per micro-batch of prompts, `samples_per_prompt()` consecutive samples per prompt)."""
-        raise NotImplementedError
 
     # ----- rollouts ---------------------------------------------------------------------------------
 
