@@ -25,7 +25,13 @@ import time
 
 import torch
 
-from benchmarks.report import machine_line, markdown_table, run_each, write_section
+from benchmarks.report import (
+    forwarded_options,
+    machine_line,
+    markdown_table,
+    run_each,
+    write_section,
+)
 
 MODEL = "smollm2-135m-instruct"
 METHODS = ("zero-shot", "few-shot", "prompt", "prefix", "lora", "qlora", "full", "dpo")
@@ -144,9 +150,7 @@ def main() -> None:
     if args.only:
         print(json.dumps(measure(args.only, args)))
         return
-    argv = [f"--steps={args.steps}", f"--batch={args.batch}", f"--train={args.train}",
-            f"--held-out={args.held_out}", f"--shots={args.shots}"]
-    write_report(run_each("benchmarks.alignment", args.methods.split(","), argv), args)
+    write_report(run_each("benchmarks.alignment", args.methods.split(","), forwarded_options(args)), args)
 
 
 if __name__ == "__main__":

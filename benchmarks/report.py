@@ -8,6 +8,7 @@ fresh interpreter, so each system's peak memory is its own.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -41,6 +42,18 @@ def run_isolated(module: str, name: str, argv: list[str]) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def forwarded_options(args: argparse.Namespace) -> list[str]:
+    """The parsed options again as flags, for the processes `run_each` starts (which add their own --only):
+    every setting reaches them, so none is silently left at its default there."""
+    flags = []
+    for name, value in vars(args).items():
+        if name == "only" or value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        flags.append(flag if value is True else f"{flag}={value}")
+    return flags
 
 
 def run_each(module: str, names: list[str] | tuple[str, ...], argv: list[str]) -> dict[str, dict]:

@@ -31,7 +31,13 @@ import time
 
 import torch
 
-from benchmarks.report import machine_line, markdown_table, run_each, write_section
+from benchmarks.report import (
+    forwarded_options,
+    machine_line,
+    markdown_table,
+    run_each,
+    write_section,
+)
 
 MODEL = "smollm2-135m-instruct"
 METHODS = ("grpo", "ppo")
@@ -224,11 +230,7 @@ def main() -> None:
     if args.only:
         print(json.dumps(measure(args.only, args)))
         return
-    argv = [f"--steps={args.steps}", f"--batch={args.batch}", f"--ppo-batch={args.ppo_batch}",
-            f"--warm-start={args.warm_start}", f"--generations={args.generations}",
-            f"--max-new-tokens={args.max_new_tokens}", f"--lr={args.lr}", f"--train={args.train}",
-            f"--held-out={args.held_out}", f"--reward-steps={args.reward_steps}", f"--reward-lr={args.reward_lr}"]
-    results = run_each("benchmarks.rl", args.methods.split(","), argv)
+    results = run_each("benchmarks.rl", args.methods.split(","), forwarded_options(args))
     if not args.quick:
         write_report(results, args)
 

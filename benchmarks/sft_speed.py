@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from benchmarks.report import machine_line, run_each, write_section
+from benchmarks.report import forwarded_options, machine_line, run_each, write_section
 from benchmarks.train import StepClock, speed_table, step_result
 
 MODEL = "smollm2-135m-instruct"
@@ -139,8 +139,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         AutoModelForCausalLM.from_pretrained(MODEL).save_pretrained(folder)
         AutoTokenizer.from_pretrained(MODEL).save_pretrained(folder)
-        argv = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--batch={args.batch}", f"--folder={folder}"]
-        results = run_each("benchmarks.sft_speed", SYSTEMS, argv)
+        results = run_each("benchmarks.sft_speed", SYSTEMS, [*forwarded_options(args), f"--folder={folder}"])
     write_report(results, args)
 
 

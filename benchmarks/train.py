@@ -23,7 +23,13 @@ import time
 
 import torch
 
-from benchmarks.report import machine_line, markdown_table, run_each, write_section
+from benchmarks.report import (
+    forwarded_options,
+    machine_line,
+    markdown_table,
+    run_each,
+    write_section,
+)
 
 SYSTEMS = ("lmforge Trainer", "HF transformers Trainer")
 CONFIG = {"vocab_size": 16384, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 8,
@@ -62,7 +68,12 @@ class StepClock:
 
 def train_lmforge(folder: str, blocks, args, clock: StepClock) -> None:
     from lmforge import AutoModelForCausalLM
-    from lmforge.train import PaddingCollator, Trainer, TrainerCallback, TrainingArguments
+    from lmforge.train import (
+        PaddingCollator,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     class Clock(TrainerCallback):
         def on_step_end(self, trainer):
@@ -169,8 +180,7 @@ def main() -> None:
     if args.only:
         print(json.dumps(measure(args.only, args)))
         return
-    argv = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--batch={args.batch}", f"--seq-len={args.seq_len}"]
-    write_report(interleaved("benchmarks.train", SYSTEMS, argv, args.repeats), args)
+    write_report(interleaved("benchmarks.train", SYSTEMS, forwarded_options(args), args.repeats), args)
 
 
 if __name__ == "__main__":

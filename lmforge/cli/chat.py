@@ -179,12 +179,10 @@ def context_selector(model, tokenizer, policy: ContextPolicy | None, reserve: in
 
 
 def answer_turn(model, tokenizer, history: ChatHistory, message: str, params: SamplingParams,
-                select: Callable[[ChatHistory], SelectedContext] | None = None) -> None:
+                select: Callable[[ChatHistory], SelectedContext]) -> None:
     """Add the user's message, stream the assistant's answer and add it too (even when cut by Ctrl-C).
-    The prompt is the part of the history `select` chooses (default: all of it, if it fits)."""
+    The prompt is the part of the history `select` chooses (`context_selector`)."""
     history.add_user(message)
-    policy = ContextPolicy(reserve_output=params.max_tokens or 0)
-    select = select or (lambda history: select_context(history, tokenizer, model.config.context_length, policy))
     try:
         selected = select(history)
         if selected.dropped_messages:

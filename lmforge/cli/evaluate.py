@@ -153,7 +153,7 @@ def run_exact_match(args: argparse.Namespace) -> int:
         _write_predictions(args.predictions, result)
     print(f"{result.exact_match:.4f}")
     shown = f"{args.history}" if args.history else f"{args.shots} shot(s)"
-    right = round(result.exact_match * len(rows))
+    right = sum(result.correct)
     print(f"{args.model}{' + ' + args.adapter if args.adapter else ''}: {right}/{len(rows)} exact "
           f"({result.exact_match:.1%}) after {shown}, {time.perf_counter() - start:.1f} s; first answer "
           f"{result.answers[0].strip()!r}, expected {result.expected[0]!r}", file=sys.stderr)
@@ -161,8 +161,8 @@ def run_exact_match(args: argparse.Namespace) -> int:
 
 
 def _write_predictions(path: str, result) -> None:
-    lines = [json.dumps({"answer": answer, "expected": expected, "exact": answer.strip() == expected.strip()},
-                        ensure_ascii=False) for answer, expected in zip(result.answers, result.expected)]
+    lines = [json.dumps({"answer": answer, "expected": expected, "exact": correct}, ensure_ascii=False)
+             for answer, expected, correct in zip(result.answers, result.expected, result.correct)]
     try:
         Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
     except OSError as exc:

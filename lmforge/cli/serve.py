@@ -98,14 +98,18 @@ def _draining_server_class(state):
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmforge.distributed import destroy_distributed, launched_world_size
+    from lmforge.distributed import (
+        destroy_distributed,
+        init_distributed,
+        launched_world_size,
+    )
 
     launched = launched_world_size()
     if launched > 1:
         if args.tensor_parallel_size != launched:
             raise InputError(f"torchrun started {launched} processes; pass --tensor-parallel-size {launched} so "
                              "that they serve one model together (rank 0 serves, the others are its workers).")
-        if int(os.environ.get("RANK", "0")) != 0:
+        if init_distributed().rank != 0:
             from lmforge.engine import run_tensor_parallel_worker
 
             run_tensor_parallel_worker()

@@ -56,10 +56,10 @@ class TensorParallelWorkers:
     """Ranks 1..N-1 of a tensor-parallel engine, as rank 0 sees them: processes it started itself
     (`spawn`), or the other processes of a torchrun job (`launched`)."""
 
-    def __init__(self, context: DistributedContext, group: dist.ProcessGroup | None,
-                 processes: list[mp.Process], owns_group: bool):
-        self.context, self.group, self.processes, self.owns_group = context, group, processes, owns_group
-        self.world_size = context.world_size
+    def __init__(self, world_size: int, processes: list[mp.Process], owns_group: bool):
+        self.world_size, self.processes, self.owns_group = world_size, processes, owns_group
+        self.context: DistributedContext | None = None  # set once the group has formed
+        self.group: dist.ProcessGroup | None = None  # None: the default group
         self.closed = False  # the group is gone: no step can run any more
         self.stopping = False  # shutdown() was asked for: workers exiting now is no failure
         atexit.register(self.shutdown)
@@ -79,10 +79,10 @@ class TensorParallelWorkers:
                      for rank in range(1, world_size)]
         for process in processes:
             process.start()
+        workers = cls(world_size, processes, owns_group=True)
         torch.set_num_threads(threads)  # the N processes share this machine's cores
-        context = _join(processes, world_size, port, device_type)
-        workers = cls(context, None, processes, owns_group=True)
-        workers._collective(broadcast_object, (str(ref), dtype), context)
+        workers.context = workers._join(port, device_type)
+        workers._collective(broadcast_object, (str(ref), dtype), workers.context)
         return workers
 
     @classmethod
@@ -90,9 +90,30 @@ class TensorParallelWorkers:
                  group: dist.ProcessGroup) -> TensorParallelWorkers:
         """The other processes of this torchrun job, waiting in `run_tensor_parallel_worker`: tell them
         which model to load. torchrun's agent watches them; the group stays the job's."""
-        workers = cls(context, group, [], owns_group=False)
+        workers = cls(context.world_size, [], owns_group=False)
+        workers.context, workers.group = context, group
         workers._collective(broadcast_object, (str(ref), dtype), context, 0, group)
         return workers
+
+    def _join(self, port: int, device_type: str) -> DistributedContext:
+        """Join the spawned group from a helper thread, so a worker that dies before joining fails us fast."""
+        joined: dict = {}
+
+        def join() -> None:
+            try:
+                joined["context"] = init_spawned(0, self.world_size, port, device_type)
+            except Exception as exc:
+                joined["error"] = exc
+
+        thread = threading.Thread(target=join, name="lmforge-tensor-parallel-join", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.1)
+            self._check_workers()
+        if "error" in joined:
+            self._stop_workers()
+            raise DistributedError(f"the tensor-parallel group could not form: {joined['error']}") from joined["error"]
+        return joined["context"]
 
     def start_runners(self, num_blocks: int, block_size: int) -> None:
         """Give every worker the KV pool's size (rank 0 sized it), so all hold the same block layout."""
@@ -185,36 +206,6 @@ class TensorParallelWorkers:
                 process.join()
         if self.owns_group:
             destroy_distributed()
-
-
-def _join(processes: list[mp.Process], world_size: int, port: int, device_type: str) -> DistributedContext:
-    """Rank 0 joins the spawned group from a helper thread, so a worker that dies before joining fails it fast."""
-    joined: dict = {}
-
-    def join() -> None:
-        try:
-            joined["context"] = init_spawned(0, world_size, port, device_type)
-        except Exception as exc:
-            joined["error"] = exc
-
-    def stop(why: str, cause: BaseException | None = None) -> None:
-        for process in processes:
-            if process.is_alive():
-                process.kill()
-            process.join()
-        raise DistributedError(why) from cause
-
-    thread = threading.Thread(target=join, name="lmforge-tensor-parallel-join", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.1)
-        dead = [f"rank {rank} (exit code {p.exitcode})" for rank, p in enumerate(processes, 1) if p.exitcode is not None]
-        if dead:
-            stop(f"tensor-parallel worker {', '.join(dead)} has exited; the engine cannot continue without it: "
-                 "create it again (and check the worker's error output above).")
-    if "error" in joined:
-        stop(f"the tensor-parallel group could not form: {joined['error']}", joined["error"])
-    return joined["context"]
 
 
 def _serve_steps(context: DistributedContext, group: dist.ProcessGroup | None) -> None:

@@ -24,11 +24,15 @@ BATCH = 16  # questions generated together
 
 @dataclass
 class ExactMatchResult:
-    """The share of exact answers, with every answer and expected answer in row order."""
+    """Every answer, expected answer and verdict in row order, and the share of exact answers."""
 
-    exact_match: float
     answers: list[str]
     expected: list[str]
+    correct: list[bool]
+
+    @property
+    def exact_match(self) -> float:
+        return sum(self.correct) / len(self.correct)
 
 
 def question_and_answer(row: dict[str, Any], number: int) -> tuple[list[Message], str]:
@@ -77,5 +81,4 @@ def evaluate_exact_match(model, tokenizer, rows: Sequence[dict[str, Any]], histo
             batch = prompts[start:start + BATCH]
             answers.extend(output.outputs[0].text for output in generate(model, tokenizer, batch, params))
             bar.update(len(batch))
-    hits = sum(normalize(a) == normalize(e) for a, e in zip(answers, expected))
-    return ExactMatchResult(hits / len(rows), answers, expected)
+    return ExactMatchResult(answers, expected, [normalize(a) == normalize(e) for a, e in zip(answers, expected)])

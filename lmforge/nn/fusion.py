@@ -8,8 +8,9 @@ in place with their names and the same Parameter objects, whose data become view
 into the fused matrix (no copy, so checkpoints, optimizers, in-place updates and
 LoRA targeting still see them), and `unfuse` undoes it. The fused matmul runs only
 while gradients are off (generation, evaluation): a forward that trains goes through
-the separate layers, so their parameters get their gradients. Quantized layers whose class can `concatenate` them
-(lmforge.quant's QuantizedLinear) fuse the same way, into one quantized layer.
+the separate layers, so their parameters get their gradients. Quantized layers whose
+class can `concatenate` them (lmforge.quant's QuantizedLinear) fuse the same way, into
+one quantized layer.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Prometheus metrics for `GET /metrics`: what an operator watches on a serving dashboard.
 
 Counters and histograms are updated as responses and requests finish, and each finished request
-logs its usage (prompt and generated tokens, time to first token, duration) on the `lmforge.serve`
+logs its usage (prompt and generated tokens, time to first token) on the `lmforge.serve`
 logger, so a log shows the bill per request and /metrics the running totals; the engine's live state
 (queue length, running sequences, KV blocks, prefix-cache hit rate) is read from
 `AsyncLLMEngine.stats` at scrape time. Each app has its own registry, so several servers (or
@@ -96,8 +96,8 @@ class ServerMetrics:
             if delta.finished:
                 self.prompt_tokens.inc(len(delta.prompt_token_ids))
                 self.generation_tokens.inc(generated)
-                metrics = delta.metrics
                 _log_usage(delta, generated)
+                metrics = delta.metrics
                 if metrics is not None and metrics.time_to_first_token is not None:
                     self.time_to_first_token.observe(metrics.time_to_first_token)
                 if metrics is not None and metrics.time_per_output_token is not None:

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lmforge.context.strategies import STRATEGIES
 from lmforge.generation.generate import prompt_list
 from lmforge.generation.sampling_params import SamplingParams
 
@@ -74,7 +75,7 @@ class ContextOptions(_Request):
     """lmforge's extension to chat completions: what part of `messages` to send when they outgrow the
     window (see lmforge.context.strategies); OpenAI clients pass it with extra_body={"context": {...}}."""
 
-    strategy: Literal["full", "truncate", "window"] = "full"
+    strategy: Literal[STRATEGIES] = "full"
     max_turns: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
 
