@@ -95,3 +95,13 @@ def test_smollm2_in_three_processes_matches_one_up_to_the_first_near_tie(smollm2
         assert ours.token_ids[:agree + 1] == reference.token_ids[:agree + 1]
         for step, reference_step in zip(ours.logprobs[:agree + 1], reference.logprobs):
             assert step.logprob == pytest.approx(reference_step.logprob, abs=1e-3)
+
+
+def test_torchrun_misuse_is_refused_before_any_process_group_forms(tiny_folder, monkeypatch):
+    from lmforge.engine import run_tensor_parallel_worker
+
+    with pytest.raises(InputError, match="run_tensor_parallel_worker\\(\\) is for ranks 1..N-1"):
+        run_tensor_parallel_worker()  # not under torchrun: this process is rank 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InputError, match="torchrun started 2 processes but tensor_parallel_size is 4"):
+        LLM(tiny_folder, id_tokenizer(64), tensor_parallel_size=4, **ENGINE)
