@@ -364,11 +364,17 @@ class LogitsPipeline:
                     constraints: Sequence[LogitsProcessor] = ()) -> LogitsPipeline:
         """Build the processors `params` asks for, in the order of the module docstring.
 
-        `constraints` (e.g. a grammar mask for constrained decoding) run first, on the raw logits.
-        Processors that would change nothing are left out; with greedy (or beam) decoding the
-        temperature and truncation filters are too, as they cannot change the argmax.
+        `constraints` (e.g. a grammar mask for constrained decoding) run first, on the raw logits;
+        `params.structured_outputs` adds its grammar there. Processors that would change nothing are
+        left out; with greedy (or beam) decoding the temperature and truncation filters are too, as
+        they cannot change the argmax.
         """
         processors = list(constraints)
+        if params.structured_outputs is not None:
+            from lmforge.context.structured import grammar_constraint  # the grammar engine loads on use
+
+            processors.insert(0, grammar_constraint(params.structured_outputs, tokenizer,
+                                                    eos_token_ids or params.stop_token_ids or []))
         if params.logit_bias:
             processors.append(LogitBias(params.logit_bias))
         if params.bad_words:

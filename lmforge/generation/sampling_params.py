@@ -9,9 +9,13 @@ error naming the field and the allowed range.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lmforge.errors import ValidationError
+
+if TYPE_CHECKING:
+    from lmforge.context.structured import StructuredOutputParams
 
 
 @dataclass
@@ -39,7 +43,8 @@ class SamplingParams:
     skip_special_tokens: bool = True  # in the detokenized text
     num_beams: int = 1  # beam search when > 1 (deterministic; sampling fields are ignored)
     length_penalty: float = 1.0  # beam score = sum logprob / length**length_penalty
-    extra: dict = field(default_factory=dict, repr=False)  # room for extensions (e.g. constrained decoding)
+    # the output must match a JSON schema / regex / choice / grammar (lmforge.context.structured)
+    structured_outputs: StructuredOutputParams | dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -49,6 +54,10 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
+        if self.structured_outputs is not None:
+            from lmforge.context.structured import StructuredOutputParams  # the grammar engine loads on use
+
+            self.structured_outputs = StructuredOutputParams.coerce(self.structured_outputs)
 
     def _validate(self) -> None:
         def fail(name: str, rule: str) -> None:
@@ -116,7 +125,3 @@ class SamplingParams:
     def greedy(self) -> bool:
         """Argmax decoding: temperature 0 (top_k = 1 picks the argmax too)."""
         return self.temperature == 0 or self.top_k == 1
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name != "extra"]
