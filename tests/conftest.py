@@ -43,3 +43,11 @@ def hf_smollm2_tokenizer(smollm2_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
+
+
+@pytest.fixture(scope="session")
+def minilm_encoder():
+    """lmforge's all-MiniLM-L6-v2 sentence encoder (the default embedding model of RAG indexes)."""
+    from lmforge.context.rag import SentenceEncoder
+
+    return SentenceEncoder.from_pretrained("all-minilm-l6-v2")

@@ -130,6 +130,13 @@ class CompactText:
 
 def compact_file(path: str | Path, tokenizer: Tokenizer) -> CompactText:
     """`path`'s content as compact text (converter chosen by extension), with token counts before and after."""
+    text, compact = convert_file(path)
+    return CompactText(compact, len(tokenizer.encode(text, add_special_tokens=False)),
+                       len(tokenizer.encode(compact, add_special_tokens=False)))
+
+
+def convert_file(path: str | Path) -> tuple[str, str]:
+    """`path`'s text as read and as its converter (chosen by extension) compacts it."""
     path = Path(path)
     converter = CONVERTERS.get(path.suffix.lower())
     if converter is None:
@@ -145,5 +152,4 @@ def compact_file(path: str | Path, tokenizer: Tokenizer) -> CompactText:
         compact = converter(text)
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
-    return CompactText(compact, len(tokenizer.encode(text, add_special_tokens=False)),
-                       len(tokenizer.encode(compact, add_special_tokens=False)))
+    return text, compact
