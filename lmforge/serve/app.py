@@ -22,6 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from lmforge.context.strategies import ContextPolicy, select_context
+from lmforge.context.tools import Tool, parse_tool_call
 from lmforge.engine.async_engine import AsyncLLMEngine, RequestStream
 from lmforge.generation.chat import ChatHistory
 from lmforge.generation.generate import CompletionOutput, RequestOutput
@@ -147,11 +148,12 @@ def create_app(state: ServerState) -> FastAPI:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         stream = _submit(state, engine, request_id, prompt_ids, params)
         meta = {"id": request_id, "created": int(time.time()), "model": state.model_name}
+        tools = body.callable_tools()
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(_chat_chunks(state, metrics, stream, meta, params.n, len(prompt_ids), include_usage))
+            return _sse(_chat_chunks(state, metrics, stream, meta, params.n, len(prompt_ids), include_usage, tools))
         final = await _collect([stream], request, metrics)
-        return _chat_response(state, final[0], meta, params)
+        return _chat_response(state, final[0], meta, tools)
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -296,30 +298,58 @@ def _chat_logprobs(state: ServerState, completion: CompletionOutput) -> dict | N
                         for lp in completion.logprobs]}
 
 
-def _chat_response(state: ServerState, output: RequestOutput, meta: dict, params: SamplingParams) -> dict:
-    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": _chat_logprobs(state, c), "finish_reason": _finish_reason(c.finish_reason)}
-               for c in output.outputs]
+def _assistant_message(text: str, tools: list[Tool]) -> tuple[dict, bool]:
+    """The answer as an assistant message — a tool call when it is one — and whether it is."""
+    call = parse_tool_call(text, tools) if tools else None
+    if call is None:
+        return {"role": "assistant", "content": text}, False
+    return {"role": "assistant", "content": None, "tool_calls": [call.to_openai()]}, True
+
+
+def _chat_response(state: ServerState, output: RequestOutput, meta: dict, tools: list[Tool]) -> dict:
+    choices = []
+    for c in output.outputs:
+        message, called = _assistant_message(c.text, tools)
+        choices.append({"index": c.index, "message": message, "logprobs": _chat_logprobs(state, c),
+                        "finish_reason": "tool_calls" if called else _finish_reason(c.finish_reason)})
     completion_tokens = sum(len(c.token_ids) for c in output.outputs)
     return {**meta, "object": "chat.completion", "choices": choices,
             "usage": _usage(len(output.prompt_token_ids), completion_tokens)}
 
 
 async def _chat_chunks(state: ServerState, metrics: ServerMetrics, stream: RequestStream, meta: dict, n: int,
-                       prompt_tokens: int, include_usage: bool) -> AsyncIterator[dict | str]:
+                       prompt_tokens: int, include_usage: bool, tools: list[Tool]) -> AsyncIterator[dict | str]:
+    """Stream the answer's text as it comes. With tools, an answer that starts with "{" may be a call: it is
+    held back until it is complete and then sent as one `tool_calls` delta (or as text, if it is no call)."""
+
     def chunk(choices: list[dict], **extra) -> dict:
         return {**meta, "object": "chat.completion.chunk", "choices": choices, **extra}
 
     completion_tokens = 0
+    held: dict[int, str] = {}  # choice index → text of a possible tool call
+    streamed: set[int] = set()  # choices whose text has begun to go out: no call any more
     try:
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(n)])
         async for delta in metrics.track(stream):
             for part in delta.outputs:
                 completion_tokens += len(part.token_ids)
-                yield chunk([{"index": part.index, "delta": {"content": part.text} if part.text else {},
-                              "logprobs": _chat_logprobs(state, part),
-                              "finish_reason": _finish_reason(part.finish_reason)}])
+                text, finish_reason = part.text, _finish_reason(part.finish_reason)
+                if tools and (part.index in held or (part.index not in streamed and text.startswith("{"))):
+                    held[part.index] = held.get(part.index, "") + text
+                    if finish_reason is None:
+                        continue
+                    message, called = _assistant_message(held[part.index], tools)
+                    if called:
+                        calls = [{"index": 0, **call} for call in message["tool_calls"]]
+                        yield chunk([{"index": part.index, "delta": {"tool_calls": calls}, "logprobs": None,
+                                      "finish_reason": "tool_calls"}])
+                        continue
+                    text = held[part.index]
+                if text:
+                    streamed.add(part.index)
+                yield chunk([{"index": part.index, "delta": {"content": text} if text else {},
+                              "logprobs": _chat_logprobs(state, part), "finish_reason": finish_reason}])
         if include_usage:
             yield chunk([], usage=_usage(prompt_tokens, completion_tokens))
         yield "[DONE]"

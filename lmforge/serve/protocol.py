@@ -1,18 +1,21 @@
 """The OpenAI API's request bodies (pydantic) and how each becomes one `SamplingParams`.
 
 Field names and defaults follow the OpenAI spec; `top_k`, `min_p`, `repetition_penalty`,
-`min_tokens` and `ignore_eos` are the usual extensions (vLLM's names). Unknown fields are
-ignored, as OpenAI-compatible servers do, so newer clients keep working. Range checks live in
-`SamplingParams` (one set of rules for the CLI, the Python API and the server).
+`min_tokens`, `ignore_eos` and `structured_outputs` are the usual extensions (vLLM's names).
+Unknown fields are ignored, as OpenAI-compatible servers do, so newer clients keep working. Range
+checks live in `SamplingParams` (one set of rules for the CLI, the Python API and the server).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmforge.context.strategies import STRATEGIES
+from lmforge.context.structured import StructuredOutputParams
+from lmforge.context.tools import Tool, tool_call_constraint, with_tools
+from lmforge.errors import ValidationError
 from lmforge.generation.generate import prompt_list
 from lmforge.generation.sampling_params import SamplingParams
 
@@ -26,9 +29,22 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str = "{}"  # JSON text, as OpenAI sends it
+
+
+class ToolCallMessage(_Request):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCallMessage] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: which call this result answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -61,14 +77,73 @@ class _Sampling(_Request):
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     ignore_eos: bool = False
+    structured_outputs: dict[str, Any] | None = None  # {"json": schema} / {"regex": ...} / {"choice": [...]} / ...
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                         structured: StructuredOutputParams | None = None) -> SamplingParams:
         return SamplingParams(
             n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
             repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, logit_bias=self.logit_bias, max_tokens=max_tokens,
             min_tokens=self.min_tokens, stop=self.stop, ignore_eos=self.ignore_eos, seed=self.seed,
-            logprobs=logprobs)
+            logprobs=logprobs, structured_outputs=structured or self._structured_outputs())
+
+    def _structured_outputs(self) -> StructuredOutputParams | None:
+        if self.structured_outputs is None:
+            return None
+        return checked("structured_outputs", lambda: StructuredOutputParams.coerce(self.structured_outputs))
+
+
+def checked(param: str, build):
+    """build(), with a ValidationError re-raised as one that names the request field (the 400's `param`)."""
+    try:
+        return build()
+    except ValidationError as exc:
+        raise ValidationError(f"SamplingParams.{param}: {exc}") from None
+
+
+class JsonSchemaFormat(_Request):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def structured_outputs(self) -> StructuredOutputParams | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutputParams(json_object=True)
+        if self.json_schema is None:
+            raise ValidationError('response_format of type "json_schema" needs a "json_schema": {"name": ..., '
+                                  '"schema": {...}} object.')
+        return StructuredOutputParams(json=self.json_schema.schema_)
+
+
+class FunctionSpec(_Request):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolSpec(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ContextOptions(_Request):
@@ -86,13 +161,43 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
     def sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
-        return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None,
+                                     self._output_constraint())
+
+    def callable_tools(self) -> list[Tool]:
+        """The tools the answer may call (none without `tools` or with tool_choice "none")."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        return checked("tools", lambda: [Tool(t.function.name, t.function.description or "", t.function.parameters)
+                                         for t in self.tools])
+
+    def _output_constraint(self) -> StructuredOutputParams | None:
+        """What the answer must match: a tool call, the response_format, or the structured_outputs extension."""
+        tools = self.callable_tools()
+        formats = [name for name, given in [("tools", tools), ("structured_outputs", self.structured_outputs),
+                                            ("response_format", self.response_format and
+                                             self.response_format.type != "text")] if given]
+        if len(formats) > 1:
+            raise ValidationError(f"SamplingParams.{formats[1]}: use one of tools, response_format and "
+                                  f"structured_outputs per request, got {formats}.")
+        if tools:
+            choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice
+            return checked("tool_choice", lambda: tool_call_constraint(tools, choice))
+        if self.response_format is not None:
+            return checked("response_format", self.response_format.structured_outputs)
+        return self._structured_outputs()
 
     def conversation(self) -> list[dict[str, str]]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        """The messages as the chat template renders them (tool calls and results written out as text)."""
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+                     "tool_calls": [call.model_dump() for call in m.tool_calls or []]} for m in self.messages]
+        return with_tools(messages, self.callable_tools())
 
 
 class CompletionRequest(_Sampling):
