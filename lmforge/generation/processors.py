@@ -371,7 +371,9 @@ class LogitsPipeline:
         """
         processors = list(constraints)
         if params.structured_outputs is not None:
-            from lmforge.context.structured import grammar_constraint  # the grammar engine loads on use
+            from lmforge.context.structured import (
+                grammar_constraint,  # the grammar engine loads on use
+            )
 
             processors.insert(0, grammar_constraint(params.structured_outputs, tokenizer,
                                                     eos_token_ids or params.stop_token_ids or []))

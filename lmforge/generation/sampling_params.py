@@ -55,7 +55,9 @@ class SamplingParams:
             self.top_k = 0
         self._validate()
         if self.structured_outputs is not None:
-            from lmforge.context.structured import StructuredOutputParams  # the grammar engine loads on use
+            from lmforge.context.structured import (
+                StructuredOutputParams,  # the grammar engine loads on use
+            )
 
             self.structured_outputs = StructuredOutputParams.coerce(self.structured_outputs)
 

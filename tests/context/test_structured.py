@@ -8,7 +8,11 @@ import jsonschema
 import pytest
 import torch
 
-from lmforge.context.structured import GrammarConstraint, StructuredOutputParams, grammar_constraint
+from lmforge.context.structured import (
+    GrammarConstraint,
+    StructuredOutputParams,
+    grammar_constraint,
+)
 from lmforge.engine.llm import LLM
 from lmforge.errors import ValidationError
 from lmforge.generation.generate import generate
