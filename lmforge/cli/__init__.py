@@ -23,6 +23,7 @@ from lmforge.cli import (
     ppo,
     pretrain,
     quantize,
+    rag,
     reward_model,
     serve,
     sft,
@@ -33,7 +34,7 @@ from lmforge.cli.option_files import apply_config_option
 from lmforge.errors import LMForgeError
 
 COMMANDS = (generate, chat, info, serve, evaluate, quantize, export, pretrain, sweep, finetune, sft, dpo,
-            reward_model, grpo, ppo, tokens)
+            reward_model, grpo, ppo, tokens, rag)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,8 @@ longer fits), truncate (the oldest exchanges dropped), window (the last --window
 exchanges, or at most --window-tokens tokens) or summarize (the model writes a running summary
 of the older exchanges, its tokens reported); the system prompt and the latest message always
 go, and /save keeps the whole conversation. --max-tokens is reserved for each answer.
+With --rag INDEX (from `lmforge rag index`), each message retrieves --rag-top-k passages that go
+into it as numbered sources for the model to cite as [n]; the sources sent are listed on stderr.
 Lines starting with / are commands (/help lists them); Ctrl-C stops an answer, Ctrl-D leaves.
 """
 
@@ -42,6 +44,7 @@ EXAMPLES = """examples:
   lmforge chat --system "Answer in one sentence." --temperature 0.3 --max-tokens 100
   printf 'Hi!\\n/save chat.json\\n' | lmforge chat --temperature 0 > answers.txt
   lmforge chat --context window --window-turns 4     # send only the last 4 exchanges
+  lmforge chat --rag docs.index --rag-top-k 3        # answers from your documents, citing them
 """
 
 
@@ -59,6 +62,10 @@ def add_parser(subparsers) -> None:
     context.add_argument("--window-turns", type=int, metavar="N",
                          help="window: the last N exchanges; summarize: exchanges kept word for word (default: 2)")
     context.add_argument("--window-tokens", type=int, metavar="T", help="window/truncate: at most T prompt tokens")
+    context.add_argument("--rag", metavar="INDEX", help="retrieve passages for each message from this index "
+                                                        "(written by `lmforge rag index`) and send them as sources")
+    context.add_argument("--rag-top-k", type=int, default=4, metavar="K",
+                         help="--rag: passages retrieved per message (default: 4)")
     add_sampling_arguments(parser)
     parser.set_defaults(handler=handle)
 
@@ -133,12 +140,15 @@ def handle(args: argparse.Namespace) -> int:
         raise InputError("--window-tokens applies to the truncate and window strategies, not summarize.")
     policy = None if args.context == "summarize" else ContextPolicy(args.context, args.window_turns,
                                                                      args.window_tokens, params.max_tokens or 0)
+    retriever = _retriever(args.rag, args.rag_top_k)  # a missing index fails before the model loads
     model, tokenizer = load_generator(args.model, args.quantization, args.adapter)
     if not tokenizer.chat_template:
         raise UnsupportedError(f"{args.model} has no chat template, so it cannot hold a conversation; use a chat "
                                f"model, or complete plain text with: lmforge generate --raw --model {args.model} TEXT")
     history = ChatHistory(system=args.system)
     select = context_selector(model, tokenizer, policy, params.max_tokens or 0, args.window_turns or 2)
+    if retriever is not None:
+        select = retrieval_selector(retriever, select, args.rag_top_k)
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (arrow keys and line history for input() at a terminal)
@@ -176,6 +186,34 @@ def context_selector(model, tokenizer, policy: ContextPolicy | None, reserve: in
 
     summarizer = SummarizedContext(model, tokenizer, reserve, keep_turns=keep_turns)
     return lambda history: summarizer.select(history, window)
+
+
+def _retriever(index: str | None, top_k: int):
+    if index is None:
+        return None
+    if top_k < 1:
+        raise InputError(f"--rag-top-k must be >= 1, got {top_k}.")
+    from lmforge.context.rag import Retriever
+
+    return Retriever.load(index)
+
+
+def retrieval_selector(retriever, select: Callable[[ChatHistory], SelectedContext],
+                       top_k: int) -> Callable[[ChatHistory], SelectedContext]:
+    """`select` with the `top_k` passages retrieved for the latest message put into it as numbered sources;
+    the sources sent are listed on stderr."""
+    from lmforge.context.rag import RetrievedContext
+
+    context = RetrievedContext(retriever, select, top_k)
+
+    def select_with_sources(history: ChatHistory) -> SelectedContext:
+        selected = context.select(history)
+        sources = ", ".join(f"[{number}] {p.chunk.source} ({p.score:.2f})"
+                            for number, p in enumerate(selected.passages, 1))
+        note(f"sources: {sources}" if sources else "sources: none fit the context window")
+        return selected
+
+    return select_with_sources
 
 
 def answer_turn(model, tokenizer, history: ChatHistory, message: str, params: SamplingParams,
