@@ -7,7 +7,12 @@ import random
 
 import pytest
 
-from lmforge.context.rag import ChunkingSettings, Document, chunk_document, load_documents
+from lmforge.context.rag import (
+    ChunkingSettings,
+    Document,
+    chunk_document,
+    load_documents,
+)
 from lmforge.errors import InputError, ValidationError
 
 WORDS = "the cat sat on a mat and then it ran to see the dog who was in the red house by the old tree".split()
