@@ -9,23 +9,15 @@ free: each one is a model call whose prompt and generated tokens are counted in 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from lmforge.context.model_calls import Complete, TokenUsage, ask, local_completion
 from lmforge.context.strategies import SelectedContext, exchanges, prompt_tokens
 from lmforge.errors import InputError, ValidationError
 from lmforge.generation.chat import ChatHistory, Message
+from lmforge.generation.sampling_params import SamplingParams
 
 INSTRUCTION = ("List every fact stated in the conversation below, one short line each. Keep every name, number, "
                "date and decision; leave out greetings and filler.")
 SUMMARY_HEADER = "Summary of the earlier conversation:"
-
-
-@dataclass
-class TokenUsage:
-    """Tokens a helper call cost: its prompt and what it generated."""
-
-    prompt: int = 0
-    generated: int = 0
 
 
 def transcript(messages: list[Message]) -> str:
@@ -37,14 +29,17 @@ class SummarizedContext:
     """Selects what to send, summarizing old exchanges when the conversation outgrows the budget.
 
     Keep one per conversation: it remembers the summary and how many messages it covers, so each
-    exchange is summarized once.
+    exchange is summarized once. The summaries are written by `model`, or by `complete` when given
+    (e.g. through a serving engine).
     """
 
-    def __init__(self, model, tokenizer, reserve_output: int = 256, keep_turns: int = 2, summary_tokens: int = 96):
+    def __init__(self, model, tokenizer, reserve_output: int = 256, keep_turns: int = 2, summary_tokens: int = 96,
+                 complete: Complete | None = None):
         if keep_turns < 1 or summary_tokens < 1 or reserve_output < 0:
             raise ValidationError(f"SummarizedContext needs keep_turns >= 1, summary_tokens >= 1 and "
                                   f"reserve_output >= 0; got {keep_turns}, {summary_tokens}, {reserve_output}.")
-        self.model, self.tokenizer = model, tokenizer
+        self.tokenizer = tokenizer
+        self.complete = complete or local_completion(model, tokenizer)
         self.reserve_output, self.keep_turns, self.summary_tokens = reserve_output, keep_turns, summary_tokens
         self.summary = ""
         self.covered = 0  # messages of the history the summary stands for
@@ -80,14 +75,6 @@ class SummarizedContext:
         return SelectedContext(sent, tokens, self.covered)
 
     def _summarize(self, messages: list[Message]) -> None:
-        from lmforge.generation import SamplingParams, generate
-
         earlier = f"{SUMMARY_HEADER} {self.summary}\n\n" if self.summary else ""
-        request = ChatHistory(None, [{"role": "user",
-                                      "content": f"{INSTRUCTION}\n\n{earlier}{transcript(messages)}"}])
-        prompt_ids = self.tokenizer.encode(request.to_prompt(self.tokenizer), add_special_tokens=False)
-        output = generate(self.model, self.tokenizer, [prompt_ids],
-                          SamplingParams(temperature=0.0, max_tokens=self.summary_tokens))[0].outputs[0]
-        self.summary = output.text.strip()
-        self.spent.prompt += len(prompt_ids)
-        self.spent.generated += len(output.token_ids)
+        self.summary = ask(self.complete, self.tokenizer, f"{INSTRUCTION}\n\n{earlier}{transcript(messages)}",
+                           SamplingParams(temperature=0.0, max_tokens=self.summary_tokens), self.spent)
