@@ -21,12 +21,13 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from lmforge.context.strategies import ContextPolicy, select_context
+from lmforge.context.model_calls import TokenUsage
 from lmforge.context.tools import Tool, parse_tool_call
 from lmforge.engine.async_engine import AsyncLLMEngine, RequestStream
 from lmforge.generation.chat import ChatHistory
 from lmforge.generation.generate import CompletionOutput, RequestOutput
 from lmforge.generation.sampling_params import SamplingParams
+from lmforge.serve.context import ConversationContexts
 from lmforge.serve.embeddings import Embedder, encode_vector
 from lmforge.serve.errors import APIError, install_error_handlers
 from lmforge.serve.metrics import ResponseCounter, ServerMetrics
@@ -77,6 +78,10 @@ def create_app(state: ServerState) -> FastAPI:
     install_error_handlers(app)
     metrics = ServerMetrics(lambda: state.engine.stats if state.engine is not None else None)
     app.add_middleware(ResponseCounter, counter=metrics.responses)
+    condensed: dict[int, ConversationContexts] = {}  # per engine (the engine arrives once the model has loaded)
+
+    def contexts(engine: AsyncLLMEngine) -> ConversationContexts:
+        return condensed.setdefault(id(engine), ConversationContexts(engine, metrics))
 
     async def check_api_key(request: Request) -> None:
         if state.api_key is None:
@@ -143,7 +148,7 @@ def create_app(state: ServerState) -> FastAPI:
         engine = state.ready_engine()
         state.check_model(body.model)
         params = body.sampling_params(default_max_tokens=None)
-        text = _chat_prompt(state, engine, body, params)
+        text, context_usage = await _chat_prompt(state, contexts(engine), body, params)
         prompt_ids = state.tokenizer.encode(text, add_special_tokens=False)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         stream = _submit(state, engine, request_id, prompt_ids, params)
@@ -151,9 +156,10 @@ def create_app(state: ServerState) -> FastAPI:
         tools = body.callable_tools()
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(_chat_chunks(state, metrics, stream, meta, params.n, len(prompt_ids), include_usage, tools))
+            return _sse(_chat_chunks(state, metrics, stream, meta, params.n, len(prompt_ids), include_usage, tools,
+                                     context_usage))
         final = await _collect([stream], request, metrics)
-        return _chat_response(state, final[0], meta, tools)
+        return _chat_response(state, final[0], meta, tools, context_usage)
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -262,21 +268,26 @@ def _finish_reason(reason: str | None) -> str | None:
     return "stop" if reason == "abort" else reason
 
 
-def _chat_prompt(state: ServerState, engine: AsyncLLMEngine, body: ChatCompletionRequest,
-                 params: SamplingParams) -> str:
-    """The conversation rendered by the chat template — with a `context` strategy, only the part it selects."""
+async def _chat_prompt(state: ServerState, contexts: ConversationContexts, body: ChatCompletionRequest,
+                       params: SamplingParams) -> tuple[str, TokenUsage | None]:
+    """The conversation rendered by the chat template — with a `context` strategy, only the part it selects —
+    and the tokens the model spent condensing it (None when no model call was needed)."""
     if body.context is None:
-        return state.tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=True)
+        return state.tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=True), None
     options = body.context
-    policy = ContextPolicy(options.strategy, options.max_turns, options.max_tokens, params.max_tokens or 0)
     history = ChatHistory.from_json(body.conversation(), "messages")
-    return select_context(history, state.tokenizer, engine.engine.max_model_len, policy).history.to_prompt(
-        state.tokenizer)
+    selected, spent = await contexts.select(history, options.strategy, options.max_turns, options.max_tokens,
+                                            options.keep_turns, params.max_tokens or 0)
+    return selected.history.to_prompt(state.tokenizer), spent
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def _usage(prompt_tokens: int, completion_tokens: int, context: TokenUsage | None = None) -> dict:
+    """OpenAI's usage; with a summarize/state context, `context_tokens` adds what condensing it cost."""
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    if context is not None:
+        usage["context_tokens"] = {"prompt_tokens": context.prompt, "completion_tokens": context.generated}
+    return usage
 
 
 def _token_text(state: ServerState, token_id: int) -> str:
@@ -306,7 +317,8 @@ def _assistant_message(text: str, tools: list[Tool]) -> tuple[dict, bool]:
     return {"role": "assistant", "content": None, "tool_calls": [call.to_openai()]}, True
 
 
-def _chat_response(state: ServerState, output: RequestOutput, meta: dict, tools: list[Tool]) -> dict:
+def _chat_response(state: ServerState, output: RequestOutput, meta: dict, tools: list[Tool],
+                   context_usage: TokenUsage | None) -> dict:
     choices = []
     for c in output.outputs:
         message, called = _assistant_message(c.text, tools)
@@ -314,11 +326,12 @@ def _chat_response(state: ServerState, output: RequestOutput, meta: dict, tools:
                         "finish_reason": "tool_calls" if called else _finish_reason(c.finish_reason)})
     completion_tokens = sum(len(c.token_ids) for c in output.outputs)
     return {**meta, "object": "chat.completion", "choices": choices,
-            "usage": _usage(len(output.prompt_token_ids), completion_tokens)}
+            "usage": _usage(len(output.prompt_token_ids), completion_tokens, context_usage)}
 
 
 async def _chat_chunks(state: ServerState, metrics: ServerMetrics, stream: RequestStream, meta: dict, n: int,
-                       prompt_tokens: int, include_usage: bool, tools: list[Tool]) -> AsyncIterator[dict | str]:
+                       prompt_tokens: int, include_usage: bool, tools: list[Tool],
+                       context_usage: TokenUsage | None) -> AsyncIterator[dict | str]:
     """Stream the answer's text as it comes. With tools, an answer that starts with "{" may be a call: it is
     held back until it is complete and then sent as one `tool_calls` delta (or as text, if it is no call)."""
 
@@ -351,7 +364,7 @@ async def _chat_chunks(state: ServerState, metrics: ServerMetrics, stream: Reque
                 yield chunk([{"index": part.index, "delta": {"content": text} if text else {},
                               "logprobs": _chat_logprobs(state, part), "finish_reason": finish_reason}])
         if include_usage:
-            yield chunk([], usage=_usage(prompt_tokens, completion_tokens))
+            yield chunk([], usage=_usage(prompt_tokens, completion_tokens, context_usage))
         yield "[DONE]"
     finally:
         await stream.aclose()  # a client that left mid-stream: free its KV blocks

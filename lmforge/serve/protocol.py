@@ -12,12 +12,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmforge.context.strategies import STRATEGIES
 from lmforge.context.structured import StructuredOutputParams
 from lmforge.context.tools import Tool, tool_call_constraint, with_tools
 from lmforge.errors import ValidationError
 from lmforge.generation.generate import prompt_list
 from lmforge.generation.sampling_params import SamplingParams
+from lmforge.serve.context import SERVER_STRATEGIES
 
 
 class _Request(BaseModel):
@@ -150,9 +150,10 @@ class ContextOptions(_Request):
     """lmforge's extension to chat completions: what part of `messages` to send when they outgrow the
     window (see lmforge.context.strategies); OpenAI clients pass it with extra_body={"context": {...}}."""
 
-    strategy: Literal[STRATEGIES] = "full"
-    max_turns: int | None = Field(default=None, ge=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    strategy: Literal[SERVER_STRATEGIES] = "full"
+    max_turns: int | None = Field(default=None, ge=1)  # window: the last N exchanges
+    max_tokens: int | None = Field(default=None, ge=1)  # truncate / window: at most this many prompt tokens
+    keep_turns: int | None = Field(default=None, ge=1)  # summarize / state: exchanges kept word for word
 
 
 class ChatCompletionRequest(_Sampling):

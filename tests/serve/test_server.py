@@ -210,7 +210,36 @@ def test_a_context_strategy_sends_only_the_part_of_the_conversation_it_selects(s
     assert windowed.usage.prompt_tokens == alone.usage.prompt_tokens < full.usage.prompt_tokens
     assert windowed.choices[0].message.content == alone.choices[0].message.content
     for context, message in (({"strategy": "window"}, "needs max_turns"),
-                             ({"strategy": "summarize"}, "context.strategy")):
+                             ({"strategy": "magic"}, "context.strategy"),
+                             ({"strategy": "window", "max_turns": 1, "keep_turns": 1}, "keep_turns applies to"),
+                             ({"strategy": "state", "max_tokens": 10}, "keep_turns applies to")):
         with pytest.raises(openai.BadRequestError, match=message):
             client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4,
                                            extra_body={"context": context})
+
+
+@pytest.mark.parametrize("strategy", ["summarize", "state"])
+def test_condensing_strategies_call_the_model_through_the_engine_once_per_exchange(server, client, strategy):
+    """summarize/state condense older exchanges with model calls (billed in usage.context_tokens); the next
+    request of the same conversation resumes from the cached result and pays only for what is new."""
+    messages = [{"role": "system", "content": "Be brief."}]
+    for fact in ("My cat is called Pixel.", "I live in Lyon.", "I was born in 1990.", "I work as a baker.",
+                 "My sister is Ingrid.", "I drive a yellow tractor.", "My lucky number is 47.", "I play the cello."):
+        messages += [{"role": "user", "content": fact}, {"role": "assistant", "content": "Noted, thank you."}]
+    messages.append({"role": "user", "content": "What is my cat called?"})
+    context = {"strategy": strategy, "keep_turns": 1}
+
+    def ask(conversation):
+        response = client.chat.completions.create(model=MODEL, messages=conversation, max_tokens=300, temperature=0,
+                                                  extra_body={"context": context})
+        return response.usage.prompt_tokens, response.usage.model_extra["context_tokens"]
+
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    sent, spent = ask(messages)
+    assert sent < full.usage.prompt_tokens and spent["prompt_tokens"] > 0 and spent["completion_tokens"] > 0
+    assert ask(messages) == (sent, {"prompt_tokens": 0, "completion_tokens": 0})  # cached: no model call
+    longer = messages + [{"role": "assistant", "content": "Pixel."}, {"role": "user", "content": "And my job?"}]
+    _, more = ask(longer)
+    assert more["prompt_tokens"] < spent["prompt_tokens"]  # at most the newly older exchange is read
+    assert (more["prompt_tokens"] > 0) == (strategy == "state")  # a summary is only rewritten when over budget
+    wait_for_free_blocks(server)
