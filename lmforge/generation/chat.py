@@ -55,13 +55,15 @@ class ChatHistory:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + [dict(message) for message in self.messages]
 
-    def to_prompt(self, tokenizer: Tokenizer, add_generation_prompt: bool = True) -> str:
-        """The conversation rendered by the tokenizer's chat template, ending with the assistant cue."""
+    def to_prompt(self, tokenizer: Tokenizer, add_generation_prompt: bool = True, **template_vars) -> str:
+        """The conversation rendered by the tokenizer's chat template, ending with the assistant cue
+        (`template_vars` such as enable_thinking go to the template)."""
         if not tokenizer.chat_template:
             raise UnsupportedError("this model's tokenizer has no chat template, so a chat history cannot be "
                                    "turned into a prompt; use a chat (instruct) model such as "
                                    "smollm2-135m-instruct, or send plain text (lmforge generate --raw).")
-        return tokenizer.apply_chat_template(self.to_messages(), add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(self.to_messages(), add_generation_prompt=add_generation_prompt,
+                                             **template_vars)
 
     # ----- JSON files ---------------------------------------------------------------------
 

@@ -2,9 +2,10 @@
 
 Each processor rewrites the next-token logits of one sequence (a [vocab] float32 tensor);
 a filtered token gets -inf, i.e. probability 0. `LogitsPipeline.from_params` runs them in a
-fixed order: hard constraints and penalties on the raw logits (logit bias, bad words, min
-tokens, no-repeat-ngram, repetition, presence/frequency), then temperature, then the
-truncation filters (top-k, top-p, min-p, typical-p), which act on the tempered distribution.
+fixed order: the output's constraints first (a structured-output grammar, a reasoning budget),
+then hard constraints and penalties on the raw logits (logit bias, bad words, min tokens,
+no-repeat-ngram, repetition, presence/frequency), then temperature, then the truncation filters
+(top-k, top-p, min-p, typical-p), which act on the tempered distribution.
 """
 
 from __future__ import annotations
@@ -365,7 +366,8 @@ class LogitsPipeline:
         """Build the processors `params` asks for, in the order of the module docstring.
 
         `constraints` (e.g. a grammar mask for constrained decoding) run first, on the raw logits;
-        `params.structured_outputs` adds its grammar there. Processors that would change nothing are
+        `params.structured_outputs` adds its grammar there and `params.reasoning_budget` the forced end
+        of an over-long thought. Processors that would change nothing are
         left out; with greedy (or beam) decoding the temperature and truncation filters are too, as
         they cannot change the argmax.
         """
@@ -377,6 +379,13 @@ class LogitsPipeline:
 
             processors.insert(0, grammar_constraint(params.structured_outputs, tokenizer,
                                                     eos_token_ids or params.stop_token_ids or []))
+        if params.reasoning_budget is not None:
+            from lmforge.context.reasoning import ReasoningBudget, ThinkingMode
+
+            if tokenizer is None:
+                raise ValidationError("SamplingParams.reasoning_budget needs the tokenizer to find the think tags; "
+                                      "pass tokenizer= to LogitsPipeline.from_params.")
+            processors.append(ReasoningBudget(params.reasoning_budget, ThinkingMode.of(tokenizer)))
         if params.logit_bias:
             processors.append(LogitBias(params.logit_bias))
         if params.bad_words:

@@ -43,6 +43,7 @@ class SamplingParams:
     skip_special_tokens: bool = True  # in the detokenized text
     num_beams: int = 1  # beam search when > 1 (deterministic; sampling fields are ignored)
     length_penalty: float = 1.0  # beam score = sum logprob / length**length_penalty
+    reasoning_budget: int | None = None  # thinking models: tokens allowed before </think> is forced
     # the output must match a JSON schema / regex / choice / grammar (lmforge.context.structured)
     structured_outputs: StructuredOutputParams | dict | None = None
 
@@ -122,6 +123,8 @@ class SamplingParams:
             fail("logprobs", "must be an integer in [0, 20]")
         if not is_int(self.num_beams) or self.num_beams < 1:
             fail("num_beams", "must be an integer >= 1")
+        if self.reasoning_budget is not None and (not is_int(self.reasoning_budget) or self.reasoning_budget < 0):
+            fail("reasoning_budget", "must be an integer >= 0 (thinking tokens), or None for no limit")
 
     @property
     def greedy(self) -> bool:

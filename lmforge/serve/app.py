@@ -272,13 +272,15 @@ async def _chat_prompt(state: ServerState, contexts: ConversationContexts, body:
                        params: SamplingParams) -> tuple[str, TokenUsage | None]:
     """The conversation rendered by the chat template — with a `context` strategy, only the part it selects —
     and the tokens the model spent condensing it (None when no model call was needed)."""
+    template_vars = body.template_vars(state.tokenizer)
     if body.context is None:
-        return state.tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=True), None
+        return state.tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=True,
+                                                   **template_vars), None
     options = body.context
     history = ChatHistory.from_json(body.conversation(), "messages")
     selected, spent = await contexts.select(history, options.strategy, options.max_turns, options.max_tokens,
                                             options.keep_turns, params.max_tokens or 0)
-    return selected.history.to_prompt(state.tokenizer), spent
+    return selected.history.to_prompt(state.tokenizer, **template_vars), spent
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, context: TokenUsage | None = None) -> dict:

@@ -8,13 +8,15 @@ checks live in `SamplingParams` (one set of rules for the CLI, the Python API an
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lmforge.context.reasoning import reasoning_template_vars
 from lmforge.context.structured import StructuredOutputParams
 from lmforge.context.tools import Tool, tool_call_constraint, with_tools
-from lmforge.errors import ValidationError
+from lmforge.errors import LMForgeError, ValidationError
 from lmforge.generation.generate import prompt_list
 from lmforge.generation.sampling_params import SamplingParams
 from lmforge.serve.context import SERVER_STRATEGIES
@@ -165,11 +167,22 @@ class ChatCompletionRequest(_Sampling):
     response_format: ResponseFormat | None = None
     tools: list[ToolSpec] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    reasoning: Literal["off"] | int | None = None  # thinking models: "off", or a budget of thinking tokens
+
+    def template_vars(self, tokenizer) -> dict:
+        """Chat-template variables of this request (the thinking switch)."""
+        try:
+            return reasoning_template_vars(tokenizer, self.reasoning)
+        except LMForgeError as exc:
+            raise type(exc)(f"SamplingParams.reasoning: {exc}") from None
 
     def sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
-        return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None,
-                                     self._output_constraint())
+        params = self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None,
+                                       self._output_constraint())
+        if isinstance(self.reasoning, int):
+            params = checked("reasoning", lambda: dataclasses.replace(params, reasoning_budget=self.reasoning))
+        return params
 
     def callable_tools(self) -> list[Tool]:
         """The tools the answer may call (none without `tools` or with tool_choice "none")."""

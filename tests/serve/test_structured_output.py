@@ -122,3 +122,13 @@ def test_a_bad_constraint_is_a_400_naming_the_field(client, extra, param, reason
         client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, **extra)
     body = error.value.body
     assert body["param"] == param and reason in body["message"], body
+
+
+def test_reasoning_on_a_model_without_thinking_is_a_400(client):
+    for reasoning in ("off", 32):
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5,
+                                           extra_body={"reasoning": reasoning})
+        assert error.value.body["param"] == "reasoning" and "no thinking mode" in error.value.body["message"]
+    with pytest.raises(openai.BadRequestError, match="reasoning_budget must be an integer >= 0"):
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, extra_body={"reasoning": -1})
