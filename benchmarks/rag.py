@@ -155,6 +155,21 @@ class BM25:
         return list(np.argsort(-scores, kind="stable")[:k])
 
 
+def cpu_busy_cores(seconds: float = 2.0) -> float:
+    """How many cores other processes kept busy over `seconds` (from /proc/stat; 0 where it does not exist)."""
+    def busy_and_total() -> tuple[int, int]:
+        fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    if not os.path.exists("/proc/stat"):
+        return 0.0
+    busy, total = busy_and_total()
+    time.sleep(seconds)
+    busy_after, total_after = busy_and_total()
+    return (busy_after - busy) / max(total_after - total, 1) * os.cpu_count()
+
+
 def hf_encoder():
     """transformers' AutoModel + mean pooling over the attention mask, unit length: the peer."""
     import transformers
@@ -203,7 +218,7 @@ def main() -> None:
         build_index,
     )
 
-    load = os.getloadavg()[0]  # other work on the machine, before this run adds its own
+    busy_cores = cpu_busy_cores()  # other work on the machine, before this run adds its own
     documents, candidates = build_corpus(MODULES[:args.modules])
     rng = random.Random(args.seed)
     encoder = SentenceEncoder.from_pretrained("all-minilm-l6-v2")
@@ -262,9 +277,13 @@ def main() -> None:
          ["largest difference between their vectors", f"{difference:.1e}"]])
     print(quality)
     print(table)
-    busy = (f"Other work ran on the machine meanwhile (load average {load:.1f} when this run started), so absolute "
+    busy = (f"Other work kept {busy_cores:.1f} of the {os.cpu_count()} cores busy when this run started, so absolute "
             "times are noisy; the two systems ran alternately under the same load, so read their ratio."
-            if load > 0.5 else f"The machine was otherwise idle (load average {load:.1f} when this run started).")
+            if busy_cores > 0.25 else "The machine was idle when this run started, but it is shared with other work, "
+                                      "so absolute times may be noisy; read the ratio.")
+    threads = (f" Both systems ran with {args.threads} torch thread(s) (--threads): on a small machine shared with "
+               "other work, more threads than free cores make every process wait." if args.threads else "")
+    asked = "all are asked" if n == len(answerable) else f"a seeded sample of {n} is asked"
     write_section("rag", f"""
 ## RAG: retrieval over standard-library docstrings (`benchmarks/rag.py`)
 
@@ -273,18 +292,19 @@ def main() -> None:
 The corpus is one document per module for {len(documents)} standard-library modules of Python
 {platform.python_version()}: each public function, class and method as a heading with its signature, then its
 docstring. Chunks of at most {args.chunk_tokens} tokens with {args.overlap} overlap, embedded by all-MiniLM-L6-v2.
-The {n} questions (a seeded sample of {len(answerable)}) are first sentences of function docstrings turned into
-"Which function returns ...?" with articles dropped and some words swapped for synonyms: none names the function
-or is in a document verbatim, so exact string matching answers none. A question counts as answered at k when a
-chunk holding the function's heading and that sentence is among the top k. BM25 over the same chunks is the
-word-overlap baseline; the questions keep most of their docstring's words, which is why it does so well.
+Questions are first sentences of function docstrings turned into "Which function returns ...?" with articles
+dropped and some words swapped for synonyms: none names the function or is in a document verbatim, so exact
+string matching answers none. Of the {len(candidates)} questions, the {len(answerable)} whose function's heading
+and first sentence fall in one chunk can be answered, and {asked}. A question counts as answered at k when such
+a chunk is among the top k. BM25 over the same chunks is the word-overlap baseline; the questions keep most of
+their docstring's words, which is why it does so well.
 
 {quality}
 
 {table}
 
 Throughput: {len(sample)} chunks in the same length-sorted batches of {args.batch_size}, the two systems alternated
-{args.repeats} times (median); transformers is AutoModel + mean pooling over the same model folder. {busy}
+{args.repeats} times (median); transformers is AutoModel + mean pooling over the same model folder.{threads} {busy}
 """)
 
 

@@ -51,6 +51,7 @@ class RetrievedContext:
         self.retriever, self.select_history, self.top_k = retriever, select, top_k
 
     def select(self, history: ChatHistory) -> AugmentedContext:
+        """What to send for `history`, whose last message (the user's) is the query."""
         if not history.messages or history.messages[-1]["role"] != "user":
             raise InputError("retrieval needs a user message last in the conversation: it is the query.")
         question = history.messages[-1].get("content") or ""
