@@ -84,7 +84,7 @@ def test_answer_cites_its_sources(index, session_encoder, loaded_smollm2, monkey
 
     monkeypatch.setattr(rag, "load_generator", chat.load_generator)  # the session's SmolLM2
     out, _ = index
-    assert main(["rag", "query", str(out), QUESTION, "-k", "2", "--answer", "--max-tokens", "12"]) == 0
+    assert main(["rag", "query", str(out), QUESTION, "-k", "3", "--answer", "--max-tokens", "12"]) == 0
     answer, sources = capsys.readouterr().out.split("\nsources cited:\n")
     assert "March" in answer and "[1]" in answer
     assert sources.startswith("[1] notes/village.txt (characters 0-") and sources.count("\n") == 1
