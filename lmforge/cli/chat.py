@@ -5,9 +5,12 @@ through the model's chat template and generates the assistant's next message: th
 itself remembers nothing between turns, the prompt carries the conversation. When it
 outgrows the context window, --context chooses what is sent: full (everything, until it no
 longer fits), truncate (the oldest exchanges dropped), window (the last --window-turns
-exchanges, or at most --window-tokens tokens) or summarize (the model writes a running summary
-of the older exchanges, its tokens reported); the system prompt and the latest message always
-go, and /save keeps the whole conversation. --max-tokens is reserved for each answer.
+exchanges, or at most --window-tokens tokens), summarize (the model writes a running summary
+of the older exchanges, its tokens reported) or state (the model keeps a JSON object of the facts
+stated, sent with every message, and only the last --window-turns exchanges go word for word); the
+system prompt and the latest message always go, and /save keeps the whole conversation.
+--max-tokens is reserved for each answer. --reasoning switches a thinking model's reasoning off
+or caps it at N tokens.
 With --rag INDEX (from `lmforge rag index`), each message retrieves --rag-top-k passages that go
 into it as numbered sources for the model to cite as [n]; the sources sent are listed on stderr.
 Lines starting with / are commands (/help lists them); Ctrl-C stops an answer, Ctrl-D leaves.
@@ -16,6 +19,8 @@ Lines starting with / are commands (/help lists them); Ctrl-C stops an answer, C
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from collections.abc import Callable
 
@@ -29,6 +34,7 @@ from lmforge.cli.common import (
     sampling_params,
     write_answer,
 )
+from lmforge.context.reasoning import reasoning_template_vars
 from lmforge.context.strategies import (
     STRATEGIES,
     ContextPolicy,
@@ -39,11 +45,14 @@ from lmforge.errors import InputError, LMForgeError, UnsupportedError
 from lmforge.generation.chat import ChatHistory
 from lmforge.generation.sampling_params import SamplingParams
 
+CONDENSING = ("summarize", "state")  # strategies where the model condenses the older exchanges
+
 EXAMPLES = """examples:
   lmforge chat
   lmforge chat --system "Answer in one sentence." --temperature 0.3 --max-tokens 100
   printf 'Hi!\\n/save chat.json\\n' | lmforge chat --temperature 0 > answers.txt
   lmforge chat --context window --window-turns 4     # send only the last 4 exchanges
+  lmforge chat --context state --window-turns 1      # pinned facts + the last exchange
   lmforge chat --rag docs.index --rag-top-k 3        # answers from your documents, citing them
 """
 
@@ -56,18 +65,34 @@ def add_parser(subparsers) -> None:
     add_quantization_argument(parser)
     parser.add_argument("--system", metavar="TEXT", help="system prompt (change it later with /system)")
     context = parser.add_argument_group("context (what is sent when the conversation outgrows the window)")
-    context.add_argument("--context", choices=(*STRATEGIES, "summarize"), default="full",
+    context.add_argument("--context", choices=(*STRATEGIES, *CONDENSING), default="full",
                          help="full: everything; truncate: drop the oldest exchanges; window: the last ones; "
-                              "summarize: the model summarizes the older exchanges (default: full)")
+                              "summarize: the model summarizes the older exchanges; state: the model keeps the "
+                              "facts stated as JSON (default: full)")
     context.add_argument("--window-turns", type=int, metavar="N",
-                         help="window: the last N exchanges; summarize: exchanges kept word for word (default: 2)")
+                         help="window: the last N exchanges; summarize/state: exchanges kept word for word "
+                              "(default: 2 for summarize, 1 for state)")
     context.add_argument("--window-tokens", type=int, metavar="T", help="window/truncate: at most T prompt tokens")
     context.add_argument("--rag", metavar="INDEX", help="retrieve passages for each message from this index "
                                                         "(written by `lmforge rag index`) and send them as sources")
     context.add_argument("--rag-top-k", type=int, default=4, metavar="K",
                          help="--rag: passages retrieved per message (default: 4)")
+    parser.add_argument("--reasoning", type=reasoning_option, metavar="off|N",
+                        help="thinking models: switch reasoning off, or allow at most N thinking tokens per answer")
     add_sampling_arguments(parser)
     parser.set_defaults(handler=handle)
+
+
+def reasoning_option(value: str) -> str | int:
+    if value == "off":
+        return value
+    try:
+        budget = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'off' or a number of tokens, got {value!r}") from None
+    if budget < 0:
+        raise argparse.ArgumentTypeError(f"the reasoning budget must be >= 0 tokens, got {budget}")
+    return budget
 
 
 # ----- commands: each takes the history and the text after the command, returns False to leave ------
@@ -136,17 +161,20 @@ def run_command(history: ChatHistory, line: str) -> bool:
 
 def handle(args: argparse.Namespace) -> int:
     params = sampling_params(args)  # bad values fail before the model loads
-    if args.context == "summarize" and args.window_tokens is not None:
-        raise InputError("--window-tokens applies to the truncate and window strategies, not summarize.")
-    policy = None if args.context == "summarize" else ContextPolicy(args.context, args.window_turns,
-                                                                     args.window_tokens, params.max_tokens or 0)
+    if isinstance(args.reasoning, int):
+        params = dataclasses.replace(params, reasoning_budget=args.reasoning)
+    if args.context in CONDENSING and args.window_tokens is not None:
+        raise InputError(f"--window-tokens applies to the truncate and window strategies, not {args.context}.")
+    policy = None if args.context in CONDENSING else ContextPolicy(args.context, args.window_turns,
+                                                                    args.window_tokens, params.max_tokens or 0)
     retriever = _retriever(args.rag, args.rag_top_k)  # a missing index fails before the model loads
     model, tokenizer = load_generator(args.model, args.quantization, args.adapter)
     if not tokenizer.chat_template:
         raise UnsupportedError(f"{args.model} has no chat template, so it cannot hold a conversation; use a chat "
                                f"model, or complete plain text with: lmforge generate --raw --model {args.model} TEXT")
+    template_vars = reasoning_template_vars(tokenizer, args.reasoning)  # no thinking mode: fails here
     history = ChatHistory(system=args.system)
-    select = context_selector(model, tokenizer, policy, params.max_tokens or 0, args.window_turns or 2)
+    select = context_selector(model, tokenizer, args.context, policy, params.max_tokens or 0, args.window_turns)
     if retriever is not None:
         select = retrieval_selector(retriever, select, args.rag_top_k)
     interactive = sys.stdin.isatty()
@@ -170,22 +198,36 @@ def handle(args: argparse.Namespace) -> int:
                 if not run_command(history, line):
                     return 0
             else:
-                answer_turn(model, tokenizer, history, line, params, select)
+                answer_turn(model, tokenizer, history, line, params, select, template_vars)
         except LMForgeError as exc:  # a bad command or a turn that cannot run: report it and keep chatting
             print(f"lmforge: error: {exc}", file=sys.stderr)
 
 
-def context_selector(model, tokenizer, policy: ContextPolicy | None, reserve: int,
-                     keep_turns: int) -> Callable[[ChatHistory], SelectedContext]:
-    """What each turn sends: `policy`'s part of the history, or (None) a running summary of the older
-    exchanges and the last `keep_turns` word for word."""
+def context_selector(model, tokenizer, strategy: str, policy: ContextPolicy | None, reserve: int,
+                     keep_turns: int | None) -> Callable[[ChatHistory], SelectedContext]:
+    """What each turn sends: `policy`'s part of the history, or for summarize / state the older exchanges
+    condensed by the model and the last `keep_turns` word for word (the facts noted when they change)."""
     window = model.config.context_length
     if policy is not None:
         return lambda history: select_context(history, tokenizer, window, policy)
-    from lmforge.context.summary import SummarizedContext
+    if strategy == "summarize":
+        from lmforge.context.summary import SummarizedContext
 
-    summarizer = SummarizedContext(model, tokenizer, reserve, keep_turns=keep_turns)
-    return lambda history: summarizer.select(history, window)
+        summarizer = SummarizedContext(model, tokenizer, reserve, keep_turns=keep_turns or 2)
+        return lambda history: summarizer.select(history, window)
+    from lmforge.context.state import StatefulContext
+
+    context = StatefulContext(model, tokenizer, reserve, keep_turns=keep_turns or 1)
+
+    def select_with_state(history: ChatHistory) -> SelectedContext:
+        before = dict(context.state)
+        selected = context.select(history, window)
+        if context.state != before:
+            note(f"facts: {json.dumps(context.state, ensure_ascii=False)} (model calls so far: "
+                 f"{context.spent.prompt} prompt + {context.spent.generated} generated tokens)")
+        return selected
+
+    return select_with_state
 
 
 def _retriever(index: str | None, top_k: int):
@@ -217,16 +259,18 @@ def retrieval_selector(retriever, select: Callable[[ChatHistory], SelectedContex
 
 
 def answer_turn(model, tokenizer, history: ChatHistory, message: str, params: SamplingParams,
-                select: Callable[[ChatHistory], SelectedContext]) -> None:
+                select: Callable[[ChatHistory], SelectedContext], template_vars: dict | None = None) -> None:
     """Add the user's message, stream the assistant's answer and add it too (even when cut by Ctrl-C).
-    The prompt is the part of the history `select` chooses (`context_selector`)."""
+    The prompt is the part of the history `select` chooses (`context_selector`), rendered with
+    `template_vars` (e.g. the thinking switch)."""
     history.add_user(message)
     try:
         selected = select(history)
         if selected.dropped_messages:
             note(f"context: {selected.tokens} tokens sent, the {selected.dropped_messages} oldest message(s) left out "
                  "or summarized")
-        prompt_ids = tokenizer.encode(selected.history.to_prompt(tokenizer), add_special_tokens=False)
+        prompt_ids = tokenizer.encode(selected.history.to_prompt(tokenizer, **(template_vars or {})),
+                                      add_special_tokens=False)
         answer = write_answer(model, tokenizer, prompt_ids, params, interruptible=True)
     except LMForgeError:
         history.messages.pop()  # the turn did not happen

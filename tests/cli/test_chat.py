@@ -106,3 +106,19 @@ def test_summarize_chats_normally_while_the_conversation_fits(loaded_smollm2, mo
     assert status == 0 and len(out.splitlines()) == 2 and "context:" not in err
     status, _, err = chat(monkeypatch, capsys, "hi\n", "--context", "summarize", "--window-tokens", "50")
     assert status == 2 and "--window-tokens applies to the truncate and window strategies" in err
+
+
+def test_state_pins_the_facts_and_sends_only_the_last_exchange(loaded_smollm2, monkeypatch, capsys):
+    lines = "My cat is called Pixel.\nI live in Lyon.\nWhat is my cat called?\n"
+    status, out, err = chat(monkeypatch, capsys, lines, "--context", "state", "--max-tokens", "12")
+    assert status == 0 and len(out.splitlines()) == 3
+    assert err.count("context:") == 2  # the 2nd and 3rd turns leave older exchanges out
+    assert "facts: {" in err and "prompt +" in err  # the state and what keeping it cost
+
+
+def test_reasoning_needs_a_thinking_model(loaded_smollm2, monkeypatch, capsys):
+    status, _, err = chat(monkeypatch, capsys, "hi\n", "--reasoning", "64")
+    assert status == 2 and "no thinking mode" in err
+    with pytest.raises(SystemExit) as exit_status:
+        main(["chat", "--reasoning", "lots"])
+    assert exit_status.value.code == 2 and "expected 'off' or a number of tokens" in capsys.readouterr().err
