@@ -70,7 +70,7 @@ def module_document(name: str) -> tuple[str, list[tuple[str, str, int, int]]]:
         nonlocal length
         doc = inspect.getdoc(obj)
         try:
-            signature = str(inspect.signature(obj))
+            signature = re.sub(r" at 0x[0-9a-f]+", "", str(inspect.signature(obj)))  # no addresses: the same every run
         except (TypeError, ValueError):
             signature = "(...)"
         block = f"## {heading}{signature}\n{doc}\n\n"
@@ -195,7 +195,8 @@ def hf_encoder():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modules", type=int, default=30, help=f"stdlib modules in the corpus (at most {len(MODULES)})")
+    parser.add_argument("--modules", type=int, default=30,
+                        help=f"stdlib modules in the corpus (at most {len(MODULES)})")
     parser.add_argument("--questions", type=int, default=200, help="questions asked (a seeded sample)")
     parser.add_argument("--chunk-tokens", type=int, default=128, help="most tokens per chunk")
     parser.add_argument("--overlap", type=int, default=24, help="tokens shared by neighbouring chunks")

@@ -115,7 +115,8 @@ def test_bad_input_is_one_line(index, session_encoder, tmp_path, minilm_encoder)
     (tmp_path / "slides.pptx").write_bytes(b"PK")
     out, _ = index
     for argv, message in (
-            (["rag", "index", str(tmp_path / "slides.pptx"), "--out", "x"], "no converter for '.pptx' files; supported:"),
+            (["rag", "index", str(tmp_path / "slides.pptx"), "--out", "x"],
+             "no converter for '.pptx' files; supported:"),
             (["rag", "index", str(tmp_path), "--out", "x", "--overlap", "80"], "overlap_tokens must be >= 0 and less"),
             (["rag", "query", str(tmp_path / "none"), "q"], "none: no such folder; build one with: lmforge rag index"),
             (["rag", "query", str(out), QUESTION, "--embedding-model", str(other)],
