@@ -54,6 +54,9 @@ def add_parser(subparsers) -> None:
                              "Q8_0/Q4_1/Q4_0 blocks (default: none)")
     parser.add_argument("--embedding-model", default="all-minilm-l6-v2",
                         help="encoder serving /v1/embeddings; 'none' turns the route off (default: all-minilm-l6-v2)")
+    parser.add_argument("--rag-index", metavar="INDEX", default=None,
+                        help="document index (from `lmforge rag index`) that chat requests can draw sources from "
+                             "with extra_body={'context': {'rag': true}}")
     parser.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together (default: 32)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512,
                         help="tokens per engine step (default: 512)")
@@ -126,6 +129,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
     from fastapi.middleware.cors import CORSMiddleware
 
+    from lmforge.context.rag import Retriever
     from lmforge.engine.async_engine import AsyncLLMEngine
     from lmforge.engine.config import EngineConfig
     from lmforge.serve.app import ServerState, create_app
@@ -148,6 +152,8 @@ def _serve(args: argparse.Namespace) -> int:
         try:
             if args.embedding_model.lower() != "none":
                 state.embedder = Embedder.from_pretrained(args.embedding_model)
+            if args.rag_index is not None:
+                state.retriever = Retriever.load(args.rag_index)
             state.engine = AsyncLLMEngine.from_pretrained(args.model, config, args.dtype, args.quantization,
                                                           args.tensor_parallel_size)
             if state.engine.engine.workers is not None:

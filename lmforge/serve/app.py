@@ -22,6 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from lmforge.context.model_calls import TokenUsage
+from lmforge.context.rag import Retriever, ScoredChunk
 from lmforge.context.tools import Tool, parse_tool_call
 from lmforge.engine.async_engine import AsyncLLMEngine, RequestStream
 from lmforge.generation.chat import ChatHistory
@@ -49,6 +50,7 @@ class ServerState:
     model_name: str
     engine: AsyncLLMEngine | None = None
     embedder: Embedder | None = None  # serves /v1/embeddings when set
+    retriever: Retriever | None = None  # the document index of the `context` extension's rag
     api_key: str | None = None
     max_queue: int | None = None  # waiting requests beyond which new ones get 429
     draining: bool = False
@@ -148,18 +150,22 @@ def create_app(state: ServerState) -> FastAPI:
         engine = state.ready_engine()
         state.check_model(body.model)
         params = body.sampling_params(default_max_tokens=None)
-        text, context_usage = await _chat_prompt(state, contexts(engine), body, params)
+        text, context_usage, passages = await _chat_prompt(state, contexts(engine), body, params)
         prompt_ids = state.tokenizer.encode(text, add_special_tokens=False)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         stream = _submit(state, engine, request_id, prompt_ids, params)
         meta = {"id": request_id, "created": int(time.time()), "model": state.model_name}
+        # lmforge's extension: the numbered sources a rag prompt carried
+        sources = {} if passages is None else {"sources": [
+            {"number": n, "source": p.chunk.source, "score": round(p.score, 4), "text": p.chunk.text}
+            for n, p in enumerate(passages, 1)]}
         tools = body.callable_tools()
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _sse(_chat_chunks(state, metrics, stream, meta, params.n, len(prompt_ids), include_usage, tools,
-                                     context_usage))
+                                     context_usage, sources))
         final = await _collect([stream], request, metrics)
-        return _chat_response(state, final[0], meta, tools, context_usage)
+        return {**_chat_response(state, final[0], meta, tools, context_usage), **sources}
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -269,18 +275,17 @@ def _finish_reason(reason: str | None) -> str | None:
 
 
 async def _chat_prompt(state: ServerState, contexts: ConversationContexts, body: ChatCompletionRequest,
-                       params: SamplingParams) -> tuple[str, TokenUsage | None]:
-    """The conversation rendered by the chat template — with a `context` strategy, only the part it selects —
-    and the tokens the model spent condensing it (None when no model call was needed)."""
+                       params: SamplingParams) -> tuple[str, TokenUsage | None, list[ScoredChunk] | None]:
+    """The conversation rendered by the chat template — with a `context` strategy, only the part it selects —,
+    the tokens the model spent condensing it (None when no model call was needed) and the retrieved passages
+    in it (None without rag)."""
     template_vars = body.template_vars(state.tokenizer)
     if body.context is None:
         return state.tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=True,
-                                                   **template_vars), None
-    options = body.context
+                                                   **template_vars), None, None
     history = ChatHistory.from_json(body.conversation(), "messages")
-    selected, spent = await contexts.select(history, options.strategy, options.max_turns, options.max_tokens,
-                                            options.keep_turns, params.max_tokens or 0)
-    return selected.history.to_prompt(state.tokenizer, **template_vars), spent
+    selected, spent = await contexts.select(history, body.context, params.max_tokens or 0, state.retriever)
+    return selected.history.to_prompt(state.tokenizer, **template_vars), spent, getattr(selected, "passages", None)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, context: TokenUsage | None = None) -> dict:
@@ -333,7 +338,7 @@ def _chat_response(state: ServerState, output: RequestOutput, meta: dict, tools:
 
 async def _chat_chunks(state: ServerState, metrics: ServerMetrics, stream: RequestStream, meta: dict, n: int,
                        prompt_tokens: int, include_usage: bool, tools: list[Tool],
-                       context_usage: TokenUsage | None) -> AsyncIterator[dict | str]:
+                       context_usage: TokenUsage | None, sources: dict) -> AsyncIterator[dict | str]:
     """Stream the answer's text as it comes. With tools, an answer that starts with "{" may be a call: it is
     held back until it is complete and then sent as one `tool_calls` delta (or as text, if it is no call)."""
 
@@ -345,7 +350,7 @@ async def _chat_chunks(state: ServerState, metrics: ServerMetrics, stream: Reque
     streamed: set[int] = set()  # choices whose text has begun to go out: no call any more
     try:
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None} for i in range(n)])
+                      "finish_reason": None} for i in range(n)], **sources)
         async for delta in metrics.track(stream):
             for part in delta.outputs:
                 completion_tokens += len(part.token_ids)

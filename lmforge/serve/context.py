@@ -1,6 +1,7 @@
 """The `context` extension of chat completions: which part of `messages` the model is sent.
 
-`full`, `truncate` and `window` only choose messages. `summarize` and `state` ask the model itself to
+`full`, `truncate` and `window` only choose messages; with `rag`, passages retrieved from the server's
+document index go into the latest message as numbered sources. `summarize` and `state` ask the model itself to
 condense older exchanges (lmforge.context.summary / .state); here those calls go through the serving
 engine like any request (counted in /metrics and the usage log). The server keeps no sessions: each
 request carries the whole conversation. So that a growing conversation pays for each exchange once,
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import hashlib
 import json
 import uuid
 from collections import OrderedDict
 
 from lmforge.context.model_calls import TokenUsage
+from lmforge.context.rag import RetrievedContext, Retriever
 from lmforge.context.state import StatefulContext
 from lmforge.context.strategies import (
     STRATEGIES,
@@ -27,7 +30,7 @@ from lmforge.context.strategies import (
 )
 from lmforge.context.summary import SummarizedContext
 from lmforge.engine.async_engine import AsyncLLMEngine
-from lmforge.errors import ValidationError
+from lmforge.errors import UnsupportedError, ValidationError
 from lmforge.generation.chat import ChatHistory
 from lmforge.generation.sampling_params import SamplingParams
 from lmforge.serve.metrics import ServerMetrics
@@ -49,38 +52,58 @@ class ConversationContexts:
         self.engine, self.metrics, self.max_entries = engine, metrics, max_entries
         self._cache: OrderedDict[str, tuple[int, object]] = OrderedDict()  # digest → (messages covered, memory)
 
-    async def select(self, history: ChatHistory, strategy: str, max_turns: int | None, max_tokens: int | None,
-                     keep_turns: int | None, reserve_output: int) -> tuple[SelectedContext, TokenUsage | None]:
-        """What to send for `history`, and the tokens the model spent condensing it (None: no model call)."""
+    async def select(self, history: ChatHistory, options, reserve_output: int, retriever: Retriever | None = None
+                     ) -> tuple[SelectedContext, TokenUsage | None]:
+        """What to send for `history` under `options` (the request's ContextOptions), and the tokens the model
+        spent condensing it (None: no model call). With `options.rag`, passages from `retriever` go into the
+        latest message as numbered sources (the result is then an AugmentedContext)."""
         tokenizer, window = self.engine.engine.tokenizer, self.engine.engine.max_model_len
-        if (strategy in CONDENSING) == (keep_turns is None) and (keep_turns is not None or max_turns or max_tokens):
+        strategy, keep_turns = options.strategy, options.keep_turns
+        if (strategy in CONDENSING) == (keep_turns is None) and (keep_turns or options.max_turns or options.max_tokens):
             raise ValidationError(f"context: keep_turns applies to {' and '.join(CONDENSING)}, max_turns and "
                                   f"max_tokens to {', '.join(STRATEGIES)}; got them with {strategy!r}.")
-        if strategy not in CONDENSING:
-            policy = ContextPolicy(strategy, max_turns, max_tokens, reserve_output)
-            return select_context(history, tokenizer, window, policy), None
-        cls, memory = CONDENSING[strategy]
-        loop = asyncio.get_running_loop()
-
-        def complete(prompt_ids: list[int], params: SamplingParams) -> tuple[str, int]:
-            return asyncio.run_coroutine_threadsafe(self._complete(prompt_ids, params), loop).result()
-
-        context = cls(None, tokenizer, reserve_output, **({"keep_turns": keep_turns} if keep_turns else {}),
-                      complete=complete)
-        for covered in range(len(history.messages), 0, -1):  # resume from the longest condensed prefix
-            cached = self._cache.get(_digest(strategy, history.system, history.messages[:covered]))
-            if cached is not None:
-                context.covered, value = cached
-                setattr(context, memory, copy.deepcopy(value))
-                break
-        selected = await asyncio.to_thread(context.select, history, window)
+        if options.rag and retriever is None:
+            raise UnsupportedError("context: this server has no document index; start it with "
+                                   "`lmforge serve --rag-index INDEX` to use rag.")
+        context = None
+        if strategy in CONDENSING:
+            context = self._condensing_context(history, strategy, keep_turns, reserve_output)
+            choose = functools.partial(context.select, context_window=window)
+        else:
+            policy = ContextPolicy(strategy, options.max_turns, options.max_tokens, reserve_output)
+            choose = functools.partial(select_context, tokenizer=tokenizer, context_window=window, policy=policy)
+        if options.rag:
+            choose = RetrievedContext(retriever, choose, options.rag_top_k).select
+        selected = await asyncio.to_thread(choose, history)
+        if context is None:
+            return selected, None
         if context.covered:
+            memory = CONDENSING[strategy][1]
             key = _digest(strategy, history.system, history.messages[:context.covered])
             self._cache[key] = (context.covered, copy.deepcopy(getattr(context, memory)))
             self._cache.move_to_end(key)
             while len(self._cache) > self.max_entries:
                 self._cache.popitem(last=False)
         return selected, context.spent
+
+    def _condensing_context(self, history: ChatHistory, strategy: str, keep_turns: int | None, reserve_output: int):
+        """A summarize / state context whose model calls run through the engine, resumed from the longest
+        condensed prefix of `history` in the cache."""
+        cls, memory = CONDENSING[strategy]
+        loop = asyncio.get_running_loop()
+
+        def complete(prompt_ids: list[int], params: SamplingParams) -> tuple[str, int]:
+            return asyncio.run_coroutine_threadsafe(self._complete(prompt_ids, params), loop).result()
+
+        context = cls(None, self.engine.engine.tokenizer, reserve_output,
+                      **({"keep_turns": keep_turns} if keep_turns else {}), complete=complete)
+        for covered in range(len(history.messages), 0, -1):
+            cached = self._cache.get(_digest(strategy, history.system, history.messages[:covered]))
+            if cached is not None:
+                context.covered, value = cached
+                setattr(context, memory, copy.deepcopy(value))
+                break
+        return context
 
     async def _complete(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, int]:
         stream = self.engine.add_request(f"context-{uuid.uuid4().hex}", prompt_ids, params)

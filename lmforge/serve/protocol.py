@@ -156,6 +156,8 @@ class ContextOptions(_Request):
     max_turns: int | None = Field(default=None, ge=1)  # window: the last N exchanges
     max_tokens: int | None = Field(default=None, ge=1)  # truncate / window: at most this many prompt tokens
     keep_turns: int | None = Field(default=None, ge=1)  # summarize / state: exchanges kept word for word
+    rag: bool = False  # passages from the server's index (lmforge serve --rag-index) go into the latest message
+    rag_top_k: int = Field(default=4, ge=1, le=32)  # rag: passages retrieved per request
 
 
 class ChatCompletionRequest(_Sampling):

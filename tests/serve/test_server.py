@@ -13,7 +13,6 @@ from lmforge import SamplingParams, generate
 from tests.generation.test_generate import first_near_tie
 from tests.serve.conftest import MODEL, wait_for_free_blocks
 
-
 CHAT = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
 
 
@@ -243,3 +242,29 @@ def test_condensing_strategies_call_the_model_through_the_engine_once_per_exchan
     assert more["prompt_tokens"] < spent["prompt_tokens"]  # at most the newly older exchange is read
     assert (more["prompt_tokens"] > 0) == (strategy == "state")  # a summary is only rewritten when over budget
     wait_for_free_blocks(server)
+
+
+def test_rag_puts_numbered_sources_from_the_index_into_the_prompt(server, client, minilm_encoder, tmp_path):
+    from lmforge.context.rag import Retriever, build_index, load_documents
+    from tests.context.rag_corpus import QUESTION, write_corpus
+
+    messages = [{"role": "user", "content": QUESTION}]
+    with pytest.raises(openai.BadRequestError, match="no document index"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4,
+                                       extra_body={"context": {"rag": True}})
+    index = build_index(load_documents(write_corpus(tmp_path)).documents, minilm_encoder)
+    server.retriever = Retriever(index, minilm_encoder)
+    try:
+        response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0,
+                                                  extra_body={"context": {"rag": True, "rag_top_k": 2}})
+        sources = response.model_extra["sources"]
+        assert [s["number"] for s in sources] == [1, 2] and sources[0]["source"].endswith("village.txt")
+        plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+        assert response.usage.prompt_tokens > plain.usage.prompt_tokens + 30  # the passages were sent
+        chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0,
+                                                     stream=True, extra_body={"context": {"rag": True,
+                                                                                          "rag_top_k": 2}}))
+        assert chunks[0].model_extra["sources"] == sources
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == response.choices[0].message.content
+    finally:
+        server.retriever = None
