@@ -67,10 +67,11 @@ def test_embeddings_float_and_base64(server, client):
     vectors = np.array([item.embedding for item in response.data])
     assert vectors.shape == (3, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.2  # similar meaning, closer vectors
-    expected = server.embedder.model.embed(**{k: v for k, v in server.embedder.tokenizer(texts).items()
-                                              if k in ("input_ids", "attention_mask")})
+    encoder = server.embedder.encoder
+    batch = encoder.tokenizer(texts)
+    expected = encoder.model.embed(batch["input_ids"], batch["attention_mask"])
     assert np.allclose(vectors, expected.detach().numpy(), atol=1e-6)
-    assert response.usage.prompt_tokens == int(server.embedder.tokenizer(texts)["attention_mask"].sum())
+    assert response.usage.prompt_tokens == int(batch["attention_mask"].sum())
     packed = httpx.post(server.url + "/v1/embeddings", json={"input": texts[0], "encoding_format": "base64"}).json()
     decoded = np.frombuffer(base64.b64decode(packed["data"][0]["embedding"]), dtype="<f4")
     assert np.allclose(decoded, vectors[0], atol=1e-7)

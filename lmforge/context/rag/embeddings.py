@@ -53,9 +53,16 @@ class SentenceEncoder:
 
     def encode(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         """Unit vectors of `texts`, one row each, in the order given; `progress` shows a bar on stderr."""
+        return self.encode_ids(self.token_ids(texts), batch_size, progress)
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids as the encoder reads them (special tokens included)."""
+        return [encoding.ids for encoding in self.tokenizer.backend.encode_batch(list(texts))]
+
+    def encode_ids(self, rows: list[list[int]], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        """Unit vectors of already tokenized texts (`token_ids`), one row each, in the order given."""
         if batch_size < 1:
             raise ValidationError(f"batch_size must be >= 1, got {batch_size}.")
-        rows = [encoding.ids for encoding in self.tokenizer.backend.encode_batch(list(texts))]
         too_long = [i for i, ids in enumerate(rows) if len(ids) > self.max_tokens]
         if too_long:
             raise InputError(f"texts {too_long[:5]} are longer than the {self.max_tokens} tokens {self.name} reads "
