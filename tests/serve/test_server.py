@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import re
 
 import httpx
 import numpy as np
@@ -123,6 +124,10 @@ def test_every_error_has_the_openai_shape_and_status(server, client):
     assert route.status_code == 404 and route.json()["error"]["type"] == "not_found_error"
     bad_tokens = httpx.post(server.url + "/detokenize", json={"tokens": [10**9]})
     assert bad_tokens.status_code == 400 and bad_tokens.json()["error"]["param"] == "tokens"
+    for embedding_input, reason in (([[101, 10**9]], "token ids must be in [0, 30522)"),
+                                     (" word" * 600, "longer than the 512 tokens")):
+        with pytest.raises(openai.BadRequestError, match=re.escape(reason)):
+            client.embeddings.create(model="all-minilm-l6-v2", input=embedding_input)
 
     server.api_key = "secret"
     try:
