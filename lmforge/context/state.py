@@ -13,11 +13,10 @@ from __future__ import annotations
 import json
 import re
 
-from lmforge.context.model_calls import Complete, TokenUsage, ask, local_completion
-from lmforge.context.strategies import SelectedContext, exchanges, prompt_tokens
-from lmforge.context.summary import transcript
-from lmforge.errors import InputError, ValidationError
-from lmforge.generation.chat import ChatHistory, Message
+from lmforge.context.condensed import CondensedContext, transcript
+from lmforge.context.model_calls import Complete, ask
+from lmforge.errors import ValidationError
+from lmforge.generation.chat import Message
 from lmforge.generation.sampling_params import SamplingParams
 
 FACTS_GRAMMAR = r'''start: "{" pair (", " pair){0,11} "}"
@@ -33,53 +32,33 @@ INSTRUCTION = ("Write every fact from this conversation as a JSON object, one ke
 STATE_HEADER = "Known facts (JSON):"
 
 
-class StatefulContext:
-    """Selects what to send: the system prompt, the pinned facts and the last `keep_turns` exchanges.
+class StatefulContext(CondensedContext):
+    """Reads every exchange that leaves the last `keep_turns` into the facts, at once (not only when over
+    budget: the point is a small prompt every turn). `state` may start with facts pinned by hand (and be
+    edited between turns)."""
 
-    Keep one per conversation: it remembers the state and how many messages it has read. `state` may
-    start with facts pinned by hand (and be edited between turns).
-    """
+    what = "the facts"
 
     def __init__(self, model, tokenizer, reserve_output: int = 256, keep_turns: int = 1, update_tokens: int = 128,
                  state: dict[str, str] | None = None, complete: Complete | None = None):
-        if keep_turns < 1 or update_tokens < 8 or reserve_output < 0:
-            raise ValidationError(f"StatefulContext needs keep_turns >= 1, update_tokens >= 8 and reserve_output "
-                                  f">= 0; got {keep_turns}, {update_tokens}, {reserve_output}.")
-        self.tokenizer = tokenizer
-        self.complete = complete or local_completion(model, tokenizer)
-        self.reserve_output, self.keep_turns, self.update_tokens = reserve_output, keep_turns, update_tokens
+        if update_tokens < 8:
+            raise ValidationError(f"StatefulContext needs update_tokens >= 8, got {update_tokens}.")
+        super().__init__(model, tokenizer, reserve_output, keep_turns, complete)
+        self.update_tokens = update_tokens
         self.state: dict[str, str] = dict(state or {})
-        self.covered = 0  # messages of the history already read into the state
-        self.spent = TokenUsage()
 
-    def _with_state(self, history: ChatHistory) -> ChatHistory:
-        system = history.system or ""
-        if self.state:
-            system = f"{system}\n\n{STATE_HEADER} {json.dumps(self.state, ensure_ascii=False)}".strip()
-        return ChatHistory(system or None, history.messages[self.covered:])
+    @property
+    def memory(self) -> dict[str, str]:
+        return self.state
 
-    def select(self, history: ChatHistory, context_window: int) -> SelectedContext:
-        """The prompt to send for `history` with a `context_window`-token model."""
-        budget = context_window - self.reserve_output
-        if budget < 1:
-            raise ValidationError(f"reserving {self.reserve_output} tokens for the answer leaves no room in a "
-                                  f"{context_window}-token window; reserve fewer.")
-        if len(history.messages) < self.covered:
-            raise InputError("the history is shorter than what this state has read; start a new StatefulContext "
-                             "for a new conversation.")
-        recent = exchanges(history.messages[self.covered:])
-        if len(recent) > self.keep_turns:
-            older = [m for group in recent[:-self.keep_turns] for m in group]
-            self._update(older)
-            self.covered += len(older)
-        sent = self._with_state(history)
-        tokens = prompt_tokens(self.tokenizer, sent)
-        if tokens > budget:
-            raise InputError(f"the facts and the last {self.keep_turns} exchange(s) take {tokens} tokens, more than "
-                             f"the budget of {budget}; keep fewer turns, shorten the messages or remove facts.")
-        return SelectedContext(sent, tokens, self.covered)
+    @memory.setter
+    def memory(self, value: dict[str, str]) -> None:
+        self.state = value
 
-    def _update(self, messages: list[Message]) -> None:
+    def condensed_text(self) -> str:
+        return f"{STATE_HEADER} {json.dumps(self.state, ensure_ascii=False)}" if self.state else ""
+
+    def condense(self, messages: list[Message]) -> None:
         params = SamplingParams(temperature=0.0, max_tokens=self.update_tokens,
                                 structured_outputs={"grammar": FACTS_GRAMMAR})
         text = ask(self.complete, self.tokenizer, f"{INSTRUCTION}\n\n{transcript(messages)}", params, self.spent)

@@ -12,7 +12,6 @@ and the next request of the same conversation starts from it.
 from __future__ import annotations
 
 import asyncio
-import copy
 import functools
 import hashlib
 import json
@@ -35,8 +34,8 @@ from lmforge.generation.chat import ChatHistory
 from lmforge.generation.sampling_params import SamplingParams
 from lmforge.serve.metrics import ServerMetrics
 
-CONDENSING = {"summarize": (SummarizedContext, "summary"), "state": (StatefulContext, "state")}
-"""strategy → (the class that condenses older exchanges, the attribute holding what it condensed them to)."""
+CONDENSING = {"summarize": SummarizedContext, "state": StatefulContext}
+"""strategy → the class whose model condenses the older exchanges."""
 SERVER_STRATEGIES = (*STRATEGIES, *CONDENSING)
 
 
@@ -50,7 +49,7 @@ class ConversationContexts:
 
     def __init__(self, engine: AsyncLLMEngine, metrics: ServerMetrics, max_entries: int = 1024):
         self.engine, self.metrics, self.max_entries = engine, metrics, max_entries
-        self._cache: OrderedDict[str, tuple[int, object]] = OrderedDict()  # digest → (messages covered, memory)
+        self._cache: OrderedDict[str, tuple[int, object]] = OrderedDict()  # digest → CondensedContext.snapshot()
 
     async def select(self, history: ChatHistory, options, reserve_output: int, retriever: Retriever | None = None
                      ) -> tuple[SelectedContext, TokenUsage | None]:
@@ -78,9 +77,8 @@ class ConversationContexts:
         if context is None:
             return selected, None
         if context.covered:
-            memory = CONDENSING[strategy][1]
             key = _digest(strategy, history.system, history.messages[:context.covered])
-            self._cache[key] = (context.covered, copy.deepcopy(getattr(context, memory)))
+            self._cache[key] = context.snapshot()
             self._cache.move_to_end(key)
             while len(self._cache) > self.max_entries:
                 self._cache.popitem(last=False)
@@ -89,19 +87,17 @@ class ConversationContexts:
     def _condensing_context(self, history: ChatHistory, strategy: str, keep_turns: int | None, reserve_output: int):
         """A summarize / state context whose model calls run through the engine, resumed from the longest
         condensed prefix of `history` in the cache."""
-        cls, memory = CONDENSING[strategy]
         loop = asyncio.get_running_loop()
 
         def complete(prompt_ids: list[int], params: SamplingParams) -> tuple[str, int]:
             return asyncio.run_coroutine_threadsafe(self._complete(prompt_ids, params), loop).result()
 
-        context = cls(None, self.engine.engine.tokenizer, reserve_output,
+        context = CONDENSING[strategy](None, self.engine.engine.tokenizer, reserve_output,
                       **({"keep_turns": keep_turns} if keep_turns else {}), complete=complete)
         for covered in range(len(history.messages), 0, -1):
             cached = self._cache.get(_digest(strategy, history.system, history.messages[:covered]))
             if cached is not None:
-                context.covered, value = cached
-                setattr(context, memory, copy.deepcopy(value))
+                context.restore(cached)
                 break
         return context
 

@@ -46,7 +46,7 @@ def test_older_exchanges_become_facts_read_once_and_the_prompt_keeps_the_last_tu
 def test_a_state_too_big_for_the_budget_and_bad_settings_are_clear(smollm2_tokenizer):
     never = StatefulContext(None, smollm2_tokenizer, reserve_output=10, state={"notes": "x " * 100},
                             complete=lambda ids, params: ("{}", 2))
-    with pytest.raises(InputError, match="the facts and the last 1 exchange"):
+    with pytest.raises(InputError, match="even with the facts, the last 1 exchange"):
         never.select(ChatHistory(None, [{"role": "user", "content": "hi"}]), 100)
     with pytest.raises(ValidationError, match="keep_turns >= 1"):
         StatefulContext(None, smollm2_tokenizer, keep_turns=0, complete=lambda ids, params: ("{}", 2))
