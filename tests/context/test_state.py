@@ -58,5 +58,20 @@ def test_an_answer_cut_short_still_pins_its_whole_facts(smollm2_tokenizer):
     history = ChatHistory(None, [{"role": "user", "content": "My dog is Rex now, I live in Rome."},
                                  {"role": "assistant", "content": "Nice!"}, {"role": "user", "content": "And?"}])
     context.select(history, 2048)
-    assert context.state == {"dog": "Rex", "home_city": "Rome"}
+    assert context.state == {"dog": "Fido", "dog_2": "Rex", "home_city": "Rome"}  # nothing replaced
     assert context.spent.generated == 20
+
+
+def test_the_state_keeps_within_its_tokens_by_forgetting_the_oldest_written_facts(smollm2_tokenizer):
+    answers = iter(['{"a": "one two three four five"}', '{"b": "six seven eight nine ten"}',
+                    '{"c": "eleven twelve thirteen fourteen"}', '{"a": "one two three four five"}'])
+    context = StatefulContext(None, smollm2_tokenizer, keep_turns=1, state_tokens=40, state={"me": "Ada"},
+                              complete=lambda ids, params: (next(answers), 9))
+    history = ChatHistory(None, [])
+    for turn in range(5):
+        history.add_user(f"message {turn}")
+        context.select(history, 2048)
+        history.add_assistant("ok")
+    # a, b went as c and a (again) came; the pinned fact stayed
+    assert context.state == {"me": "Ada", "c": "eleven twelve thirteen fourteen", "a": "one two three four five"}
+    assert len(smollm2_tokenizer.encode(context.condensed_text(), add_special_tokens=False)) <= 40
