@@ -193,6 +193,42 @@ def hf_encoder():
     return encode
 
 
+def search_comparison(count: int, dim: int, seed: int, queries: int = 200, k: int = 10) -> str:
+    """Exact search vs an HNSW graph (faiss) over `count` clustered random unit vectors: build time, query
+    time (median) and recall@k of HNSW against exact search."""
+    from lmforge.context.rag import ChunkingSettings, VectorIndex
+    from lmforge.context.rag.approximate import HNSWSearch
+
+    generator = np.random.default_rng(seed)
+    centres = generator.normal(size=(max(count // 200, 1), dim))
+    vectors = centres[generator.integers(0, len(centres), count)] + 0.5 * generator.normal(size=(count, dim))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    index = VectorIndex(vectors, [], "synthetic", ChunkingSettings())
+    clock = time.perf_counter()
+    graph = HNSWSearch(vectors)
+    build_s = time.perf_counter() - clock
+    exact_s, hnsw_s, found = [], [], 0
+    for query in vectors[generator.integers(0, count, queries)]:
+        query = query + 0.3 * generator.normal(size=dim).astype(np.float32) / math.sqrt(dim)
+        query = (query / np.linalg.norm(query)).astype(np.float32)
+        clock = time.perf_counter()
+        scores = index.vectors @ query
+        exact = np.argpartition(-scores, k - 1)[:k]
+        exact_s.append(time.perf_counter() - clock)
+        clock = time.perf_counter()
+        ids, _ = graph.search(query, k)
+        hnsw_s.append(time.perf_counter() - clock)
+        found += len(set(exact) & set(ids))
+    exact_ms, hnsw_ms = statistics.median(exact_s) * 1e3, statistics.median(hnsw_s) * 1e3
+    return f"""Exact vs approximate search over {count:,} synthetic unit vectors of {dim} dimensions (clustered), top {k},
+{queries} queries near stored vectors: `rag query --approximate` / `Retriever.load(..., approximate=True)`.
+
+{markdown_table(["search", "build", "query (median)", f"recall@{k} vs exact"],
+                [["exact (numpy)", "none", f"{exact_ms:.2f} ms", "100%"],
+                 ["HNSW (faiss, M=32, efSearch=64)", f"{build_s:.1f} s", f"{hnsw_ms:.3f} ms",
+                  f"{found / (queries * k):.1%}"]])}"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modules", type=int, default=30,
@@ -204,6 +240,8 @@ def main() -> None:
     parser.add_argument("--throughput-chunks", type=int, default=256, help="chunks embedded per throughput run")
     parser.add_argument("--repeats", type=int, default=5, help="alternated throughput runs per system")
     parser.add_argument("--seed", type=int, default=0, help="seed of the question and chunk samples")
+    parser.add_argument("--ann-vectors", type=int, default=100_000,
+                        help="synthetic unit vectors for exact vs approximate (HNSW) search; 0 skips it")
     parser.add_argument("--threads", type=int, help="torch threads for both systems (default: torch's own; on a "
                                                      "machine shared with other work, fewer threads avoid contention)")
     args = parser.parse_args()
@@ -276,8 +314,10 @@ def main() -> None:
          ["embedding throughput, transformers", f"{speed['transformers']:.1f} chunks/s"],
          ["lmforge / transformers", f"{speed['lmforge'] / speed['transformers']:.2f}x"],
          ["largest difference between their vectors", f"{difference:.1e}"]])
+    search = search_comparison(args.ann_vectors, index.dim, args.seed) if args.ann_vectors else ""
     print(quality)
     print(table)
+    print(search)
     busy = (f"Other work kept {busy_cores:.1f} of the {os.cpu_count()} cores busy when this run started, so absolute "
             "times are noisy; the two systems ran alternately under the same load, so read their ratio."
             if busy_cores > 0.25 else "The machine was idle when this run started, but it is shared with other work, "
@@ -306,6 +346,8 @@ their docstring's words, which is why it does so well.
 
 Throughput: {len(sample)} chunks in the same length-sorted batches of {args.batch_size}, the two systems alternated
 {args.repeats} times (median); transformers is AutoModel + mean pooling over the same model folder.{threads} {busy}
+
+{search}
 """)
 
 

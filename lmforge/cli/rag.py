@@ -69,6 +69,8 @@ def add_parser(subparsers) -> None:
     query.add_argument("question", help="the question, or - to read it from stdin")
     query.add_argument("-k", type=int, default=5, metavar="K", help="chunks to retrieve (default: 5)")
     query.add_argument("--json", action="store_true", help="print the results (and answer) as JSON")
+    query.add_argument("--approximate", action="store_true",
+                       help="search an HNSW graph (faiss-cpu) instead of every vector: for very large indexes")
     query.add_argument("--embedding-model", metavar="REF",
                        help="encoder for the question; it must be the index's own (default: the index's)")
     answer = query.add_argument_group("answer (a chat model answers from the retrieved chunks)")
@@ -105,7 +107,7 @@ def run_query(args: argparse.Namespace) -> int:
     question = sys.stdin.read().strip() if args.question == "-" else args.question
     if args.k < 1:
         raise ValidationError(f"-k (chunks to retrieve) must be >= 1, got {args.k}.")
-    retriever = Retriever.load(args.index, args.embedding_model)
+    retriever = Retriever.load(args.index, args.embedding_model, args.approximate)
     if not args.answer:
         hits = retriever.retrieve(question, args.k)
         if args.json:

@@ -70,6 +70,10 @@ def test_query_prints_ranked_chunks_with_scores_and_sources(index, session_encod
     assert [r["rank"] for r in report["results"]] == [1, 2, 3] and report["question"] == QUESTION
     assert report["results"][0]["source"] == "notes/village.txt" and report["results"][0]["start"] == 0
     assert report["results"][0]["score"] > report["results"][1]["score"]
+    assert main(["rag", "query", str(out), QUESTION, "-k", "3", "--json", "--approximate"]) == 0
+    approximate = json.loads(capsys.readouterr().out)["results"]  # HNSW agrees on a tiny index
+    assert [(r["source"], r["start"]) for r in approximate] == [(r["source"], r["start"]) for r in report["results"]]
+    assert [r["score"] for r in approximate] == pytest.approx([r["score"] for r in report["results"]], abs=1e-5)
 
 
 def test_query_through_the_entry_point(index):

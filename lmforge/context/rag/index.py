@@ -3,8 +3,8 @@
 `build_index` cuts documents into chunks with the embedding model's tokenizer and embeds every chunk;
 `search` scores all the vectors against the query's in one matrix-vector product (unit vectors, so the
 dot product is the cosine) and keeps the k best. Exact search reads every vector, which takes
-milliseconds up to about a hundred thousand chunks on a CPU; approximate indexes (HNSW graphs) trade
-some recall for speed beyond that and are not part of lmforge.
+milliseconds up to about a hundred thousand chunks on a CPU; beyond that `use_approximate_search`
+switches to an HNSW graph (lmforge.context.rag.approximate), which trades a little recall for speed.
 
 An index is a folder: `vectors.safetensors` (the [chunks, dim] float32 matrix) and `index.json` (the
 embedding model and its dimension, the chunking settings, every chunk's source, span, token count and
@@ -14,8 +14,9 @@ text, and the lmforge version). Both hold data only: nothing is unpickled on loa
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from safetensors import SafetensorError
@@ -25,6 +26,9 @@ from lmforge.context.rag.chunking import Chunk, ChunkingSettings, chunk_document
 from lmforge.context.rag.documents import Document
 from lmforge.context.rag.embeddings import SentenceEncoder
 from lmforge.errors import InputError, LMForgeError, ValidationError
+
+if TYPE_CHECKING:
+    from lmforge.context.rag.approximate import HNSWSearch
 
 FORMAT = "lmforge.rag-index/1"
 VECTORS_FILE = "vectors.safetensors"
@@ -56,6 +60,7 @@ class VectorIndex:
     chunks: list[Chunk]
     embedding_model: str
     chunking: ChunkingSettings
+    approximate: HNSWSearch | None = field(default=None, repr=False)  # set by use_approximate_search
 
     @property
     def dim(self) -> int:
@@ -77,10 +82,19 @@ class VectorIndex:
             raise ValidationError(f"k (the number of chunks to retrieve) must be >= 1, got {k}.")
         if query_vector.shape != (self.dim,):
             raise InputError(f"the query vector has shape {tuple(query_vector.shape)}; this index needs ({self.dim},).")
+        if self.approximate is not None:
+            ids, scores = self.approximate.search(query_vector, k)
+            return [ScoredChunk(self.chunks[i], float(score)) for i, score in zip(ids, scores)]
         scores = self.vectors @ query_vector.astype(np.float32)
         best = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
         best = best[np.lexsort((best, -scores[best]))]  # by score, ties by position
         return [ScoredChunk(self.chunks[i], float(scores[i])) for i in best]
+
+    def use_approximate_search(self, **settings) -> None:
+        """Search an HNSW graph of the vectors from now on (`HNSWSearch` settings), built here, in memory."""
+        from lmforge.context.rag.approximate import HNSWSearch
+
+        self.approximate = HNSWSearch(self.vectors, **settings)
 
     def save(self, folder: str | Path) -> None:
         """Write `vectors.safetensors` and `index.json` into `folder` (created if needed)."""

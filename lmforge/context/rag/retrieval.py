@@ -23,9 +23,13 @@ class Retriever:
         self.index = index
 
     @classmethod
-    def load(cls, folder: str | Path, embedding_model: str | Path | None = None) -> Retriever:
-        """The index in `folder`, with its own embedding model unless another is named (and then refused)."""
+    def load(cls, folder: str | Path, embedding_model: str | Path | None = None,
+             approximate: bool = False) -> Retriever:
+        """The index in `folder`, with its own embedding model unless another is named (and then refused);
+        `approximate` searches an HNSW graph of it instead of every vector (needs faiss-cpu)."""
         index = VectorIndex.load(folder)
+        if approximate:
+            index.use_approximate_search()
         encoder = None if embedding_model is None else SentenceEncoder.from_pretrained(embedding_model)
         return cls(index, encoder)
 
