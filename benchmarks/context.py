@@ -4,7 +4,7 @@ The conversation (about 2k tokens in all) first states --facts facts, one per ex
 scripted reply; then it asks about each fact in turn (the scripted replies answer correctly, so the history
 stays the same for every strategy). Before every user turn, each strategy chooses what to send with a
 --window-token model (minus --reserve for the answer); `full` sends everything with no window. Measured:
-- tokens sent, summed over the turns (and the summaries' own calls for `summarize`), vs full;
+- tokens sent, summed over the turns (and the model's own calls for `summarize` and `state`), vs full;
 - facts kept (primary): on each question turn, whether the asked fact's key word is in the prompt sent;
 - answered (secondary): whether the model's greedy answer to that prompt contains the key word.
 Writes the table to docs/benchmarks.md (section "context").
@@ -14,6 +14,7 @@ Usage: python -m benchmarks.context [--facts 12] [--window 512] [--reserve 64]
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 from benchmarks.report import machine_line, markdown_table, write_section
@@ -34,7 +35,7 @@ FACTS = [("My cat is called Pixel.", "What is my cat called?", "Pixel"),
 REPLY = ("Thank you for sharing that with me! It is always nice to learn a little more about the people I talk "
          "with. I will keep it in mind for the rest of our conversation. Is there anything else you would like "
          "to tell me about yourself today?")
-STRATEGIES = ("full", "truncate", "window", "summarize")
+STRATEGIES = ("full", "truncate", "window", "summarize", "state")
 
 
 def script(count: int) -> list[tuple[str, str, str | None]]:
@@ -54,6 +55,7 @@ def main() -> None:
         parser.error(f"--facts must be between 1 and {len(FACTS)}.")
 
     from lmforge import AutoModelForCausalLM, AutoTokenizer
+    from lmforge.context.state import StatefulContext
     from lmforge.context.strategies import ContextPolicy, prompt_tokens, select_context
     from lmforge.context.summary import SummarizedContext
     from lmforge.generation import SamplingParams, generate
@@ -62,6 +64,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
     model = AutoModelForCausalLM.from_pretrained(MODEL)
     summarizer = SummarizedContext(model, tokenizer, args.reserve, keep_turns=2, summary_tokens=96)
+    stateful = StatefulContext(model, tokenizer, args.reserve, keep_turns=1)
     selectors = {
         "full": lambda h: select_context(h, tokenizer, model.config.context_length,
                                          ContextPolicy("full", reserve_output=args.reserve)),
@@ -69,7 +72,8 @@ def main() -> None:
                                                                                       reserve_output=args.reserve)),
         "window": lambda h: select_context(h, tokenizer, args.window, ContextPolicy("window", max_turns=4,
                                                                                     reserve_output=args.reserve)),
-        "summarize": lambda h: summarizer.select(h, args.window)}
+        "summarize": lambda h: summarizer.select(h, args.window),
+        "state": lambda h: stateful.select(h, args.window)}
     results = {name: {"sent": 0, "kept": 0, "answered": 0, "questions": 0, "seconds": 0.0} for name in STRATEGIES}
     history = ChatHistory("You are a helpful assistant. Answer in one short sentence.")
     for user, reply, key in script(args.facts):
@@ -88,6 +92,7 @@ def main() -> None:
             result["seconds"] += time.perf_counter() - clock
         history.add_assistant(reply)
     results["summarize"]["sent"] += summarizer.spent.prompt + summarizer.spent.generated
+    results["state"]["sent"] += stateful.spent.prompt + stateful.spent.generated
     total = prompt_tokens(tokenizer, history)
     full = results["full"]["sent"]
     rows = [[name, f"{r['sent']:,}", f"{r['sent'] / full:.0%}", f"{r['kept'] / r['questions']:.0%}",
@@ -104,8 +109,11 @@ history is rendered at the end. Before each user turn every strategy chooses wha
 (no window), the others within a {args.window}-token window minus {args.reserve} reserved for the answer —
 `truncate` drops the oldest exchanges, `window` keeps the last 4, `summarize` keeps the last 2 word for word
 and a running summary the model writes (its {summarizer.spent.prompt + summarizer.spent.generated:,} tokens of
-summarization calls are included in its total). "Facts kept": the asked fact's key word is in the prompt sent;
-"answered": the model's greedy answer (16 tokens) contains it.
+summarization calls are included in its total), `state` keeps the last exchange and a JSON object of facts the
+model extracts from each older exchange, constrained by a grammar (its {stateful.spent.prompt +
+stateful.spent.generated:,} tokens of update calls are included; final state: `{json.dumps(stateful.state)}`).
+"Facts kept": the asked fact's key word is in the prompt sent; "answered": the model's greedy answer (16 tokens)
+contains it.
 
 {table}
 """)
