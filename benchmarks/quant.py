@@ -80,7 +80,7 @@ def windowed_nll(logits_of, ids: list[int], context: int) -> float:
 
 def measure_lmforge(method: str | None, args) -> dict:
     from lmforge import generate
-    from lmforge.cli.info import weight_memory
+    from lmforge.explain.architecture import weight_memory
     from lmforge.generation import SamplingParams
     from lmforge.quant import load_quantized
 

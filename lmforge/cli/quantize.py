@@ -59,9 +59,13 @@ def load_float_model(ref: str):
 
 
 def handle(args: argparse.Namespace) -> int:
-    from lmforge.cli.info import weight_memory
+    from lmforge.explain.architecture import weight_memory
     from lmforge.quant import quantize_model
-    from lmforge.quant.checkpoint import check_output_folder, format_options, save_quantized
+    from lmforge.quant.checkpoint import (
+        check_output_folder,
+        format_options,
+        save_quantized,
+    )
 
     options = {"group_size": args.group_size, "double_quant": args.double_quant or None}
     options = {name: value for name, value in options.items() if value is not None}

@@ -3,7 +3,7 @@
 import json
 
 from lmforge.cli import main
-from lmforge.cli.info import parameter_components, tied_parameters
+from lmforge.explain.architecture import parameter_components, tied_parameters
 
 
 def test_json_describes_the_encoder(capsys):
@@ -31,8 +31,8 @@ def test_text_report_of_the_default_chat_model(capsys):
 
 
 def test_weight_memory_counts_quantized_layers_packed():
-    from lmforge.cli.info import weight_memory
     from lmforge.config import LlamaConfig
+    from lmforge.explain.architecture import weight_memory
     from lmforge.models.llama import LlamaForCausalLM
     from lmforge.quant import parameter_count, quantize_model
 

@@ -7,9 +7,9 @@ from lmforge import AutoModelForCausalLM, generate
 from lmforge.checkpoint.gguf import open_gguf
 from lmforge.checkpoint.gguf_dequant import dequantize
 from lmforge.errors import ConfigError, UnsupportedError
+from lmforge.explain.architecture import weight_memory
 from lmforge.generation import SamplingParams
 from lmforge.quant import Int4Weight, Int8Weight, QuantizedLinear, quantize_model
-from lmforge.cli.info import weight_memory
 from lmforge.quant.embedding import QuantizedEmbedding
 from lmforge.quant.gguf_blocks import gguf_weight, use_gguf_blocks
 
@@ -88,7 +88,7 @@ def test_non_llama_files_are_refused_clearly():
 
 def test_gguf_blocks_as_a_load_time_choice(smollm2_tokenizer):
     from lmforge import LLM
-    from lmforge.quant import load_quantized, quantize_loaded
+    from lmforge.quant import quantize_loaded
 
     llm = LLM("smollm2-135m-instruct", dtype="float32", quantization="gguf", kv_cache_tokens=256,
               max_model_len=256)

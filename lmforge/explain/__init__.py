@@ -1,0 +1,1 @@
+"""Explain: the transformer's work on one prompt made visible — tokens, architecture and sampling decisions."""

@@ -1,0 +1,111 @@
+"""Where a model's parameters live: architecture facts and a parameter count per component.
+
+A transformer's parameters sit in a few kinds of modules: the token (and position) embeddings,
+attention (q/k/v/o projections), the feed-forward MLPs, the norms, and the output head. Counting
+them per kind shows where the size of a model comes from, e.g. that a small model's vocabulary
+embedding can outweigh all its attention layers. Shared by `lmforge info` and `lmforge explain`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+from torch import nn
+
+from lmforge.nn import MLP, Attention, GatedMLP, LayerNorm, RMSNorm, TransformerBlock
+from lmforge.tokenizer import Tokenizer
+
+# component → module types that define it; a parameter belongs to its nearest enclosing match.
+COMPONENTS: dict[str, tuple[type, ...]] = {
+    "embedding": (nn.Embedding,),
+    "attention": (Attention,),
+    "mlp": (MLP, GatedMLP),
+    "norm": (RMSNorm, LayerNorm, nn.LayerNorm),
+}
+HEAD = "head"  # everything else: LM head, pooler, classifier
+
+def weight_memory(model: nn.Module) -> tuple[int, dict[str, int]]:
+    """Bytes the weights take in memory (tied ones once, quantized layers packed) and the modules per format."""
+    from lmforge.quant import QuantizedLinear
+
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    formats: Counter = Counter()
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            total += module.weight_format.nbytes()
+            formats[module.method] += 1
+    formats[str(model.dtype).removeprefix("torch.")] += 1  # everything not quantized
+    return total, dict(formats)
+
+
+def describe(model: nn.Module, tokenizer: Tokenizer | None) -> dict[str, Any]:
+    """Architecture, size per component, dtype, context and tokenizer facts, as JSON-ready values."""
+    from lmforge.quant import parameter_count
+
+    config = model.config
+    weight_bytes, weight_formats = weight_memory(model)
+    info: dict[str, Any] = {
+        "architecture": config.model_type,
+        "class": type(model).__name__,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "context_length": config.context_length,
+        "vocab_size": getattr(config, "vocab_size", None),
+        "blocks": sum(isinstance(m, TransformerBlock) for m in model.modules()),
+        "parameters": parameter_count(model),
+        "weight_bytes": weight_bytes,
+        "weight_formats": weight_formats,
+        "components": parameter_components(model),
+        "tied": tied_parameters(model),
+    }
+    if tokenizer is not None:
+        info["tokenizer"] = {
+            "vocab_size": tokenizer.vocab_size,
+            "chat_template": bool(tokenizer.chat_template),
+            "special_tokens": {role: {"token": token, "id": tokenizer.token_to_id(token)}
+                               for role, token in tokenizer.special_tokens.items() if token is not None},
+        }
+    return info
+
+
+def parameter_components(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Parameters per component (tied weights counted once) and the modules holding them.
+
+    "modules" counts modules per type (e.g. {"Attention": 30}); for the head it names them.
+    """
+    modules = dict(model.named_modules())
+    counts: Counter = Counter()
+    holders: dict[str, set[str]] = defaultdict(set)
+    for name, parameter in model.named_parameters():  # a tied weight appears once, under its first name
+        component, holder = _component_of(modules, name.rpartition(".")[0])
+        counts[component] += parameter.numel()
+        holders[component].add(holder)
+    total = sum(counts.values())
+    return {component: {"parameters": counts[component], "share": round(counts[component] / total, 4),
+                        "modules": dict(Counter(holder if component == HEAD else type(modules[holder]).__name__
+                                                for holder in sorted(holders[component])))}
+            for component in [*COMPONENTS, HEAD] if component in counts}
+
+
+def _component_of(modules: dict[str, nn.Module], path: str) -> tuple[str, str]:
+    """(component, module name) of the nearest module at or above `path` that defines a component."""
+    start = path
+    while True:
+        for component, types in COMPONENTS.items():
+            if isinstance(modules[path], types):
+                return component, path
+        if not path:
+            return HEAD, start
+        path = path.rpartition(".")[0]
+
+
+def tied_parameters(model: nn.Module) -> dict[str, str]:
+    """Parameters that share storage with an earlier one: {alias: the name counted}."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            tied[name] = first[id(parameter)]
+        else:
+            first[id(parameter)] = name
+    return tied
