@@ -15,6 +15,7 @@ from lmforge.cli import (
     chat,
     dpo,
     evaluate,
+    explain,
     export,
     finetune,
     generate,
@@ -34,7 +35,7 @@ from lmforge.cli.option_files import apply_config_option
 from lmforge.errors import LMForgeError
 
 COMMANDS = (generate, chat, info, serve, evaluate, quantize, export, pretrain, sweep, finetune, sft, dpo,
-            reward_model, grpo, ppo, tokens, rag)
+            reward_model, grpo, ppo, tokens, rag, explain)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from lmforge.cli import chat, generate
+from lmforge.cli import chat, explain, generate
 from lmforge.sources import DEFAULT_MODEL
 
 
@@ -23,7 +23,7 @@ def loaded_smollm2(monkeypatch, smollm2, smollm2_tokenizer):
         assert ref == DEFAULT_MODEL and quantization is None and adapter is None
         return smollm2, smollm2_tokenizer
 
-    for module in (generate, chat):
+    for module in (generate, chat, explain):
         monkeypatch.setattr(module, "load_generator", load_generator)
 
 

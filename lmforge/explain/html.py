@@ -1,0 +1,91 @@
+"""The explain report as one self-contained HTML page: inline CSS, no scripts, nothing fetched from elsewhere."""
+
+from __future__ import annotations
+
+from html import escape
+
+from lmforge.explain.report import Explanation
+
+STYLE = """
+body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; padding: 0 1em; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 2px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: .6em 0; } td, th { border: 1px solid #ddd; padding: .25em .5em; }
+th { background: #f5f5f5; text-align: left; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
+.tok { display: inline-block; margin: 2px; padding: 1px 5px; border-radius: 4px; background: #e8f0fe;
+       font-family: ui-monospace, monospace; white-space: pre; }
+.tok.special { background: #fde7e9; } .tok small { color: #666; margin-left: 4px; }
+.chosen { background: #d7f5dd; font-weight: 600; }
+.mono { font-family: ui-monospace, monospace; white-space: pre-wrap; overflow-wrap: anywhere; }
+p.note { color: #555; }
+"""
+
+
+def _token(text: str) -> str:
+    return escape(text.replace("\n", "\\n"))
+
+
+def _tokenization(data: dict) -> str:
+    chips = "".join(f'<span class="tok{" special" if t["special"] else ""}" title="{escape(t["piece"])}">'
+                    f'{_token(t["text"])}<small>{t["id"]}</small></span>' for t in data["tokens"])
+    batch = data["batch"]
+    rows = "".join(f"<tr><td>{escape(text)}</td><td class='mono'>{ids}</td><td class='mono'>{mask}</td></tr>"
+                   for text, ids, mask in zip(batch["texts"], batch["input_ids"], batch["attention_mask"]))
+    wrapping = (f"<p>The chat template wraps the message:</p><pre class='mono'>{escape(data['text'])}</pre>"
+                if data["chat_template"] else "<p>Raw text: no chat template.</p>")
+    return (f"{wrapping}<p>{len(data['ids'])} tokens (special tokens in red; hover for the vocabulary piece):</p>"
+            f"<div>{chips}</div><p>A batch pads short prompts on the {batch['padding_side']} with id "
+            f"{batch['pad_token_id']}; the attention mask is 0 on padding, so no token attends to it:</p>"
+            f"<table><tr><th>prompt</th><th>input ids</th><th>attention mask</th></tr>{rows}</table>")
+
+
+def _architecture(data: dict) -> str:
+    facts = "".join(f"<tr><th>{escape(name)}</th><td>{escape(str(data[key]))}</td></tr>" for name, key in
+                    [("architecture", "architecture"), ("class", "class"), ("dtype", "dtype"),
+                     ("transformer blocks", "blocks"), ("context length", "context_length"),
+                     ("vocabulary", "vocab_size"), ("parameters", "parameters")])
+    components = "".join(f"<tr><td>{escape(name)}</td><td class='n'>{c['parameters']:,}</td>"
+                         f"<td class='n'>{c['share']:.1%}</td><td>{escape(str(c['modules']))}</td></tr>"
+                         for name, c in data["components"].items())
+    return (f"<table>{facts}</table><table><tr><th>component</th><th>parameters</th><th>share</th>"
+            f"<th>modules</th></tr>{components}</table>")
+
+
+def _sampling(steps: list, shown: int = 5) -> str:
+    parts = []
+    for step in steps:
+        rows = []
+        for stage in step["stages"]:
+            cells = "".join(f"<td class='{'chosen' if c['token_id'] == step['chosen']['token_id'] else ''}'>"
+                            f"{_token(c['token'])} <small>{c['probability']:.3f}</small></td>"
+                            for c in stage["top"][:shown])
+            rows.append(f"<tr><th>{escape(stage['name'])}</th><td class='n'>{stage['possible']:,}</td>"
+                        f"<td class='n'>{stage['chosen_probability']:.4f}</td>{cells}</tr>")
+        how = "argmax" if step["greedy"] else "seeded draw"
+        parts.append(f"<h3>Step {step['position'] + 1}: <span class='tok chosen'>{_token(step['chosen']['token'])}"
+                     f"</span> ({how}, p = {step['chosen']['probability']:.4f})</h3><table><tr><th>stage</th>"
+                     f"<th>possible tokens</th><th>p(chosen)</th><th colspan='{shown}'>top candidates (p)</th></tr>"
+                     f"{''.join(rows)}</table>")
+    return "".join(parts)
+
+
+def render(explanation: Explanation) -> str:
+    """The whole report as an HTML document."""
+    data = explanation.to_json()
+    output = data["output"]
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>lmforge explain: {escape(data['prompt'][:60])}</title>
+<style>{STYLE}</style></head><body>
+<h1>How {escape(data['model'])} answers</h1>
+<p><b>Prompt:</b> {escape(data['prompt'])}</p>
+<p><b>Answer:</b> {escape(output['text'])} <small>({len(output['token_ids'])} tokens, finish reason
+{escape(str(output['finish_reason']))})</small></p>
+<h2>1. Tokenization</h2>{_tokenization(data['tokenization'])}
+<h2>2. Architecture</h2>{_architecture(data['architecture'])}
+<h2>3. Sampling decisions</h2>
+<p class="note">At every step the model scores all tokens (stage "model"); each logits processor then reshapes the
+scores, and the sampler picks from the last stage. Each row: how many tokens remain possible, the chosen token's
+probability at that stage, and the most likely candidates (the chosen one in green). Settings:
+<span class="mono">{escape(str(data['params']))}</span></p>
+{_sampling(data['sampling'])}
+</body></html>
+"""

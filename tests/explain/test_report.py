@@ -1,0 +1,94 @@
+"""The explain report's numbers are the real ones: its chosen tokens are generate's (greedy and seeded), each
+stage's probabilities are the softmax of that stage's logits, the parameter table adds up to the model, and the
+HTML renders in a real headless Chromium without console errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from lmforge import SamplingParams, generate
+from lmforge.explain.html import render
+from lmforge.explain.report import explain
+from lmforge.quant import parameter_count
+
+PROMPT = "Why is the sky blue?"
+
+
+def test_greedy_steps_are_generate_and_the_argmax_of_the_model(smollm2, smollm2_tokenizer):
+    params = SamplingParams(temperature=0, max_tokens=6)
+    report = explain(smollm2, smollm2_tokenizer, PROMPT, params)
+    ids = report.tokenization["ids"]
+    assert ids == smollm2_tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=True)
+    expected = generate(smollm2, smollm2_tokenizer, [ids], params)[0].outputs[0]
+    assert [step.chosen.token_id for step in report.sampling] == expected.token_ids
+    assert report.output["text"] == expected.text
+    with torch.inference_mode():
+        logits = smollm2(torch.tensor([ids + expected.token_ids])).logits[0, len(ids) - 1:-1]
+    for step, row in zip(report.sampling, logits):
+        [model] = step.stages  # greedy with no penalties: no processor runs
+        assert model.name == "model" and model.top[0].token_id == step.chosen.token_id
+        probabilities = row.double().softmax(-1)
+        assert model.chosen_probability == pytest.approx(float(probabilities[step.chosen.token_id]), abs=1e-3)
+        assert [c.probability for c in model.top] == sorted((c.probability for c in model.top), reverse=True)
+
+
+def test_a_seeded_sampled_path_repeats_and_each_processor_is_a_stage(smollm2, smollm2_tokenizer):
+    params = SamplingParams(temperature=0.8, top_k=20, repetition_penalty=1.2, seed=3, max_tokens=6)
+    report = explain(smollm2, smollm2_tokenizer, PROMPT, params, top=25)
+    expected = generate(smollm2, smollm2_tokenizer, [report.tokenization["ids"]], params)[0].outputs[0]
+    assert [step.chosen.token_id for step in report.sampling] == expected.token_ids
+    for step in report.sampling:
+        assert [stage.name for stage in step.stages] == ["model", "repetition_penalty", "temperature", "top_k"]
+        top_k = step.stages[-1]
+        assert top_k.possible == 20 and step.chosen.token_id in {c.token_id for c in top_k.top}
+        assert sum(c.probability for c in top_k.top) == pytest.approx(1.0, abs=1e-6)  # all 20 shown, nothing else
+        assert step.chosen.probability == top_k.chosen_probability and not step.greedy
+
+
+def test_tokens_padding_and_the_parameter_table(smollm2, smollm2_tokenizer):
+    report = explain(smollm2, smollm2_tokenizer, PROMPT, SamplingParams(temperature=0, max_tokens=1))
+    tokens = report.tokenization
+    assert [t["id"] for t in tokens["tokens"]] == tokens["ids"]
+    assert [t["special"] for t in tokens["tokens"]].count(True) == tokens["text"].count("<|im_")
+    batch = tokens["batch"]
+    short_mask = batch["attention_mask"][1]
+    assert sum(batch["attention_mask"][0]) == len(tokens["ids"]) and short_mask[0] == 0 and short_mask[-1] == 1
+    assert all(i == batch["pad_token_id"] for i, m in zip(batch["input_ids"][1], short_mask) if m == 0)
+    components = report.architecture["components"]
+    assert sum(c["parameters"] for c in components.values()) == parameter_count(smollm2) == \
+        report.architecture["parameters"]
+    json.dumps(report.to_json())  # plain data all through
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver, "the report test needs Debian's chromium and chromium-driver: run `make setup`"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    browser = webdriver.Chrome(service=Service(driver), options=options)
+    yield browser
+    browser.quit()
+
+
+def test_the_html_report_renders_in_chromium_without_console_errors(smollm2, smollm2_tokenizer, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    params = SamplingParams(temperature=0.7, top_p=0.9, seed=1, max_tokens=4)
+    report = explain(smollm2, smollm2_tokenizer, "Tell me <b>something</b> & more", params)
+    page = tmp_path / "report.html"
+    page.write_text(render(report), encoding="utf-8")
+    browser.get(page.as_uri())
+    assert browser.find_element(By.TAG_NAME, "h1").text.startswith("How")
+    assert len(browser.find_elements(By.TAG_NAME, "h3")) == len(report.sampling)
+    assert "<b>something</b>" in browser.find_element(By.TAG_NAME, "body").text  # escaped, shown as text
+    assert [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"] == []
+    assert browser.save_screenshot(str(tmp_path / "report.png")) and (tmp_path / "report.png").stat().st_size > 10_000
