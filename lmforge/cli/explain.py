@@ -3,7 +3,9 @@
 The prompt is wrapped in the chat template (unless --raw), tokenized, and answered exactly as
 `lmforge generate` would answer it; at every step the report keeps the model's top candidates and
 what each logits processor (penalties, temperature, top-k/top-p/min-p) did to them before the
-token was chosen. --out writes a self-contained HTML page (no scripts, nothing fetched); --json
+token was chosen. The forward pass over prompt and answer shows each layer's hidden-state size and
+what attention and the MLP add, attention maps of the chosen --layers and --heads, and which
+earlier tokens each generated token read most. --out writes a self-contained HTML page (no scripts, nothing fetched); --json
 prints the same data for scripts.
 """
 
@@ -29,6 +31,7 @@ EXAMPLES = """examples:
   lmforge explain "Why is the sky blue?" --max-tokens 8 --out sky.html
   lmforge explain "The capital of France is" --raw --temperature 0.8 --top-k 20 --seed 1 --out paris.html
   lmforge explain "Hi" --max-tokens 4 --json | python -m json.tool
+  lmforge explain "2 + 2 =" --raw --max-tokens 2 --layers 0,11,29 --heads 0,1 --out sums.html
 """
 
 
@@ -43,10 +46,20 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--raw", action="store_true", help="explain the text as is, without the chat template")
     parser.add_argument("--top", type=int, default=10, metavar="N", help="candidates kept per step and stage "
                                                                           "(default: 10)")
+    parser.add_argument("--layers", type=index_list, metavar="I,J", help="layers whose attention maps are shown "
+                                                                           "(default: first, middle, last)")
+    parser.add_argument("--heads", type=index_list, metavar="I,J", help="heads shown of those layers (default: all)")
     parser.add_argument("--out", metavar="FILE", help="write the HTML report here")
     parser.add_argument("--json", action="store_true", help="print the report's data as JSON on stdout")
     add_sampling_arguments(parser)
     parser.set_defaults(handler=handle)
+
+
+def index_list(value: str) -> list[int]:
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected indices separated by commas, like 0,5,11; got {value!r}") from None
 
 
 def _check_writable(path: str) -> Path:
@@ -69,7 +82,7 @@ def handle(args: argparse.Namespace) -> int:
     text = sys.stdin.read().rstrip("\r\n") if args.prompt == "-" else args.prompt
     model, tokenizer = load_generator(args.model, args.quantization, args.adapter)
     report = explain(model, tokenizer, text, params, chat=not args.raw and bool(tokenizer.chat_template),
-                     top=args.top, model_name=args.model)
+                     top=args.top, model_name=args.model, layers=args.layers, heads=args.heads)
     if out is not None:
         out.write_text(render(report), encoding="utf-8")
         note(f"report written to {out} ({len(report.sampling)} steps)")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from html import escape
 
+import numpy as np
+
+from lmforge.explain.images import data_uri, heat_map_png
 from lmforge.explain.report import Explanation
 
 STYLE = """
@@ -14,7 +17,8 @@ th { background: #f5f5f5; text-align: left; } td.n { text-align: right; font-var
 .tok { display: inline-block; margin: 2px; padding: 1px 5px; border-radius: 4px; background: #e8f0fe;
        font-family: ui-monospace, monospace; white-space: pre; }
 .tok.special { background: #fde7e9; } .tok small { color: #666; margin-left: 4px; }
-.chosen { background: #d7f5dd; font-weight: 600; }
+.chosen { background: #d7f5dd; font-weight: 600; } .bar { background: #8fb3de; height: .8em; display: inline-block; }
+figure { display: inline-block; margin: 4px; text-align: center; font-size: 12px; } figure img { border: 1px solid #ccc; }
 .mono { font-family: ui-monospace, monospace; white-space: pre-wrap; overflow-wrap: anywhere; }
 p.note { color: #555; }
 """
@@ -68,6 +72,35 @@ def _sampling(steps: list, shown: int = 5) -> str:
     return "".join(parts)
 
 
+def _forward(data: dict) -> str:
+    if "note" in data:
+        return f"<p>{escape(data['note'])}</p>"
+    largest = max(max(layer["hidden_norm"], layer["attention_norm"], layer["mlp_norm"]) for layer in data["layers"])
+    rows = "".join(
+        f"<tr><td class='n'>{layer['layer']}</td>" + "".join(
+            f"<td class='n'>{layer[key]:.1f} <span class='bar' style='width:{6 * layer[key] / largest:.2f}em'>"
+            f"</span></td>" for key in ("hidden_norm", "attention_norm", "mlp_norm")) + "</tr>"
+        for layer in data["layers"])
+    tokens = data["tokens"]
+    maps = []
+    for layer, heads in data["attention"].items():
+        cell = max(1, min(4, 160 // len(tokens)))
+        figures = "".join(f"<figure><img alt='layer {layer} head {head}' src='"
+                          f"{data_uri(heat_map_png(np.array(weights), cell))}'><figcaption>head {head}</figcaption>"
+                          f"</figure>" for head, weights in heads.items())
+        maps.append(f"<h3>Layer {layer}</h3><div>{figures}</div>")
+    reads = "".join(f"<tr><td>{_token(r['token'])}</td><td>" + ", ".join(
+        f"{_token(read['token'])} <small>(#{read['position']}, {read['weight']:.2f})</small>" for read in r["reads"])
+                    + "</td></tr>" for r in data["generated_reads"])
+    return (f"<p>Mean size (L2 norm) of the hidden state after each block, and of what its attention and MLP "
+            f"add to the residual stream:</p><table><tr><th>layer</th><th>hidden state</th><th>attention adds</th>"
+            f"<th>MLP adds</th></tr>{rows}</table><p>Attention maps: row i is what token i reads (darker = more "
+            f"weight; each row sums to 1; the upper triangle is the future, masked). {len(tokens)} tokens, "
+            f"{data['num_heads']} heads per layer.</p>{''.join(maps)}<p>What each generated token read most "
+            f"(weights averaged over every layer and head):</p><table><tr><th>generated</th><th>reads most</th></tr>"
+            f"{reads}</table>")
+
+
 def render(explanation: Explanation) -> str:
     """The whole report as an HTML document."""
     data = explanation.to_json()
@@ -81,7 +114,8 @@ def render(explanation: Explanation) -> str:
 {escape(str(output['finish_reason']))})</small></p>
 <h2>1. Tokenization</h2>{_tokenization(data['tokenization'])}
 <h2>2. Architecture</h2>{_architecture(data['architecture'])}
-<h2>3. Sampling decisions</h2>
+<h2>3. Forward pass</h2>{_forward(data['forward'])}
+<h2>4. Sampling decisions</h2>
 <p class="note">At every step the model scores all tokens (stage "model"); each logits processor then reshapes the
 scores, and the sampler picks from the last stage. Each row: how many tokens remain possible, the chosen token's
 probability at that stage, and the most likely candidates (the chosen one in green). Settings:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lmforge import SamplingParams, generate
+from lmforge.errors import InputError
 from lmforge.explain.html import render
 from lmforge.explain.report import explain
 from lmforge.quant import parameter_count
@@ -88,7 +89,47 @@ def test_the_html_report_renders_in_chromium_without_console_errors(smollm2, smo
     page.write_text(render(report), encoding="utf-8")
     browser.get(page.as_uri())
     assert browser.find_element(By.TAG_NAME, "h1").text.startswith("How")
-    assert len(browser.find_elements(By.TAG_NAME, "h3")) == len(report.sampling)
+    steps = [h.text for h in browser.find_elements(By.TAG_NAME, "h3") if h.text.startswith("Step")]
+    assert len(steps) == len(report.sampling)
+    maps = browser.find_elements(By.CSS_SELECTOR, "figure img")
+    assert len(maps) == 3 * 9 and all(int(m.get_property("naturalWidth")) > 0 for m in maps)  # the PNGs decode
     assert "<b>something</b>" in browser.find_element(By.TAG_NAME, "body").text  # escaped, shown as text
     assert [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"] == []
     assert browser.save_screenshot(str(tmp_path / "report.png")) and (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_the_forward_pass_keeps_real_attention_and_restores_the_kernels(smollm2, smollm2_tokenizer):
+    from lmforge.explain.forward import trace_forward
+    from lmforge.nn import Attention
+
+    ids = smollm2_tokenizer.encode("The quick brown fox jumps over the lazy dog", add_special_tokens=False)
+    with torch.inference_mode():
+        expected = smollm2(torch.tensor([ids])).logits
+    trace = trace_forward(smollm2, smollm2_tokenizer, ids)
+    assert trace.num_layers == 30 and trace.num_heads == 9  # GQA: 3 key/value heads shared by 9 query heads
+    for weights in trace.attention:
+        assert weights.shape == (9, len(ids), len(ids))
+        torch.testing.assert_close(weights.sum(-1), torch.ones(9, len(ids)))  # every row sums to 1
+        assert float(weights.triu(1).abs().max()) == 0.0  # nothing reads the future
+    assert all(stats.hidden_norm > 0 and stats.attention_norm > 0 and stats.mlp_norm > 0 for stats in trace.layers)
+    assert all(a.implementation == "sdpa" and a.kernel.__name__ != "kernel" for a in smollm2.modules()
+               if isinstance(a, Attention))
+    with torch.inference_mode():
+        torch.testing.assert_close(smollm2(torch.tensor([ids])).logits, expected)  # the model is unchanged
+    reads = trace.most_read(len(ids) - 1)
+    assert len(reads) == 3 and all(0 <= p < len(ids) and 0 < w <= 1 for p, w in reads)
+    with pytest.raises(InputError, match="layer 30 is out of range: this model has layers 0..29"):
+        trace.check(layer=30)
+    with pytest.raises(InputError, match="head -1 is out of range"):
+        trace.check(head=-1)
+
+
+def test_the_report_keeps_the_chosen_layers_and_heads(smollm2, smollm2_tokenizer):
+    report = explain(smollm2, smollm2_tokenizer, PROMPT, SamplingParams(temperature=0, max_tokens=2), layers=[3],
+                     heads=[0, 8])
+    forward = report.forward
+    assert list(forward["attention"]) == ["3"] and list(forward["attention"]["3"]) == ["0", "8"]
+    assert len(forward["tokens"]) == len(report.tokenization["ids"]) + 2 == len(forward["attention"]["3"]["0"])
+    assert [r["token"] for r in forward["generated_reads"]] == [s.chosen.token for s in report.sampling]
+    with pytest.raises(InputError, match="head 9 is out of range"):
+        explain(smollm2, smollm2_tokenizer, PROMPT, SamplingParams(temperature=0, max_tokens=1), heads=[9])
