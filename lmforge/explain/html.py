@@ -101,6 +101,43 @@ def _forward(data: dict) -> str:
             f"{reads}</table>")
 
 
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return ""
+
+
+def _learning(data: dict) -> str:
+    if "note" in data:
+        return f"<p>{escape(data['note'])}</p>"
+    largest = max((b["gradient_norm"] for b in data["blocks"]), default=1.0) or 1.0
+    rows = "".join(f"<tr><td class='n'>{b['layer']}</td><td class='n'>{b['gradient_norm']:.3g} <span class='bar' "
+                   f"style='width:{6 * b['gradient_norm'] / largest:.2f}em'></span></td>"
+                   f"<td class='n'>{b['relative_update']:.2e}</td></tr>" for b in data["blocks"])
+    top = "".join(f"<tr><td class='mono'>{escape(g['parameter'])}</td><td class='n'>{g['gradient_norm']:.3g}</td>"
+                  f"</tr>" for g in data["largest_gradients"])
+    return (f"<p>Loss (mean cross-entropy of the next token over the {data['tokens']} predictions in the text): "
+            f"<b>{data['loss']:.3f}</b> (perplexity {data['perplexity']:.1f}). Backpropagation gives every weight a "
+            f"gradient; one SGD step of learning rate {data['learning_rate']:g} would move each block's weights "
+            f"by the fraction shown (the weights are left unchanged).</p><table><tr><th>layer</th><th>gradient "
+            f"norm</th><th>update / weights</th></tr>{rows}</table><p>Largest gradients:</p><table>{top}</table>")
+
+
+def _memory(data: dict) -> str:
+    growth = data["kv_cache_bytes"]
+    steps = "".join(f"<tr><td class='n'>{data['prompt_tokens'] + i}</td><td class='n'>{_size(b)}</td></tr>"
+                    for i, b in enumerate(growth))
+    return (f"<p>{escape(data['attention_type'])}: {data['layers']} layers, {data['heads']} query heads, "
+            f"{data['kv_heads']} key/value heads of {data['head_dim']} numbers. The KV cache keeps "
+            f"{_size(data['kv_bytes_per_token'])} per token ({_size(data['kv_bytes_if_mha'])} if every query head "
+            f"had its own keys and values):</p><table><tr><th>tokens in the sequence</th><th>KV cache</th></tr>"
+            f"{steps}</table><p>Attention scores of one layer at the prompt's {data['prompt_tokens']} tokens: "
+            f"explicit (the whole [heads, T, T] matrix) {_size(data['explicit_scores_bytes'])}; flash (one "
+            f"[heads, T, tile] slice at a time) {_size(data['flash_scores_bytes'])}.</p>")
+
+
 def render(explanation: Explanation) -> str:
     """The whole report as an HTML document."""
     data = explanation.to_json()
@@ -121,5 +158,7 @@ scores, and the sampler picks from the last stage. Each row: how many tokens rem
 probability at that stage, and the most likely candidates (the chosen one in green). Settings:
 <span class="mono">{escape(str(data['params']))}</span></p>
 {_sampling(data['sampling'])}
+<h2>5. Learning: one training step on this text</h2>{_learning(data['learning'])}
+<h2>6. Memory</h2>{_memory(data['memory'])}
 </body></html>
 """

@@ -2,7 +2,7 @@
 
 text → (chat template) → tokens and ids → the model (its components and their sizes; each layer's
 hidden state, attention and MLP contributions, attention maps) → logits → logits processors → the
-chosen token, step after step. `explain` gathers each stage into an
+chosen token, step after step; then one training step on the text, and the memory it all takes. `explain` gathers each stage into an
 `Explanation` — plain data, so `to_json()` is the machine-readable report and
 `lmforge.explain.html.render` the readable one.
 """
@@ -16,6 +16,8 @@ from typing import Any
 from lmforge.errors import InputError, UnsupportedError, ValidationError
 from lmforge.explain.architecture import describe
 from lmforge.explain.forward import ForwardTrace, trace_forward
+from lmforge.explain.learning import training_step
+from lmforge.explain.memory import memory_section
 from lmforge.explain.sampling import SamplingStep, trace_generation
 from lmforge.generation.sampling_params import SamplingParams
 
@@ -31,6 +33,8 @@ class Explanation:
     sampling: list[SamplingStep]
     output: dict[str, Any]
     forward: dict[str, Any] = field(default_factory=dict)
+    learning: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -99,9 +103,11 @@ def explain(model, tokenizer, prompt: str, params: SamplingParams | None = None,
         forward = forward_section(trace_forward(model, tokenizer, sequence), len(tokens["ids"]), layers, heads)
     except UnsupportedError as exc:  # e.g. an encoder–decoder model: the rest of the report still holds
         forward = {"note": str(exc)}
+    learning = training_step(model, sequence) if len(sequence) > 1 else {"note": "one token: nothing to predict."}
     return Explanation(
         model=model_name or model.config.model_type, prompt=prompt, tokenization=tokens,
         architecture=describe(model, tokenizer), sampling=steps,
         output={"text": output.text, "token_ids": list(output.token_ids), "finish_reason": output.finish_reason},
-        forward=forward,
+        forward=forward, learning=learning,
+        memory=memory_section(model, len(tokens["ids"]), len(output.token_ids)),
         params={name: value for name, value in dataclasses.asdict(params).items() if value is not None})

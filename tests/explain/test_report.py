@@ -133,3 +133,36 @@ def test_the_report_keeps_the_chosen_layers_and_heads(smollm2, smollm2_tokenizer
     assert [r["token"] for r in forward["generated_reads"]] == [s.chosen.token for s in report.sampling]
     with pytest.raises(InputError, match="head 9 is out of range"):
         explain(smollm2, smollm2_tokenizer, PROMPT, SamplingParams(temperature=0, max_tokens=1), heads=[9])
+
+
+def test_one_training_step_reports_the_real_loss_and_leaves_the_weights(smollm2, smollm2_tokenizer):
+    from lmforge.explain.learning import training_step
+    from lmforge.train.metrics import count_targets, loss_sum
+
+    ids = smollm2_tokenizer.encode("The quick brown fox jumps over the lazy dog", add_special_tokens=False)
+    before = {name: p.detach().clone() for name, p in list(smollm2.named_parameters())[:5]}
+    step = training_step(smollm2, ids, learning_rate=1e-3)
+    with torch.no_grad():
+        batch = torch.tensor([ids])
+        expected = loss_sum("causal-lm", smollm2(batch).logits, batch) / count_targets("causal-lm", batch)
+    assert step["loss"] == pytest.approx(float(expected), rel=1e-5) and step["tokens"] == len(ids) - 1
+    assert len(step["blocks"]) == 30 and all(b["gradient_norm"] > 0 for b in step["blocks"])
+    assert all(0 < b["relative_update"] < 1 for b in step["blocks"])
+    norms = [g["gradient_norm"] for g in step["largest_gradients"]]
+    assert len(norms) == 5 and norms == sorted(norms, reverse=True)
+    assert all(torch.equal(p, before[name]) for name, p in smollm2.named_parameters() if name in before)
+    assert all(p.grad is None for p in smollm2.parameters())
+
+
+def test_the_kv_cache_figures_match_a_real_cache(smollm2, smollm2_tokenizer):
+    from lmforge.explain.memory import kv_bytes_per_token, memory_section
+    from lmforge.nn.kv_cache import KVCache
+
+    cache = KVCache.for_model(smollm2, 1, 100)
+    held = sum(t.numel() * t.element_size() for t in [*cache.keys, *cache.values])
+    assert kv_bytes_per_token(smollm2) * 100 == held
+    memory = memory_section(smollm2, 20, 3)
+    assert memory["kv_cache_bytes"] == [kv_bytes_per_token(smollm2) * n for n in (20, 21, 22, 23)]
+    assert memory["attention_type"].startswith("GQA (3 query heads") and memory["kv_bytes_if_mha"] == \
+        3 * memory["kv_bytes_per_token"]
+    assert memory["explicit_scores_bytes"] == 9 * 20 * 20 * 4 >= memory["flash_scores_bytes"]
