@@ -58,6 +58,10 @@ def describe(model: nn.Module, tokenizer: Tokenizer | None) -> dict[str, Any]:
         "components": parameter_components(model),
         "tied": tied_parameters(model),
     }
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    info["trainable_parameters"], info["frozen_parameters"] = trainable, info["parameters"] - trainable
+    info["positional_encoding"] = positional_encoding(config)
+    info["diagram"] = block_diagram(model)
     if tokenizer is not None:
         info["tokenizer"] = {
             "vocab_size": tokenizer.vocab_size,
@@ -109,3 +113,43 @@ def tied_parameters(model: nn.Module) -> dict[str, str]:
         else:
             first[id(parameter)] = name
     return tied
+
+
+def positional_encoding(config) -> str:
+    """How the model knows where each token is."""
+    if getattr(config, "rope_theta", None) is not None:
+        return f"rotary (RoPE): queries and keys rotated by position, theta = {config.rope_theta:g}"
+    if config.model_type == "t5":
+        return "relative position buckets: a learned bias added to the attention scores"
+    return f"learned absolute position embeddings ({config.context_length} positions) added to the token embeddings"
+
+
+def _attention_kind(attention: Attention) -> str:
+    if attention.num_kv_heads == attention.num_heads:
+        return f"multi-head attention (MHA), {attention.num_heads} heads of {attention.head_dim}"
+    if attention.num_kv_heads == 1:
+        return f"multi-query attention (MQA), {attention.num_heads} query heads sharing 1 key/value head"
+    return (f"grouped-query attention (GQA), {attention.num_heads} query heads in {attention.num_kv_heads} groups "
+            f"sharing a key/value head, heads of {attention.head_dim}")
+
+
+def block_diagram(model: nn.Module) -> list[str]:
+    """The model's data flow as lines of text, one stage per line (a block's inside shown once)."""
+    blocks = [module for module in model.modules() if isinstance(module, TransformerBlock)]
+    position = positional_encoding(model.config)
+    lines = [f"tokens → token embedding ({model.config.hidden_size} numbers per token); positions: {position}"]
+    if blocks:
+        block = blocks[0]
+        mlp = block.mlp
+        kind = "gated MLP (gate × up → down)" if isinstance(mlp, GatedMLP) else "MLP (up → down)"
+        norm = type(block.attn_norm).__name__
+        inner = [f"{_attention_kind(block.self_attn)}"]
+        if block.cross_attn is not None:
+            inner.append("cross-attention to the encoder's output")
+        inner.append(f"{kind}, activation {getattr(mlp.act, '__name__', type(mlp.act).__name__)}")
+        order = "norm → sublayer → add to the residual" if block.pre_norm else "sublayer → add → norm (post-norm)"
+        lines.append(f"{len(blocks)} × transformer block, each sublayer {order} ({norm}):")
+        lines += [f"    {part}" for part in inner]
+    lines.append("→ final norm → output head → logits over the vocabulary" if hasattr(model, "lm_head")
+                 else "→ hidden states (and the task head)")
+    return lines

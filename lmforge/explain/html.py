@@ -46,11 +46,14 @@ def _architecture(data: dict) -> str:
     facts = "".join(f"<tr><th>{escape(name)}</th><td>{escape(str(data[key]))}</td></tr>" for name, key in
                     [("architecture", "architecture"), ("class", "class"), ("dtype", "dtype"),
                      ("transformer blocks", "blocks"), ("context length", "context_length"),
-                     ("vocabulary", "vocab_size"), ("parameters", "parameters")])
+                     ("positions", "positional_encoding"), ("vocabulary", "vocab_size"), ("parameters", "parameters"),
+                     ("trainable", "trainable_parameters"), ("frozen", "frozen_parameters")])
     components = "".join(f"<tr><td>{escape(name)}</td><td class='n'>{c['parameters']:,}</td>"
                          f"<td class='n'>{c['share']:.1%}</td><td>{escape(str(c['modules']))}</td></tr>"
                          for name, c in data["components"].items())
-    return (f"<table>{facts}</table><table><tr><th>component</th><th>parameters</th><th>share</th>"
+    diagram = escape("\n".join(data["diagram"]))
+    return (f"<pre class='mono'>{diagram}</pre><table>{facts}</table><table><tr><th>component</th><th>parameters</th>"
+            f"<th>share</th>"
             f"<th>modules</th></tr>{components}</table>")
 
 

@@ -60,6 +60,7 @@ def test_tokens_padding_and_the_parameter_table(smollm2, smollm2_tokenizer):
     components = report.architecture["components"]
     assert sum(c["parameters"] for c in components.values()) == parameter_count(smollm2) == \
         report.architecture["parameters"]
+    assert "grouped-query attention (GQA), 9 query heads in 3 groups" in report.architecture["diagram"][2]
     json.dumps(report.to_json())  # plain data all through
 
 
@@ -166,3 +167,21 @@ def test_the_kv_cache_figures_match_a_real_cache(smollm2, smollm2_tokenizer):
     assert memory["attention_type"].startswith("GQA (3 query heads") and memory["kv_bytes_if_mha"] == \
         3 * memory["kv_bytes_per_token"]
     assert memory["explicit_scores_bytes"] == 9 * 20 * 20 * 4 >= memory["flash_scores_bytes"]
+
+
+def test_a_lora_model_shows_trainable_and_frozen_parameters_and_its_diagram(smollm2_tokenizer):
+    from lmforge.peft import LoraConfig, add_lora
+    from tests.models.test_llama import hf_llama
+    from tests.parity import ours_from_hf
+
+    model = ours_from_hf(hf_llama(vocab_size=smollm2_tokenizer.vocab_size, max_position_embeddings=256), "causal-lm")
+    total = parameter_count(model)
+    add_lora(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    report = explain(model, smollm2_tokenizer, "Hi there", SamplingParams(temperature=0, max_tokens=2))
+    architecture = report.architecture
+    lora = 2 * 2 * 4 * (64 + 64)  # 2 layers x (q, v) x r x (in + out)
+    assert architecture["trainable_parameters"] == lora and architecture["frozen_parameters"] == total
+    assert architecture["positional_encoding"].startswith("rotary (RoPE)")
+    assert "2 × transformer block" in architecture["diagram"][1]
+    assert "multi-head attention (MHA), 4 heads of 16" in architecture["diagram"][2]
+    assert "learning" in report.to_json() and report.learning["loss"] > 0  # the LoRA weights get the gradients
