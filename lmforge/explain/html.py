@@ -138,7 +138,22 @@ def _memory(data: dict) -> str:
             f"had its own keys and values):</p><table><tr><th>tokens in the sequence</th><th>KV cache</th></tr>"
             f"{steps}</table><p>Attention scores of one layer at the prompt's {data['prompt_tokens']} tokens: "
             f"explicit (the whole [heads, T, T] matrix) {_size(data['explicit_scores_bytes'])}; flash (one "
-            f"[heads, T, tile] slice at a time) {_size(data['flash_scores_bytes'])}.</p>")
+            f"[heads, T, tile] slice at a time) {_size(data['flash_scores_bytes'])}.</p>{_engine(data['engine'])}")
+
+
+def _engine(data: dict) -> str:
+    """The paged cache: the block table whenever it changes, and what a second identical prompt shares."""
+    size, rows, previous = data["block_size"], [], None
+    for step, table in enumerate(data["tables"]):
+        if table != previous:
+            tokens = data["prompt_tokens"] + step
+            rows.append(f"<tr><td class='n'>{tokens}</td><td class='mono'>{table}</td></tr>")
+            previous = table
+    return (f"<p>In the serving engine the cache is paged: blocks of {size} tokens anywhere in one pool, listed "
+            f"per sequence in its block table (a new block opens when the last one is full):</p><table><tr><th>"
+            f"tokens</th><th>block table</th></tr>{''.join(rows)}</table><p>A second request with the same "
+            f"prompt gets blocks {data['second_request_table']}: it shares {data['shared_blocks']} (prefix caching; "
+            f"{data['second_request_cached_tokens']} prompt tokens not computed again).</p>")
 
 
 def render(explanation: Explanation) -> str:

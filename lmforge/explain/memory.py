@@ -39,3 +39,28 @@ def memory_section(model, prompt_tokens: int, generated_tokens: int) -> dict:
         "explicit_scores_bytes": first.num_heads * prompt_tokens * prompt_tokens * score_bytes,
         "flash_scores_bytes": first.num_heads * prompt_tokens * min(FLASH_TILE, prompt_tokens) * score_bytes,
     }
+
+
+def engine_blocks(prompt_ids: list[int], output_ids: list[int], block_size: int = 16) -> dict:
+    """The engine's paged KV cache for this sequence, replayed on the real `BlockManager`: its block table after
+    the prompt and after every generated token, and what a second request with the same prompt shares."""
+    from lmforge.engine.block_manager import BlockManager
+    from lmforge.engine.sequence import Sequence
+
+    total = len(prompt_ids) + len(output_ids)
+    manager = BlockManager(num_blocks=2 * (total // block_size + 2), block_size=block_size)
+    first = Sequence(prompt_ids, request_id="explained")
+    manager.allocate(first)
+    first.num_computed_tokens = len(prompt_ids)  # the prefill wrote the prompt's keys and values
+    manager.cache_computed(first)
+    tables = [list(first.block_table)]
+    for token in output_ids:
+        first.append_token(token)
+        manager.may_append(first)
+        tables.append(list(first.block_table))
+    second = Sequence(prompt_ids, request_id="same prompt")
+    manager.allocate(second)
+    shared = [block for block in second.block_table if block in first.block_table]
+    return {"block_size": block_size, "tables": tables, "prompt_tokens": len(prompt_ids),
+            "second_request_table": list(second.block_table), "shared_blocks": shared,
+            "second_request_cached_tokens": second.num_cached_tokens}

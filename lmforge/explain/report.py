@@ -17,7 +17,7 @@ from lmforge.errors import InputError, UnsupportedError, ValidationError
 from lmforge.explain.architecture import describe
 from lmforge.explain.forward import ForwardTrace, trace_forward
 from lmforge.explain.learning import training_step
-from lmforge.explain.memory import memory_section
+from lmforge.explain.memory import engine_blocks, memory_section
 from lmforge.explain.sampling import SamplingStep, trace_generation
 from lmforge.generation.sampling_params import SamplingParams
 
@@ -109,5 +109,6 @@ def explain(model, tokenizer, prompt: str, params: SamplingParams | None = None,
         architecture=describe(model, tokenizer), sampling=steps,
         output={"text": output.text, "token_ids": list(output.token_ids), "finish_reason": output.finish_reason},
         forward=forward, learning=learning,
-        memory=memory_section(model, len(tokens["ids"]), len(output.token_ids)),
+        memory={**memory_section(model, len(tokens["ids"]), len(output.token_ids)),
+                "engine": engine_blocks(tokens["ids"], list(output.token_ids))},
         params={name: value for name, value in dataclasses.asdict(params).items() if value is not None})

@@ -185,3 +185,14 @@ def test_a_lora_model_shows_trainable_and_frozen_parameters_and_its_diagram(smol
     assert "2 × transformer block" in architecture["diagram"][1]
     assert "multi-head attention (MHA), 4 heads of 16" in architecture["diagram"][2]
     assert "learning" in report.to_json() and report.learning["loss"] > 0  # the LoRA weights get the gradients
+
+
+def test_the_engine_block_table_grows_by_blocks_and_a_same_prompt_shares_its_prefix():
+    from lmforge.explain.memory import engine_blocks
+
+    blocks = engine_blocks(list(range(1, 41)), [7, 8, 9, 10, 11, 12, 13, 14, 15], block_size=16)
+    tables = blocks["tables"]
+    assert [len(t) for t in tables] == [-(-(40 + step) // 16) for step in range(10)]  # ceil(tokens / 16)
+    assert all(t[:len(tables[0])] == tables[0] for t in tables)  # earlier blocks never move
+    assert blocks["shared_blocks"] == tables[0][:2] and blocks["second_request_cached_tokens"] == 32
+    assert blocks["second_request_table"][2] not in tables[-1]  # the partly filled block is not shared
