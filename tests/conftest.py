@@ -51,3 +51,24 @@ def minilm_encoder():
     from lmforge.context.rag import SentenceEncoder
 
     return SentenceEncoder.from_pretrained("all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A real headless Chromium (Debian's chromium and chromium-driver, driven by selenium: nothing downloaded),
+    keeping the page's console messages (browser.get_log("browser"))."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver, "browser tests need Debian's chromium and chromium-driver: run `make setup`"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    browser = webdriver.Chrome(service=Service(driver), options=options)
+    yield browser
+    browser.quit()

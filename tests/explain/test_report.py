@@ -3,7 +3,6 @@ stage's probabilities are the softmax of that stage's logits, the parameter tabl
 HTML renders in a real headless Chromium without console errors."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -64,23 +63,6 @@ def test_tokens_padding_and_the_parameter_table(smollm2, smollm2_tokenizer):
     json.dumps(report.to_json())  # plain data all through
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and driver, "the report test needs Debian's chromium and chromium-driver: run `make setup`"
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    browser = webdriver.Chrome(service=Service(driver), options=options)
-    yield browser
-    browser.quit()
-
-
 def test_the_html_report_renders_in_chromium_without_console_errors(smollm2, smollm2_tokenizer, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -88,6 +70,7 @@ def test_the_html_report_renders_in_chromium_without_console_errors(smollm2, smo
     report = explain(smollm2, smollm2_tokenizer, "Tell me <b>something</b> & more", params)
     page = tmp_path / "report.html"
     page.write_text(render(report), encoding="utf-8")
+    browser.get_log("browser")  # the browser is shared: forget what earlier pages logged
     browser.get(page.as_uri())
     assert browser.find_element(By.TAG_NAME, "h1").text.startswith("How")
     steps = [h.text for h in browser.find_elements(By.TAG_NAME, "h3") if h.text.startswith("Step")]

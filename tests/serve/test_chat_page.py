@@ -4,28 +4,10 @@ Needs Debian's `chromium` and `chromium-driver` (installed by `make test`); sele
 installed driver directly, so nothing is downloaded.
 """
 
-import shutil
-
-import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.serve.conftest import wait_for_free_blocks
-
-
-@pytest.fixture(scope="module")
-def browser():
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and driver, "the chat page test needs Debian's chromium and chromium-driver: run `make setup`"
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(driver), options=options)
-    yield browser
-    browser.quit()
 
 
 def ask(browser, text: str) -> None:
