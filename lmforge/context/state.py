@@ -3,8 +3,8 @@
 A summary is prose the model rewrites each time, and facts can slip out of it. A state is a flat JSON
 object ({"dog": "Rex", "city": "Rome"}): as each exchange leaves the last `keep_turns`, the model reads
 it and writes the facts it states, constrained by structured output to a flat object of short strings,
-and the new facts are added to the state. Nothing the model writes replaces a fact: a known value is
-skipped, and a new value under a key already in use gets the next free name (city, city_2, ...), the
+and the new facts are added to the state. Nothing the model writes replaces a fact: a known value or
+a question (a value ending in "?", which a small model copies from the conversation) is skipped, and a new value under a key already in use gets the next free name (city, city_2, ...), the
 later one being the newer. The state is kept within `state_tokens` by forgetting the oldest facts the
 model wrote (facts pinned by hand stay). The prompt then carries the system prompt, the state and only
 the recent exchanges, every turn. Each update is a model call whose tokens are counted in `spent`.
@@ -67,7 +67,7 @@ class StatefulContext(CondensedContext):
         text = ask(self.complete, self.tokenizer, f"{INSTRUCTION}\n\n{transcript(messages)}", params, self.spent)
         # The grammar fixes the layout, so the whole pairs can be read even from an answer cut at update_tokens.
         for key, value in FACT_PAIR.findall(text):
-            if value.strip() and value not in self.state.values():
+            if value.strip() and not value.rstrip().endswith("?") and value not in self.state.values():
                 self.state[free_key(self.state, key)] = value
         written = [key for key in self.state if key not in self.pinned]  # oldest first
         while written and len(self.tokenizer.encode(self.condensed_text(), add_special_tokens=False)) > \

@@ -75,3 +75,12 @@ def test_the_state_keeps_within_its_tokens_by_forgetting_the_oldest_written_fact
     # a, b went as c and a (again) came; the pinned fact stayed
     assert context.state == {"me": "Ada", "c": "eleven twelve thirteen fourteen", "a": "one two three four five"}
     assert len(smollm2_tokenizer.encode(context.condensed_text(), add_special_tokens=False)) <= 40
+
+
+def test_questions_are_not_kept_as_facts(smollm2_tokenizer):
+    context = StatefulContext(None, smollm2_tokenizer,
+                              complete=lambda ids, params: ('{"user": "What is my name?", "name": "Ada"}', 12))
+    history = ChatHistory(None, [{"role": "user", "content": "I am Ada. What is my name?"},
+                                 {"role": "assistant", "content": "Ada."}, {"role": "user", "content": "Thanks"}])
+    context.select(history, 2048)
+    assert context.state == {"name": "Ada"}
