@@ -15,7 +15,7 @@ import json
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -76,7 +76,8 @@ class StructuredOutputParams:
                                       "as a dict or as JSON text.") from None
         if self.json is not None and not isinstance(self.json, (dict, bool)):
             raise ValidationError(f"structured output json must be a JSON schema object, got {self.json!r}.")
-        error = _llguidance().LLMatcher.validate_grammar(self.llguidance_grammar())
+        object.__setattr__(self, "_grammar", self._compile())  # once: validated here, used by every sequence
+        error = _llguidance().LLMatcher.validate_grammar(self._grammar)
         if error:
             raise ValidationError(f"the structured output {self.kind} is invalid: {error.strip()}")
 
@@ -98,6 +99,9 @@ class StructuredOutputParams:
 
     def llguidance_grammar(self) -> str:
         """The constraint as an llguidance grammar (a JSON document naming one or more grammars)."""
+        return self._grammar
+
+    def _compile(self) -> str:
         matcher = _llguidance().LLMatcher
         if self.json is not None or self.json_object:
             schema = {"type": "object"} if self.json_object else self.json
@@ -178,10 +182,6 @@ class GrammarConstraint(LogitsProcessor):
         logits[size:] = NEG_INF  # rows of the embedding beyond the tokenizer's vocabulary
         return logits
 
-    def is_complete(self, state: SequenceState) -> bool:
-        """Whether the output so far is a whole sentence of the grammar (it may still be extended)."""
-        return state.processor_state[self.name].is_accepting()
-
 
 def grammar_constraint(params: StructuredOutputParams | dict, tokenizer: Tokenizer | None,
                        eos_token_ids: Sequence[int]) -> GrammarConstraint:
@@ -190,12 +190,3 @@ def grammar_constraint(params: StructuredOutputParams | dict, tokenizer: Tokeniz
         raise ValidationError("structured output needs the tokenizer to know each token's text; pass tokenizer= "
                               "to LogitsPipeline.from_params.")
     return GrammarConstraint(StructuredOutputParams.coerce(params), GrammarVocabulary.of(tokenizer, eos_token_ids))
-
-
-def parse_json_output(text: str) -> Any:
-    """The JSON value of a finished json / json_object output (InputError if it was cut short)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"the output is not complete JSON ({exc}); it was probably cut by max_tokens or a stop "
-                         "string — raise max_tokens.") from None

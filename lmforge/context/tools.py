@@ -46,10 +46,6 @@ class Tool:
                                   f"got {spec!r}.")
         return cls(function.get("name"), function.get("description") or "", function.get("parameters"))
 
-    def to_openai(self) -> dict:
-        function = {"name": self.name, "description": self.description}
-        return {"type": "function", "function": {**function, "parameters": self.arguments_schema}}
-
     @property
     def arguments_schema(self) -> dict:
         return self.parameters if self.parameters is not None else {"type": "object", "properties": {}}

@@ -97,11 +97,12 @@ class _Sampling(_Request):
 
 
 def checked(param: str, build):
-    """build(), with a ValidationError re-raised as one that names the request field (the 400's `param`)."""
+    """build(), with a library error re-raised as one of its kind that names the request field (the 400's
+    `param`)."""
     try:
         return build()
-    except ValidationError as exc:
-        raise ValidationError(f"SamplingParams.{param}: {exc}") from None
+    except LMForgeError as exc:
+        raise type(exc)(f"SamplingParams.{param}: {exc}") from None
 
 
 class JsonSchemaFormat(_Request):
@@ -173,10 +174,7 @@ class ChatCompletionRequest(_Sampling):
 
     def template_vars(self, tokenizer) -> dict:
         """Chat-template variables of this request (the thinking switch)."""
-        try:
-            return reasoning_template_vars(tokenizer, self.reasoning)
-        except LMForgeError as exc:
-            raise type(exc)(f"SamplingParams.reasoning: {exc}") from None
+        return checked("reasoning", lambda: reasoning_template_vars(tokenizer, self.reasoning))
 
     def sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
@@ -190,8 +188,7 @@ class ChatCompletionRequest(_Sampling):
         """The tools the answer may call (none without `tools` or with tool_choice "none")."""
         if not self.tools or self.tool_choice == "none":
             return []
-        return checked("tools", lambda: [Tool(t.function.name, t.function.description or "", t.function.parameters)
-                                         for t in self.tools])
+        return checked("tools", lambda: [Tool.from_openai(tool.model_dump()) for tool in self.tools])
 
     def _output_constraint(self) -> StructuredOutputParams | None:
         """What the answer must match: a tool call, the response_format, or the structured_outputs extension."""
