@@ -39,9 +39,16 @@ CONDENSING = {"summarize": SummarizedContext, "state": StatefulContext}
 SERVER_STRATEGIES = (*STRATEGIES, *CONDENSING)
 
 
-def _digest(strategy: str, system: str | None, messages: list[dict]) -> str:
-    text = json.dumps([strategy, system, messages], ensure_ascii=False, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+def _prefix_digests(strategy: str, history: ChatHistory) -> list[str]:
+    """digests[k] names the conversation's first k messages (with the strategy and system prompt): a hash
+    chain, so every prefix is named in one pass over the messages."""
+    digest = hashlib.sha256(json.dumps([strategy, history.system], ensure_ascii=False).encode()).hexdigest()
+    digests = [digest]
+    for message in history.messages:
+        text = digest + json.dumps(message, ensure_ascii=False, sort_keys=True)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        digests.append(digest)
+    return digests
 
 
 class ConversationContexts:
@@ -64,9 +71,10 @@ class ConversationContexts:
         if options.rag and retriever is None:
             raise UnsupportedError("context: this server has no document index; start it with "
                                    "`lmforge serve --rag-index INDEX` to use rag.")
-        context = None
+        context = digests = None
         if strategy in CONDENSING:
-            context = self._condensing_context(history, strategy, keep_turns, reserve_output)
+            digests = _prefix_digests(strategy, history)
+            context = self._condensing_context(digests, strategy, keep_turns, reserve_output)
             choose = functools.partial(context.select, context_window=window)
         else:
             policy = ContextPolicy(strategy, options.max_turns, options.max_tokens, reserve_output)
@@ -77,28 +85,26 @@ class ConversationContexts:
         if context is None:
             return selected, None
         if context.covered:
-            key = _digest(strategy, history.system, history.messages[:context.covered])
+            key = digests[context.covered]
             self._cache[key] = context.snapshot()
             self._cache.move_to_end(key)
             while len(self._cache) > self.max_entries:
                 self._cache.popitem(last=False)
         return selected, context.spent
 
-    def _condensing_context(self, history: ChatHistory, strategy: str, keep_turns: int | None, reserve_output: int):
+    def _condensing_context(self, digests: list[str], strategy: str, keep_turns: int | None, reserve_output: int):
         """A summarize / state context whose model calls run through the engine, resumed from the longest
-        condensed prefix of `history` in the cache."""
+        condensed prefix in the cache (`digests`: the conversation's prefix digests)."""
         loop = asyncio.get_running_loop()
 
         def complete(prompt_ids: list[int], params: SamplingParams) -> tuple[str, int]:
             return asyncio.run_coroutine_threadsafe(self._complete(prompt_ids, params), loop).result()
 
         context = CONDENSING[strategy](None, self.engine.engine.tokenizer, reserve_output,
-                      **({"keep_turns": keep_turns} if keep_turns else {}), complete=complete)
-        for covered in range(len(history.messages), 0, -1):
-            cached = self._cache.get(_digest(strategy, history.system, history.messages[:covered]))
-            if cached is not None:
-                context.restore(cached)
-                break
+                                       **({"keep_turns": keep_turns} if keep_turns else {}), complete=complete)
+        cached = next((self._cache[d] for d in reversed(digests[1:]) if d in self._cache), None)
+        if cached is not None:
+            context.restore(cached)
         return context
 
     async def _complete(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, int]:
