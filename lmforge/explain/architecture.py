@@ -124,10 +124,18 @@ def positional_encoding(config) -> str:
     return f"learned absolute position embeddings ({config.context_length} positions) added to the token embeddings"
 
 
-def _attention_kind(attention: Attention) -> str:
+def attention_type(attention: Attention) -> str:
+    """MHA (a key/value head per query head), MQA (one for all) or GQA (one per group of query heads)."""
     if attention.num_kv_heads == attention.num_heads:
+        return "MHA"
+    return "MQA" if attention.num_kv_heads == 1 else "GQA"
+
+
+def _attention_kind(attention: Attention) -> str:
+    kind = attention_type(attention)
+    if kind == "MHA":
         return f"multi-head attention (MHA), {attention.num_heads} heads of {attention.head_dim}"
-    if attention.num_kv_heads == 1:
+    if kind == "MQA":
         return f"multi-query attention (MQA), {attention.num_heads} query heads sharing 1 key/value head"
     return (f"grouped-query attention (GQA), {attention.num_heads} query heads in {attention.num_kv_heads} groups "
             f"sharing a key/value head, heads of {attention.head_dim}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from lmforge.explain.architecture import attention_type
+
 FLASH_TILE = 128  # the flash kernel's default key tile (lmforge.nn.kernels.flash)
 
 
@@ -26,9 +28,9 @@ def memory_section(model, prompt_tokens: int, generated_tokens: int) -> dict:
     attention = model.decoder_attention_layers()
     first = attention[0]
     per_token = kv_bytes_per_token(model)
-    kind = ("MHA" if first.num_kv_heads == first.num_heads else
-            "MQA" if first.num_kv_heads == 1 else f"GQA ({first.num_heads // first.num_kv_heads} query heads "
-                                                    f"per key/value head)")
+    kind = attention_type(first)
+    if kind == "GQA":
+        kind += f" ({first.num_heads // first.num_kv_heads} query heads per key/value head)"
     score_bytes = 4  # scores and softmax in float32
     return {
         "attention_type": kind, "layers": len(attention), "heads": first.num_heads, "kv_heads": first.num_kv_heads,
