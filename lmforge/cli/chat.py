@@ -34,6 +34,7 @@ from lmforge.cli.common import (
     sampling_params,
     write_answer,
 )
+from lmforge.context import CONDENSING
 from lmforge.context.reasoning import reasoning_template_vars
 from lmforge.context.strategies import (
     STRATEGIES,
@@ -44,8 +45,6 @@ from lmforge.context.strategies import (
 from lmforge.errors import InputError, LMForgeError, UnsupportedError
 from lmforge.generation.chat import ChatHistory
 from lmforge.generation.sampling_params import SamplingParams
-
-CONDENSING = ("summarize", "state")  # strategies where the model condenses the older exchanges
 
 EXAMPLES = """examples:
   lmforge chat
@@ -206,18 +205,13 @@ def handle(args: argparse.Namespace) -> int:
 def context_selector(model, tokenizer, strategy: str, policy: ContextPolicy | None, reserve: int,
                      keep_turns: int | None) -> Callable[[ChatHistory], SelectedContext]:
     """What each turn sends: `policy`'s part of the history, or for summarize / state the older exchanges
-    condensed by the model and the last `keep_turns` word for word (the facts noted when they change)."""
+    condensed by the model and the last `keep_turns` word for word (what the model kept noted when it changes)."""
     window = model.config.context_length
     if policy is not None:
         return lambda history: select_context(history, tokenizer, window, policy)
+    context = CONDENSING[strategy](model, tokenizer, reserve, **({"keep_turns": keep_turns} if keep_turns else {}))
     if strategy == "summarize":
-        from lmforge.context.summary import SummarizedContext
-
-        summarizer = SummarizedContext(model, tokenizer, reserve, keep_turns=keep_turns or 2)
-        return lambda history: summarizer.select(history, window)
-    from lmforge.context.state import StatefulContext
-
-    context = StatefulContext(model, tokenizer, reserve, keep_turns=keep_turns or 1)
+        return lambda history: context.select(history, window)
 
     def select_with_state(history: ChatHistory) -> SelectedContext:
         before = dict(context.state)
@@ -259,7 +253,7 @@ def retrieval_selector(retriever, select: Callable[[ChatHistory], SelectedContex
 
 
 def answer_turn(model, tokenizer, history: ChatHistory, message: str, params: SamplingParams,
-                select: Callable[[ChatHistory], SelectedContext], template_vars: dict | None = None) -> None:
+                select: Callable[[ChatHistory], SelectedContext], template_vars: dict) -> None:
     """Add the user's message, stream the assistant's answer and add it too (even when cut by Ctrl-C).
     The prompt is the part of the history `select` chooses (`context_selector`), rendered with
     `template_vars` (e.g. the thinking switch)."""
@@ -269,7 +263,7 @@ def answer_turn(model, tokenizer, history: ChatHistory, message: str, params: Sa
         if selected.dropped_messages:
             note(f"context: {selected.tokens} tokens sent, the {selected.dropped_messages} oldest message(s) left out "
                  "or summarized")
-        prompt_ids = tokenizer.encode(selected.history.to_prompt(tokenizer, **(template_vars or {})),
+        prompt_ids = tokenizer.encode(selected.history.to_prompt(tokenizer, **template_vars),
                                       add_special_tokens=False)
         answer = write_answer(model, tokenizer, prompt_ids, params, interruptible=True)
     except LMForgeError:

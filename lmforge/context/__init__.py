@@ -7,7 +7,13 @@ from lmforge.context.accounting import (
            count_chat,
            count_text,
 )
+from lmforge.context.state import StatefulContext
 from lmforge.context.strategies import ContextPolicy, SelectedContext, select_context
+from lmforge.context.summary import SummarizedContext
 
-__all__ = ["ChatCount", "ContextPolicy", "MessageCount", "Prices", "SelectedContext", "count_chat", "count_text",
-           "select_context"]
+CONDENSING = {"summarize": SummarizedContext, "state": StatefulContext}
+"""The strategies in which the model condenses the older exchanges (beside strategies.STRATEGIES, which only
+choose messages), and their classes."""
+
+__all__ = ["CONDENSING", "ChatCount", "ContextPolicy", "MessageCount", "Prices", "SelectedContext",
+           "StatefulContext", "SummarizedContext", "count_chat", "count_text", "select_context"]

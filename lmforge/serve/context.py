@@ -18,24 +18,21 @@ import json
 import uuid
 from collections import OrderedDict
 
+from lmforge.context import CONDENSING
 from lmforge.context.model_calls import TokenUsage
 from lmforge.context.rag import RetrievedContext, Retriever
-from lmforge.context.state import StatefulContext
 from lmforge.context.strategies import (
     STRATEGIES,
     ContextPolicy,
     SelectedContext,
     select_context,
 )
-from lmforge.context.summary import SummarizedContext
 from lmforge.engine.async_engine import AsyncLLMEngine
 from lmforge.errors import UnsupportedError, ValidationError
 from lmforge.generation.chat import ChatHistory
 from lmforge.generation.sampling_params import SamplingParams
 from lmforge.serve.metrics import ServerMetrics
 
-CONDENSING = {"summarize": SummarizedContext, "state": StatefulContext}
-"""strategy → the class whose model condenses the older exchanges."""
 SERVER_STRATEGIES = (*STRATEGIES, *CONDENSING)
 
 
