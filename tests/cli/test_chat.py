@@ -85,6 +85,7 @@ def test_ctrl_c_at_the_prompt_leaves(loaded_smollm2, monkeypatch, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["chat", "--min-p", "1.5"], "SamplingParams.min_p must be in [0, 1], got 1.5."),
     (["chat", "--model", "all-minilm-l6-v2"], "is a bert model, which cannot generate text"),
+    (["chat", "--rag", "missing.index", "--rag-top-k", "0"], "--rag-top-k must be >= 1, got 0."),
 ])
 def test_bad_options_end_the_chat_before_it_starts(capsys, argv, message):
     assert main(argv) == 2

@@ -217,7 +217,8 @@ def test_a_context_strategy_sends_only_the_part_of_the_conversation_it_selects(s
     for context, message in (({"strategy": "window"}, "needs max_turns"),
                              ({"strategy": "magic"}, "context.strategy"),
                              ({"strategy": "window", "max_turns": 1, "keep_turns": 1}, "keep_turns applies to"),
-                             ({"strategy": "state", "max_tokens": 10}, "keep_turns applies to")):
+                             ({"strategy": "state", "max_tokens": 10}, "keep_turns applies to"),
+                             ({"rag": True, "rag_top_k": 0}, "context.rag_top_k")):
         with pytest.raises(openai.BadRequestError, match=message):
             client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4,
                                            extra_body={"context": context})
