@@ -12,6 +12,7 @@ from torch import nn
 
 from lmforge.checkpoint.keymap import KeyMap
 from lmforge.config import LlamaConfig
+from lmforge.models import llama_decode
 from lmforge.models.base import DecoderLM, ModelOutput, PreTrainedModel
 from lmforge.nn import (
     Attention,
@@ -45,6 +46,7 @@ class LlamaPreTrainedModel(PreTrainedModel):
 class LlamaModel(LlamaPreTrainedModel):
     hf_architecture = "LlamaModel"
     is_backbone = True
+    fast_decode = True  # one-token CPU steps through lmforge.models.llama_decode's fused kernels
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
@@ -81,6 +83,10 @@ class LlamaModel(LlamaPreTrainedModel):
         rotary = self.rotary(position_ids, hidden.dtype)
         length = hidden.shape[1]
         mask = decoder_self_attention_mask(attention_mask, length, kv_cache, hidden.dtype, hidden.device)
+        if llama_decode.applies(self, hidden, kv_cache):
+            hidden = llama_decode.decode_step(self, hidden, rotary, mask, kv_cache)
+            kv_cache.advance(length)
+            return ModelOutput(last_hidden_state=hidden)
         for layer in self.layers:
             hidden = layer(hidden, mask, rotary, kv_cache=kv_cache)
         if kv_cache is not None:

@@ -41,12 +41,16 @@ class KVCache:
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new positions' keys/values for `layer`; return all positions so far (views, no copy)."""
         start, new = self.length, keys.shape[2]
-        if start + new > self.max_length:
-            raise InputError(f"KV cache holds {self.max_length} positions but {start + new} are needed; "
-                             "allocate a larger cache (max_length) or generate fewer tokens.")
+        self.check_room(new)
         self.keys[layer][:, :, start:start + new] = keys
         self.values[layer][:, :, start:start + new] = values
         return self.keys[layer][:, :, :start + new], self.values[layer][:, :, :start + new]
+
+    def check_room(self, new_positions: int) -> None:
+        """Raise a clear error if `new_positions` more positions do not fit."""
+        if self.length + new_positions > self.max_length:
+            raise InputError(f"KV cache holds {self.max_length} positions but {self.length + new_positions} are "
+                             "needed; allocate a larger cache (max_length) or generate fewer tokens.")
 
     def attention_mask(self, padding_mask: torch.Tensor | None, query_length: int, dtype: torch.dtype,
                        device: torch.device) -> torch.Tensor | None:

@@ -5,6 +5,9 @@ grouped-query attention) and an optional additive mask [B, 1, Tq, Tk], and retur
 [B, H, Tq, d]. `eager` spells the maths out; `sdpa` calls PyTorch's fused
 scaled_dot_product_attention; `flash` walks key/value tiles with an online
 softmax in linear memory. All must agree to float rounding.
+
+Beside them: `paged` (attention over the engine's block tables) and `cpu_decode`
+(numba kernels fusing the small operations of a one-token CPU decode step).
 """
 
 from lmforge.errors import UnsupportedError
