@@ -57,6 +57,22 @@ def _jit(function):
     return numba.njit(nogil=True, fastmath=True, cache=True)(function) if numba is not None else function
 
 
+def _inline(function):
+    return numba.njit(nogil=True, fastmath=True, cache=True, inline="always")(function) if numba is not None else function
+
+
+@_inline
+def _chunk_scales(scale, n, chunk, group_size):
+    """Row n's scales for the two 32-column halves of 64-column chunk `chunk` (groups of 32, 64 or 128).
+    Spelled out per group size: an integer division by a run-time group size here kept LLVM from
+    vectorising the loop around it (int8 groups of 32 ran at half speed)."""
+    if group_size == 32:
+        return scale[n, 2 * chunk], scale[n, 2 * chunk + 1]
+    if group_size == 64:
+        return scale[n, chunk], scale[n, chunk]
+    return scale[n, chunk >> 1], scale[n, chunk >> 1]
+
+
 @_jit
 def _int8_matvec(x, q, scale, group_size, out, start, stop):
     """out[m, n] = sum_k x[m, k] * q[n, k] * scale[n, k // group_size], for rows start <= n < stop."""
@@ -74,7 +90,7 @@ def _int8_matvec(x, q, scale, group_size, out, start, stop):
         for m in range(x.shape[0]):
             lanes[:] = 0
             for chunk in range(cols // 64):
-                first, second = scale[n, chunk * 64 // group_size], scale[n, (chunk * 64 + 32) // group_size]
+                first, second = _chunk_scales(scale, n, chunk, group_size)
                 k = chunk * 64
                 for j in range(32):
                     lanes[j] += (x[m, k + j] * np.float32(q[n, k + j]) * first
@@ -113,7 +129,7 @@ def _nibble_matvec(low, diff, sums, packed, scale, offset, group_size, out, star
         for m in range(low.shape[0]):
             lanes[:] = 0
             for chunk in range(half // 32):
-                first, second = scale[n, chunk * 64 // group_size], scale[n, (chunk * 64 + 32) // group_size]
+                first, second = _chunk_scales(scale, n, chunk, group_size)
                 b = chunk * 32
                 for j in range(16):
                     byte, byte2 = np.float32(packed[n, b + j]), np.float32(packed[n, b + 16 + j])

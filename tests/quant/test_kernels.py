@@ -14,7 +14,10 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not in
 FORMATS = {
     "int8 per channel": lambda w: Int8Weight.quantize(w),
     "int8 groups of 32 (Q8_0)": lambda w: Int8Weight.quantize(w, 32),
+    "int8 groups of 64": lambda w: Int8Weight.quantize(w, 64),
+    "int8 groups of 128": lambda w: Int8Weight.quantize(w, 128),
     "int4 groups of 32": lambda w: Int4Weight.quantize(w, 32),
+    "int4 groups of 64": lambda w: Int4Weight.quantize(w, 64),
     "int4 groups of 128": lambda w: Int4Weight.quantize(w, 128),
     "nf4": lambda w: NF4Weight.quantize(w),
     "nf4 double quantized": lambda w: NF4Weight.quantize(w, double_quant=True),
