@@ -95,7 +95,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if args.quantization == "int4":
         model = AutoModelForCausalLM.from_pretrained(args.model)
-        quantize_model(model, "int4", group_size=args.group_size)
+        quantize_model(model, "int4", tied_head=True, group_size=args.group_size)
     else:
         model = load_quantized(args.model, quantization=args.quantization)
     ids = tokenizer.encode(text)

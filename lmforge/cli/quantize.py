@@ -38,6 +38,9 @@ def add_parser(subparsers) -> None:
                              "(default: the method's own, 32 for int4)")
     parser.add_argument("--double-quant", action="store_true",
                         help="nf4: store the block scales in 8 bits too (QLoRA double quantization)")
+    parser.add_argument("--float-tied-head", action="store_true",
+                        help="keep a head tied to the token embedding in float32 (default: int8 with one scale "
+                             "per row, read by the token lookups too, whatever --method is)")
     parser.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
     parser.add_argument("--force", action="store_true", help="replace --out when it exists and is not empty")
     parser.set_defaults(handler=handle)
@@ -76,7 +79,7 @@ def handle(args: argparse.Namespace) -> int:
     model, tokenizer = load_float_model(args.model)
     loaded = time.perf_counter()
     bytes_before, _ = weight_memory(model)
-    names = quantize_model(model, args.method, progress=True, **options)
+    names = quantize_model(model, args.method, progress=True, tied_head=not args.float_tied_head, **options)
     quantized = time.perf_counter()
     bytes_after, _ = weight_memory(model)
     folder = save_quantized(model, args.out, tokenizer, force=args.force)
@@ -88,7 +91,8 @@ def handle(args: argparse.Namespace) -> int:
                          if value is not None)
     print(f"{args.model} -> {folder} ({args.method}{f', {settings}' if settings else ''})")
     print(f"layers   {len(names)} Linear layers quantized"
-          + (f", {kept} kept in float32 (their weight is the token embedding's)" if kept else ""))
+          + (f", {kept} kept in float32 (their weight is the token embedding's)" if kept else "")
+          + (", the tied head as int8 per row" if "tied_head" in model.config.extra["quantization"] else ""))
     print(f"weights  {bytes_before / 1e6:,.1f} MB -> {bytes_after / 1e6:,.1f} MB in memory "
           f"({bytes_before / bytes_after:.1f}x smaller)")
     print(f"folder   {sum(f.stat().st_size for f in files) / 1e6:,.1f} MB: {', '.join(f.name for f in files)}")

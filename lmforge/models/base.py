@@ -108,7 +108,8 @@ class PreTrainedModel(nn.Module):
             return
         for name, source in self.tied_weights.items():
             owner, attr = self._resolve(name)
-            setattr(owner, attr, self.get_parameter(source))
+            if isinstance(getattr(owner, attr, None), nn.Parameter):  # a quantized head shares its rows instead
+                setattr(owner, attr, self.get_parameter(source))
 
     def _resolve(self, name: str) -> tuple[nn.Module, str]:
         module_name, _, attr = name.rpartition(".")

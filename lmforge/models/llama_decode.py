@@ -40,7 +40,10 @@ def applies(model, hidden: torch.Tensor, kv_cache) -> bool:
 
 
 def _numpy(tensor: torch.Tensor):
-    return tensor.detach().contiguous().numpy()
+    """A numpy view of a float32 CPU tensor; parameters are detached, strided tensors copied first."""
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    return tensor.numpy() if tensor.is_contiguous() else tensor.contiguous().numpy()
 
 
 def _projections(module, fused: str, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:

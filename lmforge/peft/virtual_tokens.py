@@ -37,6 +37,7 @@ from torch import nn
 from lmforge.errors import UnsupportedError, ValidationError
 from lmforge.nn.kv_cache import GrowingKVCache, KVCache
 from lmforge.peft.lora import LoraLayer
+from lmforge.quant.embedding import QuantizedEmbedding
 
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values [B, kv_heads, P, head_dim]
 
@@ -280,4 +281,5 @@ def load_virtual_tokens(model: nn.Module, peft_type: str, tensor: torch.Tensor) 
 def _float_dtype(model: nn.Module) -> torch.dtype:
     """The dtype the model computes in (its token embeddings', float even when its linear layers are
     quantized): virtual tokens are stored and trained in it."""
-    return model.model.embed_tokens.weight.dtype
+    embeddings = model.model.embed_tokens
+    return embeddings.output_dtype if isinstance(embeddings, QuantizedEmbedding) else embeddings.weight.dtype

@@ -1,9 +1,13 @@
 """Quantize a loaded model in place: every `nn.Linear` becomes a `QuantizedLinear`.
 
-Weights shared with another module (a head tied to the token embedding) stay in floating point:
-the embedding lookup needs them as they are. The method, its options and the quantized layers are
-recorded in the config (`config.extra["quantization"]`), so `save_pretrained` writes a folder that
-`from_pretrained` loads back quantized (see lmforge.quant.checkpoint).
+A head tied to the token embedding is one matrix serving two uses, so it is a choice of its own
+(`tied_head`): kept in floating point, or stored as int8 with one scale per row — per token, the
+natural grain of an embedding table — whatever the method of the other layers, since 4-bit rows
+would blur every input token (llama.cpp also keeps this table at 8 bits). The token lookups then read
+the head's rows (`QuantizedEmbedding`) and no float copy of the table is kept. The method, its options
+and the quantized layers are recorded in the config (`config.extra["quantization"]`), so
+`save_pretrained` writes a folder that `from_pretrained` loads back quantized (see
+lmforge.quant.checkpoint).
 """
 
 from __future__ import annotations
@@ -19,18 +23,21 @@ from tqdm.auto import tqdm
 from lmforge.errors import ConfigError
 from lmforge.nn.fusion import unfuse_projections
 from lmforge.nn.inject import replace_modules
-from lmforge.quant.checkpoint import format_options, quantization_block
+from lmforge.quant.checkpoint import TIED_HEAD_METHOD, format_options, quantization_block
+from lmforge.quant.embedding import use_quantized_head
 from lmforge.quant.formats import FORMATS
 from lmforge.quant.linear import QuantizedLinear
 
 
 def quantize_model(model: nn.Module, method: str, progress: bool = False, keep_float: Sequence[str] = (),
-                   **options) -> list[str]:
+                   tied_head: bool = False, **options) -> list[str]:
     """Quantize the model's Linear layers with `method` ("int8", "int4", "nf4"); returns their names.
 
     `options` go to the format (e.g. int4 `group_size`, nf4 `double_quant`); `progress` shows a bar per layer.
     Layers named in `keep_float` (a name, or its last part such as "score") stay in floating point, e.g.
-    a new head that QLoRA trains fully.
+    a new head that QLoRA trains fully. `tied_head=True` also stores a head tied to the token embedding as
+    per-row int8 (inference: SmolLM2's tied head is a fifth of its weights); by default it stays float,
+    which training through the head (QLoRA) wants.
     """
     if any(isinstance(module, QuantizedLinear) for module in model.modules()):
         raise ConfigError("this model is already quantized; quantize the original floating-point model instead "
@@ -40,9 +47,11 @@ def quantize_model(model: nn.Module, method: str, progress: bool = False, keep_f
     tied = set(getattr(model, "tied_weights", {})) if getattr(model.config, "tie_word_embeddings", False) else set()
     tied_modules = {name.rsplit(".", 1)[0] for name in tied}
 
+    def kept_float(name: str) -> bool:
+        return any(name == keep or name.endswith("." + keep) for keep in keep_float)
+
     def select(name: str, module: nn.Module) -> bool:
-        kept = name in tied_modules or any(name == keep or name.endswith("." + keep) for keep in keep_float)
-        return type(module) is nn.Linear and not kept
+        return type(module) is nn.Linear and name not in tied_modules and not kept_float(name)
 
     def build(name: str, module: nn.Module) -> QuantizedLinear:
         try:
@@ -55,10 +64,15 @@ def quantize_model(model: nn.Module, method: str, progress: bool = False, keep_f
     with tqdm(total=sum(select(*named) for named in model.named_modules()), desc=f"quantizing ({method})",
               unit="layer", disable=not progress) as bar:
         names = replace_modules(model, select, build)
+    head = next(iter(tied_modules)) if tied_head and len(tied_modules) == 1 else None  # one head, one table
+    if head is not None and type(model.get_submodule(head)) is nn.Linear and not kept_float(head):
+        use_quantized_head(model, head, QuantizedLinear.from_linear(model.get_submodule(head), TIED_HEAD_METHOD))
+    else:
+        head = None
     extra = getattr(model.config, "extra", None)
     if isinstance(extra, dict):  # a ModelConfig: save_pretrained writes the record into config.json
-        extra["quantization"] = quantization_block(method, options, names)
-    return names
+        extra["quantization"] = quantization_block(method, options, names, head)
+    return names + ([head] if head else [])
 
 
 def load_quantized(ref, dtype=None, quantization: str | None = None) -> nn.Module:
@@ -88,7 +102,7 @@ def quantize_loaded(model: nn.Module, quantization: str | None) -> None:
                           "'int4' or 'nf4'.")
     if quantization not in FORMATS:
         raise ConfigError(f"unknown quantization {quantization!r}; use one of: {', '.join(FORMATS)}, gguf.")
-    quantize_model(model, quantization)
+    quantize_model(model, quantization, tied_head=True)
     _return_freed_memory()
 
 

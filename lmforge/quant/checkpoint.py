@@ -23,11 +23,13 @@ from torch import nn
 
 from lmforge.errors import CheckpointError, ConfigError, InputError
 from lmforge.nn.inject import replace_modules
+from lmforge.quant.embedding import use_quantized_head
 from lmforge.quant.formats import FORMATS
 from lmforge.quant.linear import QuantizedLinear
 
 QUANTIZATION_KEY = "quantization"  # the config.json block
 FORMAT_VERSION = 1  # bumped whenever a format's packed tensors change meaning, so old folders fail loudly
+TIED_HEAD_METHOD = "int8"  # a quantized tied head: int8 with one scale per row, i.e. per token (see quant.apply)
 
 
 def format_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -46,13 +48,18 @@ def format_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     return {**defaults, **options}
 
 
-def quantization_block(method: str, options: dict[str, Any], modules: list[str]) -> dict[str, Any]:
-    """The config.json record of a quantization: `modules` are names in lmforge's module tree."""
-    return {"format_version": FORMAT_VERSION, "method": method, "options": dict(options), "modules": list(modules)}
+def quantization_block(method: str, options: dict[str, Any], modules: list[str],
+                       tied_head: str | None = None) -> dict[str, Any]:
+    """The config.json record of a quantization: `modules` are names in lmforge's module tree; `tied_head`
+    names a head tied to the token embedding that is stored as TIED_HEAD_METHOD (absent: kept float)."""
+    block = {"format_version": FORMAT_VERSION, "method": method, "options": dict(options), "modules": list(modules)}
+    if tied_head is not None:
+        block["tied_head"] = {"module": tied_head, "method": TIED_HEAD_METHOD}
+    return block
 
 
 def read_quantization_block(block: Any, source: str) -> tuple[str, dict[str, Any], list[str]]:
-    """(method, options, modules) of a config.json quantization block, checked."""
+    """(method, options, modules) of a config.json quantization block, checked (see `read_tied_head`)."""
     fix = "re-create the folder from the floating-point model with `lmforge quantize`."
     if not isinstance(block, dict):
         raise CheckpointError(f"{source}: config.json's {QUANTIZATION_KEY!r} must be an object; {fix}")
@@ -68,6 +75,18 @@ def read_quantization_block(block: Any, source: str) -> tuple[str, dict[str, Any
         return method, format_options(method, options), modules
     except ConfigError as exc:
         raise CheckpointError(f"{source}: config.json's {QUANTIZATION_KEY!r}: {exc}") from None
+
+
+def read_tied_head(block: dict[str, Any], source: str) -> str | None:
+    """The module name of a block's quantized tied head, checked, or None when the head stayed float."""
+    tied = block.get("tied_head")
+    if tied is None:
+        return None
+    if not isinstance(tied, dict) or not isinstance(tied.get("module"), str) or tied.get("method") != TIED_HEAD_METHOD:
+        raise CheckpointError(f"{source}: config.json's {QUANTIZATION_KEY!r} has a 'tied_head' this lmforge cannot "
+                              f"read (expected {{'module': NAME, 'method': {TIED_HEAD_METHOD!r}}}); re-create the "
+                              "folder from the floating-point model with `lmforge quantize`.")
+    return tied["module"]
 
 
 def meta_quantized_linear(linear: nn.Linear, method: str, **options) -> QuantizedLinear:
@@ -102,7 +121,19 @@ def prepare_quantized_layers(model: nn.Module, block: Any, source: str) -> list[
         return copy.deepcopy(templates[shape]).to_empty(device=linear.weight.device)
 
     wanted = set(names)
-    return replace_modules(model, lambda name, module: name in wanted, build)
+    replaced = replace_modules(model, lambda name, module: name in wanted, build)
+    head = read_tied_head(block, source)
+    if head is not None:
+        tied = {target.removesuffix(".weight") for target in getattr(model, "tied_weights", {})}
+        if head not in tied or not getattr(model.config, "tie_word_embeddings", False) or type(modules[head]) is not nn.Linear:
+            raise CheckpointError(f"{source}: config.json names {head!r} as a quantized tied head, but "
+                                  f"{type(model).__name__} has no head of that name tied to its embedding; load the "
+                                  "folder with the class that saved it (config.json 'architectures').")
+        linear = modules[head]
+        use_quantized_head(model, head, meta_quantized_linear(linear, TIED_HEAD_METHOD).to_empty(
+            device=linear.weight.device))
+        replaced.append(head)
+    return replaced
 
 
 def packed_tensor_names(state: dict[str, torch.Tensor]) -> list[str]:

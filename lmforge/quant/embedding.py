@@ -37,3 +37,11 @@ class QuantizedEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, rows read from the tied quantized head"
+
+
+def use_quantized_head(model: nn.Module, head: str, quantized: QuantizedLinear) -> None:
+    """Put `quantized` in place of the tied head `head`; the embedding tied to it reads its rows from then on."""
+    source = model.tied_weights[f"{head}.weight"].removesuffix(".weight")
+    table = model.get_submodule(source)
+    model.set_submodule(head, quantized)
+    model.set_submodule(source, QuantizedEmbedding(quantized, table.weight.dtype, getattr(table, "scale", 1.0)))

@@ -23,23 +23,30 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
-def test_the_folder_loads_back_quantized_in_every_command(tiny_folder, tmp_path, capsys):
+@pytest.mark.parametrize("float_head", [False, True], ids=["int8-tied-head", "float-tied-head"])
+def test_the_folder_loads_back_quantized_in_every_command(tiny_folder, tmp_path, capsys, float_head):
     out = tmp_path / "int4"
-    assert main(["quantize", str(tiny_folder), "--method", "int4", "--group-size", "32", "--out", str(out)]) == 0
+    flags = ["--float-tied-head"] if float_head else []
+    assert main(["quantize", str(tiny_folder), "--method", "int4", "--group-size", "32", *flags, "--out", str(out)]) == 0
     stdout, stderr = capsys.readouterr()
     assert f"-> {out} (int4, group_size=32)" in stdout and "MB in memory" in stdout
-    assert "14 Linear layers quantized, 1 kept in float32" in stdout  # 2 layers x 7; the tied head stays
+    if float_head:
+        assert "14 Linear layers quantized, 1 kept in float32" in stdout  # 2 layers x 7; the tied head stays
+    else:
+        assert "15 Linear layers quantized, the tied head as int8 per row" in stdout
     assert "quantizing (int4)" in stderr  # the progress bar
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
                                                      "tokenizer_config.json"]
 
     expected = AutoModelForCausalLM.from_pretrained(tiny_folder)
-    quantize_model(expected, "int4", group_size=32)
+    quantize_model(expected, "int4", tied_head=not float_head, group_size=32)
     loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert list(loaded.state_dict()) == list(expected.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), expected.state_dict().values()))
 
     assert main(["info", str(out), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["weight_formats"] == {"int4": 14, "float32": 1}
+    formats = {"int4": 14, "float32": 1} if float_head else {"int4": 14, "int8": 1, "float32": 1}  # float: the norms
+    assert json.loads(capsys.readouterr().out)["weight_formats"] == formats
     tokenizer = id_tokenizer(TINY["vocab_size"])
     answer = generate(expected, tokenizer, "5 17 3", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
     assert main(["generate", "5 17 3", "--model", str(out), "--raw", "--temperature", "0", "--max-tokens", "5",
@@ -89,7 +96,7 @@ def test_smollm2_int8_folder_is_bit_exact_and_knows_paris(smollm2, smollm2_token
     model = copy.deepcopy(smollm2)  # quantized in place by the command: the in-memory reference
     monkeypatch.setattr(quantize, "load_float_model", lambda ref: (model, smollm2_tokenizer))
     assert main(["quantize", "smollm2-135m-instruct", "--method", "int8", "--out", str(tmp_path / "int8")]) == 0
-    assert "210 Linear layers quantized, 1 kept in float32" in capsys.readouterr().out
+    assert "211 Linear layers quantized, the tied head as int8 per row" in capsys.readouterr().out
 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "int8")
     assert loaded.state_dict().keys() == model.state_dict().keys()

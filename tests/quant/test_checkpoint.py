@@ -196,3 +196,54 @@ def test_saving_is_atomic_and_never_overwrites_by_accident(hf_tiny, tmp_path, mo
     save_quantized(model, tmp_path / "taken", tokenizer, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
     assert not (tmp_path / "taken" / "notes.txt").exists() and (tmp_path / "taken" / "tokenizer.json").is_file()
+
+
+def test_a_tied_head_is_stored_as_int8_rows_that_the_token_lookups_read(tmp_path):
+    from lmforge.quant.embedding import QuantizedEmbedding
+
+    float_model = ours_from_hf(hf_llama(num_key_value_heads=2, tie_word_embeddings=True), "causal-lm")
+    model = ours_from_hf(hf_llama(num_key_value_heads=2, tie_word_embeddings=True), "causal-lm")
+    model.load_state_dict(float_model.state_dict())
+    names = quantize_model(model, "int4", tied_head=True, group_size=32)
+    head, embedding = model.lm_head, model.model.embed_tokens
+    assert names[-1] == "lm_head" and isinstance(head, QuantizedLinear) and head.method == "int8"
+    assert head.weight_format.group_size == TINY["hidden_size"]  # one scale per row: per token
+    assert isinstance(embedding, QuantizedEmbedding) and not list(embedding.parameters())  # no float table
+    table = float_model.model.embed_tokens.weight.detach()
+    with torch.no_grad():
+        looked_up = embedding(IDS)[0]
+        assert torch.equal(looked_up, head.weight_format.dequantize()[IDS[0]])
+        assert float((looked_up - table[IDS[0]]).abs().max()) <= float(table.abs().max()) / 254 + 1e-7
+    block = model.config.extra["quantization"]
+    assert block["tied_head"] == {"module": "lm_head", "method": "int8"} and "lm_head" not in block["modules"]
+
+    save_quantized(model, tmp_path / "out", id_tokenizer(TINY["vocab_size"]))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert isinstance(loaded.model.embed_tokens, QuantizedEmbedding)
+    assert loaded.model.embed_tokens._head[0] is loaded.lm_head  # the lookups read the loaded head's rows
+    assert_same_model(loaded, model)
+
+    kept = ours_from_hf(hf_llama(num_key_value_heads=2, tie_word_embeddings=True), "causal-lm")
+    assert "lm_head" not in quantize_model(kept, "int8", tied_head=True, keep_float=("lm_head",))
+    assert kept.lm_head.weight is kept.model.embed_tokens.weight  # still float and still tied
+    assert "tied_head" not in kept.config.extra["quantization"]
+
+
+@pytest.mark.parametrize("tied_head,message", [
+    ({"module": "model.norm", "method": "int8"}, "no head of that name tied"),
+    ({"module": "lm_head", "method": "int4"}, "'tied_head' this lmforge cannot read"),
+], ids=["not-a-head", "other-method"])
+def test_a_tied_head_entry_that_does_not_match_is_a_clear_error(tmp_path, tied_head, message):
+    model = ours_from_hf(hf_llama(num_key_value_heads=2, tie_word_embeddings=True), "causal-lm")
+    quantized_folder(model, tmp_path / "out", tied_head=True)
+    edit_config(tmp_path / "out", lambda config: config["quantization"].update(tied_head=tied_head))
+    with pytest.raises(CheckpointError, match=message):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+def test_load_time_quantization_stores_the_tied_head_in_int8():
+    from lmforge.quant.apply import load_quantized
+
+    model = load_quantized("smollm2-135m-instruct", quantization="int8")
+    assert isinstance(model.lm_head, QuantizedLinear) and model.config.extra["quantization"]["tied_head"]
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000  # only norms stay float: no 113 MB table
