@@ -85,13 +85,13 @@ class LlamaModel(LlamaPreTrainedModel):
         mask = decoder_self_attention_mask(attention_mask, length, kv_cache, hidden.dtype, hidden.device)
         if llama_decode.applies(self, hidden, kv_cache):
             hidden = llama_decode.decode_step(self, hidden, rotary, mask, kv_cache)
-            kv_cache.advance(length)
-            return ModelOutput(last_hidden_state=hidden)
-        for layer in self.layers:
-            hidden = layer(hidden, mask, rotary, kv_cache=kv_cache)
+        else:
+            for layer in self.layers:
+                hidden = layer(hidden, mask, rotary, kv_cache=kv_cache)
+            hidden = self.norm(hidden)
         if kv_cache is not None:
             kv_cache.advance(length)
-        return ModelOutput(last_hidden_state=self.norm(hidden))
+        return ModelOutput(last_hidden_state=hidden)
 
 
 @register("llama", "causal-lm")

@@ -12,10 +12,9 @@ lmforge.quant.checkpoint).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import ctypes
 import gc
+from collections.abc import Sequence
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -23,8 +22,12 @@ from tqdm.auto import tqdm
 from lmforge.errors import ConfigError
 from lmforge.nn.fusion import unfuse_projections
 from lmforge.nn.inject import replace_modules
-from lmforge.quant.checkpoint import TIED_HEAD_METHOD, format_options, quantization_block
-from lmforge.quant.embedding import use_quantized_head
+from lmforge.quant.checkpoint import (
+    TIED_HEAD_METHOD,
+    format_options,
+    quantization_block,
+)
+from lmforge.quant.embedding import tied_modules, use_quantized_head
 from lmforge.quant.formats import FORMATS
 from lmforge.quant.linear import QuantizedLinear
 
@@ -44,14 +47,13 @@ def quantize_model(model: nn.Module, method: str, progress: bool = False, keep_f
                           "(load it again, or the model a quantized folder was made from) to use another method.")
     options = format_options(method, options)
     unfuse_projections(model)  # a fused q/k/v (or gate/up) matmul would go on using the float weights
-    tied = set(getattr(model, "tied_weights", {})) if getattr(model.config, "tie_word_embeddings", False) else set()
-    tied_modules = {name.rsplit(".", 1)[0] for name in tied}
+    tied = tied_modules(model)
 
     def kept_float(name: str) -> bool:
         return any(name == keep or name.endswith("." + keep) for keep in keep_float)
 
     def select(name: str, module: nn.Module) -> bool:
-        return type(module) is nn.Linear and name not in tied_modules and not kept_float(name)
+        return type(module) is nn.Linear and name not in tied and not kept_float(name)
 
     def build(name: str, module: nn.Module) -> QuantizedLinear:
         try:
@@ -64,11 +66,11 @@ def quantize_model(model: nn.Module, method: str, progress: bool = False, keep_f
     with tqdm(total=sum(select(*named) for named in model.named_modules()), desc=f"quantizing ({method})",
               unit="layer", disable=not progress) as bar:
         names = replace_modules(model, select, build)
-    head = next(iter(tied_modules)) if tied_head and len(tied_modules) == 1 else None  # one head, one table
-    if head is not None and type(model.get_submodule(head)) is nn.Linear and not kept_float(head):
-        use_quantized_head(model, head, QuantizedLinear.from_linear(model.get_submodule(head), TIED_HEAD_METHOD))
-    else:
+    head = next(iter(tied)) if tied_head and len(tied) == 1 else None  # one head, one table
+    if head is not None and (type(model.get_submodule(head)) is not nn.Linear or kept_float(head)):
         head = None
+    if head is not None:
+        use_quantized_head(model, head, QuantizedLinear.from_linear(model.get_submodule(head), TIED_HEAD_METHOD))
     extra = getattr(model.config, "extra", None)
     if isinstance(extra, dict):  # a ModelConfig: save_pretrained writes the record into config.json
         extra["quantization"] = quantization_block(method, options, names, head)

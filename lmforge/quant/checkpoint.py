@@ -23,7 +23,7 @@ from torch import nn
 
 from lmforge.errors import CheckpointError, ConfigError, InputError
 from lmforge.nn.inject import replace_modules
-from lmforge.quant.embedding import use_quantized_head
+from lmforge.quant.embedding import tied_modules, use_quantized_head
 from lmforge.quant.formats import FORMATS
 from lmforge.quant.linear import QuantizedLinear
 
@@ -124,8 +124,7 @@ def prepare_quantized_layers(model: nn.Module, block: Any, source: str) -> list[
     replaced = replace_modules(model, lambda name, module: name in wanted, build)
     head = read_tied_head(block, source)
     if head is not None:
-        tied = {target.removesuffix(".weight") for target in getattr(model, "tied_weights", {})}
-        if head not in tied or not getattr(model.config, "tie_word_embeddings", False) or type(modules[head]) is not nn.Linear:
+        if head not in tied_modules(model) or type(modules[head]) is not nn.Linear:
             raise CheckpointError(f"{source}: config.json names {head!r} as a quantized tied head, but "
                                   f"{type(model).__name__} has no head of that name tied to its embedding; load the "
                                   "folder with the class that saved it (config.json 'architectures').")

@@ -39,9 +39,17 @@ class QuantizedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, rows read from the tied quantized head"
 
 
+def tied_modules(model: nn.Module) -> dict[str, str]:
+    """Modules whose weight is another module's (a head → the token embedding it shares), when the config ties them."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return {}
+    return {target.removesuffix(".weight"): source.removesuffix(".weight")
+            for target, source in getattr(model, "tied_weights", {}).items()}
+
+
 def use_quantized_head(model: nn.Module, head: str, quantized: QuantizedLinear) -> None:
     """Put `quantized` in place of the tied head `head`; the embedding tied to it reads its rows from then on."""
-    source = model.tied_weights[f"{head}.weight"].removesuffix(".weight")
+    source = tied_modules(model)[head]
     table = model.get_submodule(source)
     model.set_submodule(head, quantized)
     model.set_submodule(source, QuantizedEmbedding(quantized, table.weight.dtype, getattr(table, "scale", 1.0)))

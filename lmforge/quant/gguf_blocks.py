@@ -21,8 +21,8 @@ from torch import nn
 from lmforge.checkpoint.gguf import GGUFFile
 from lmforge.checkpoint.gguf_convert import ARCHITECTURES, hf_tensor_name
 from lmforge.errors import CheckpointError, ConfigError, UnsupportedError
+from lmforge.quant.embedding import QuantizedEmbedding, tied_modules, use_quantized_head
 from lmforge.quant.formats import Int4Weight, Int8Weight, QuantizedWeight
-from lmforge.quant.embedding import QuantizedEmbedding
 from lmforge.quant.linear import QuantizedLinear
 
 BLOCK = 32
@@ -76,14 +76,9 @@ def use_gguf_blocks(model: nn.Module, gguf_file: GGUFFile) -> list[str]:
         hf_name = hf_tensor_name(name, arch.tensor_names)
         if hf_name is not None and hf_name.endswith(".weight"):
             gguf_names[keymap.from_hf(hf_name).removesuffix(".weight")] = name
-    tied = {}  # head module → the embedding module it is tied to
-    if getattr(model.config, "tie_word_embeddings", False):
-        # A head tied to the token embedding reads the embedding's blocks, as in llama.cpp.
-        for target, source in model.tied_weights.items():
-            head, embedding = target.removesuffix(".weight"), source.removesuffix(".weight")
-            if embedding in gguf_names:
-                gguf_names.setdefault(head, gguf_names[embedding])
-                tied[head] = embedding
+    tied = {head: embedding for head, embedding in tied_modules(model).items() if embedding in gguf_names}
+    for head, embedding in tied.items():  # a head tied to the token embedding reads its blocks, as in llama.cpp
+        gguf_names.setdefault(head, gguf_names[embedding])
     replaced = []
     for module_name, name in gguf_names.items():
         try:
@@ -101,11 +96,9 @@ def use_gguf_blocks(model: nn.Module, gguf_file: GGUFFile) -> list[str]:
         weight = _reorder_rows(weight, lambda tensor, name=name: arch.fix_weight(name, tensor, config))
         model.set_submodule(module_name, QuantizedLinear(weight, module.bias))
         replaced.append(module_name)
-    for head, embedding in tied.items():
+    for head in tied:
         if head in replaced:  # the token lookups read the head's rows too: no float copy of the table
-            table = model.get_submodule(embedding)
-            model.set_submodule(embedding, QuantizedEmbedding(model.get_submodule(head), table.weight.dtype,
-                                                              getattr(table, "scale", 1.0)))
+            use_quantized_head(model, head, model.get_submodule(head))
     return replaced
 
 

@@ -32,10 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-try:
-    import numba
-except ImportError:  # numba is a dependency; without it the torch reference path still works
-    numba = None
+from lmforge.nn.kernels.jit import available, jit
 
 SPLIT_MIN_WEIGHTS = 2 << 20
 """int8 matrices with at least this many weights (~150 µs of one core's work) are split across threads;
@@ -43,25 +40,12 @@ smaller ones finish before a hand-over to a pool thread (~30 µs each way) pays.
 do about twice the work per weight, so they split from half this size."""
 
 
-def available() -> bool:
-    """Whether the compiled CPU kernels can run here."""
-    return numba is not None
-
-
 def supports(weight) -> bool:
     """Whether a kernel reads this weight: the kernels step through the input 64 columns at a time."""
-    return numba is not None and weight.shape[1] % 64 == 0
+    return available() and weight.shape[1] % 64 == 0
 
 
-def _jit(function):
-    return numba.njit(nogil=True, fastmath=True, cache=True)(function) if numba is not None else function
-
-
-def _inline(function):
-    return numba.njit(nogil=True, fastmath=True, cache=True, inline="always")(function) if numba is not None else function
-
-
-@_inline
+@jit(inline=True)
 def _chunk_scales(scale, n, chunk, group_size):
     """Row n's scales for the two 32-column halves of 64-column chunk `chunk` (groups of 32, 64 or 128).
     Spelled out per group size: an integer division by a run-time group size here kept LLVM from
@@ -73,7 +57,7 @@ def _chunk_scales(scale, n, chunk, group_size):
     return scale[n, chunk >> 1], scale[n, chunk >> 1]
 
 
-@_jit
+@jit
 def _int8_matvec(x, q, scale, group_size, out, start, stop):
     """out[m, n] = sum_k x[m, k] * q[n, k] * scale[n, k // group_size], for rows start <= n < stop."""
     cols = q.shape[1]
@@ -98,7 +82,7 @@ def _int8_matvec(x, q, scale, group_size, out, start, stop):
             out[m, n] = lanes.sum()
 
 
-@_jit
+@jit
 def _split_runs(x, group_size):
     """Per 32-weight run: x_low (the 16 activations paired with low nibbles), x_diff = x_high - 16 * x_low,
     and the sum of x per group. With b = low + 16 * high, x_low * low + x_high * high = x_low * b + x_diff * high,
@@ -116,7 +100,7 @@ def _split_runs(x, group_size):
     return low, diff, sums
 
 
-@_jit
+@jit
 def _nibble_matvec(low, diff, sums, packed, scale, offset, group_size, out, start, stop):
     """int4 rows start <= n < stop: sum over weights of x * (code * scale + offset), codes in 32-weight runs
     (see `_split_runs`). Each step reads 32 bytes = 64 weights = one or two scale groups, the two 16-byte
@@ -142,7 +126,7 @@ def _nibble_matvec(low, diff, sums, packed, scale, offset, group_size, out, star
             out[m, n] = total
 
 
-@_jit
+@jit
 def _nf4_matvec(x, packed, absmax, code, out, start, stop):
     """NF4: each code indexes QLoRA's 16-value table; one absmax per 64 consecutive weights (row-major)."""
     cols = x.shape[1]

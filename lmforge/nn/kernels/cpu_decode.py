@@ -15,33 +15,23 @@ numba, do each run of small operations in one call:
 - `silu_and_mul`: SwiGLU's silu(gate) * up.
 
 Each mirrors a torch reference the tests compare it with (`F.rms_norm`, `apply_rotary` + SDPA,
-`F.silu(gate) * up`). Kernels are serial, release the GIL and cache their machine code on disk, like
-lmforge.quant.kernels; arrays are float32 numpy views of torch tensors (no copies).
+`F.silu(gate) * up`). They are compiled like every lmforge kernel (lmforge.nn.kernels.jit: serial,
+GIL released, machine code cached on disk); arrays are float32 numpy views of torch tensors (no copies).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-try:
-    import numba
-except ImportError:  # numba is a dependency; without it decoding runs the modules' torch path
-    numba = None
+from lmforge.nn.kernels.jit import available, jit
+
+__all__ = ["NO_ROWS", "add_rms_norm", "available", "rotary_attention_step", "silu_and_mul"]
 
 NO_ROWS = np.zeros((0, 0), dtype=np.float32)
 """Stands for an absent 2-D argument (no residual delta yet, no attention mask)."""
 
 
-def available() -> bool:
-    """Whether the compiled kernels can run here."""
-    return numba is not None
-
-
-def _jit(function):
-    return numba.njit(nogil=True, fastmath=True, cache=True)(function) if numba is not None else function
-
-
-@_jit
+@jit
 def add_rms_norm(residual, delta, weight, eps, normed):
     """residual [B, D] += delta [B, D] (skipped when delta has no rows); normed [B, D] = RMSNorm(residual)."""
     dim = residual.shape[1]
@@ -56,7 +46,7 @@ def add_rms_norm(residual, delta, weight, eps, normed):
             normed[row, i] = residual[row, i] * inverse * weight[i]
 
 
-@_jit
+@jit
 def silu_and_mul(gate_up, out):
     """out [B, F] = silu(gate) * up, where gate_up [B, 2F] holds gate then up side by side."""
     width = out.shape[1]
@@ -66,7 +56,7 @@ def silu_and_mul(gate_up, out):
             out[row, i] = gate / (np.float32(1) + np.exp(-gate)) * gate_up[row, width + i]
 
 
-@_jit
+@jit
 def rotary_attention_step(qkv, cos, signed_sin, keys, values, position, mask, scale, num_heads, out):
     """One new position per row: rotate, cache, attend.
 
