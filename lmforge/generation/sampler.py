@@ -9,6 +9,7 @@ logits (vLLM v1's default), not the processed ones.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from lmforge.errors import InputError
 from lmforge.generation.sampling_params import SamplingParams
+from lmforge.nn.kernels.threads import torch_on_one_thread
 
 if TYPE_CHECKING:
     from lmforge.generation.processors import LogitsPipeline, Observer, SequenceState
@@ -98,6 +100,11 @@ class SamplingRow(Protocol):
     logprobs: list[TokenLogprob] | None  # appended to when the request asked for logprobs
 
 
+ONE_THREAD_ROWS = 4
+"""Up to this many rows are sampled on one thread: too little work to gain from torch's thread pool, whose
+threads would then keep spinning on the cores the next decode step needs (see nn.kernels.threads)."""
+
+
 def sample_next_tokens(logits: Tensor, rows: Sequence[SamplingRow], observer: Observer | None = None) -> list[int]:
     """The next token of every row from its raw [vocab] logits `logits[i]`.
 
@@ -106,8 +113,11 @@ def sample_next_tokens(logits: Tensor, rows: Sequence[SamplingRow], observer: Ob
     """
     if not rows:  # e.g. an engine step that only prefilled prompt chunks
         return []
-    processed = torch.stack([row.pipeline(logits[i], row.sampling_state, observer) for i, row in enumerate(rows)])
-    tokens = sample_batch(processed, [row.sampler for row in rows])
+    threads = torch_on_one_thread() if len(rows) <= ONE_THREAD_ROWS else nullcontext()
+    with threads:
+        processed = torch.stack([row.pipeline(logits[i], row.sampling_state, observer)
+                                 for i, row in enumerate(rows)])
+        tokens = sample_batch(processed, [row.sampler for row in rows])
     for i, (row, token) in enumerate(zip(rows, tokens)):
         row.sampling_state.accept(token)
         if row.logprobs is not None:

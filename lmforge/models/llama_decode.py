@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmforge.models import llama_quant_decode
 from lmforge.nn.kernels import cpu_decode
 from lmforge.nn.kv_cache import KVCache
 
@@ -26,17 +27,27 @@ FUSED_ATTENTION_KERNELS = ("sdpa", "flash")  # "eager" is the explicit-maths ker
 
 
 def applies(model, hidden: torch.Tensor, kv_cache) -> bool:
-    """Whether `decode_step` computes exactly what the modules would for this call."""
+    """Whether `decode_step` computes exactly what the modules would for this call. The model's structure
+    (hooks, attention kernels, activations) is checked on a cache's first decode step and remembered with it:
+    the model is not expected to change while one cache is in use."""
     if (type(kv_cache) is not KVCache or hidden.shape[1] != 1 or hidden.dtype != torch.float32
             or hidden.device.type != "cpu" or torch.is_grad_enabled() or model.training
-            or not cpu_decode.available() or not getattr(model, "fast_decode", False)):
+            or not cpu_decode.available() or not getattr(model, "fast_decode", False)
+            or torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks):
         return False
+    structure = getattr(kv_cache, "fused_decode_structure", None)
+    if structure is None:
+        structure = kv_cache.fused_decode_structure = _structure_allows(model)
+    return structure
+
+
+def _structure_allows(model) -> bool:
     for layer in model.layers:
         parts = (layer, layer.self_attn, layer.mlp, layer.attn_norm, layer.mlp_norm)
         if (any(part._forward_hooks or part._forward_pre_hooks for part in parts) or layer.cross_attn is not None
                 or layer.self_attn.implementation not in FUSED_ATTENTION_KERNELS or layer.mlp.act is not F.silu):
             return False
-    return not (torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
+    return True
 
 
 def _numpy(tensor: torch.Tensor):
@@ -60,11 +71,15 @@ def decode_step(model, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.T
     """
     kv_cache.check_room(1)
     batch, _, dim = hidden.shape
+    cos, signed_sin = (_numpy(table.reshape(batch, -1)) for table in rotary)
+    mask_rows = cpu_decode.NO_ROWS if mask is None else _numpy(mask.reshape(batch, -1))
+    plan = llama_quant_decode.plan_for(model, kv_cache)
+    if plan is not None:  # every projection quantized: the whole step in one compiled call
+        return plan.step(hidden.reshape(batch, dim).contiguous(), cos, signed_sin, mask_rows,
+                         kv_cache.length).view(batch, 1, dim)
     residual = hidden.reshape(batch, dim).clone()  # the residual stream, updated in place by add_rms_norm
     normed = torch.empty_like(residual)
     stream, normed_rows = residual.numpy(), normed.numpy()
-    cos, signed_sin = (_numpy(table.reshape(batch, -1)) for table in rotary)
-    mask_rows = cpu_decode.NO_ROWS if mask is None else _numpy(mask.reshape(batch, -1))
     delta = cpu_decode.NO_ROWS  # the last sublayer's output, added to the stream by the next norm
     for layer in model.layers:
         attention, mlp = layer.self_attn, layer.mlp

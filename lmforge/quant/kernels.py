@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from lmforge.nn.kernels import simd
 from lmforge.nn.kernels.jit import available, jit
 
 SPLIT_MIN_WEIGHTS = 2 << 20
@@ -144,6 +145,81 @@ def _nf4_matvec(x, packed, absmax, code, out, start, stop):
             out[m, n] = total
 
 
+@jit
+def _round_activations(x):
+    """x [M, K] rounded as llama.cpp's Q8_0 rounds it: per 32 values, scale = max |x| / 127 and
+    codes = round(x / scale) in int8. Returns the codes, the scales and each block's sum of rounded values
+    (for int4's offsets)."""
+    rows, cols = x.shape
+    codes = np.empty((rows, cols), np.int8)
+    scales = np.empty((rows, cols // 32), np.float32)
+    sums = np.empty((rows, cols // 32), np.float32)
+    for m in range(rows):
+        for block in range(cols // 32):
+            top, total = np.float32(0), 0
+            for k in range(block * 32, block * 32 + 32):
+                top = max(top, abs(x[m, k]))
+            inverse = np.float32(127) / top if top > 0 else np.float32(0)
+            for k in range(block * 32, block * 32 + 32):
+                codes[m, k] = np.int8(np.round(x[m, k] * inverse))
+                total += codes[m, k]
+            scales[m, block] = top / np.float32(127)
+            sums[m, block] = np.float32(total) * scales[m, block]
+    return codes, scales, sums
+
+
+def round_activations(x: torch.Tensor) -> torch.Tensor:
+    """The values the integer kernels multiply instead of x [..., K]: x rounded to int8 per 32 values
+    (the torch reference of `_round_activations`, for tests)."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, 32)
+    top = blocks.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(top > 0, 127 / top, torch.zeros_like(top))
+    return (torch.round(blocks * inverse) * (top / 127)).reshape(x.shape)
+
+
+@jit(inline=True)
+def _block_scale(scale, n, block, group_size, cols):
+    """Row n's weight scale for 32-column block `block` (groups of 32, 64, 128 or one per row), spelled out
+    per group size for the reason given in `_chunk_scales`."""
+    if group_size == 32:
+        return scale[n, block]
+    if group_size == 64:
+        return scale[n, block >> 1]
+    if group_size == 128:
+        return scale[n, block >> 2]
+    return scale[n, 0]
+
+
+@jit
+def _int8_dot_matvec(codes, x_scales, q, scale, group_size, out, start, stop):
+    """`_int8_matvec` over int8-rounded activations: byte products summed per 32-column block (simd.q8_block)."""
+    cols = q.shape[1]
+    for n in range(start, stop):
+        row = q[n]
+        for m in range(codes.shape[0]):
+            acc, x = simd.zero_lanes(), codes[m]
+            for block in range(cols // 32):
+                weight_scale = _block_scale(scale, n, block, group_size, cols)
+                acc = simd.q8_block(acc, x, block * 32, row, block * 32, weight_scale * x_scales[m, block])
+            out[m, n] = simd.lanes_sum(acc)
+
+
+@jit
+def _int4_dot_matvec(codes, x_scales, x_sums, packed, scale, offset, group_size, out, start, stop):
+    """`_nibble_matvec` over int8-rounded activations: sum(x * (code * scale + offset)) is
+    scale * x_scale * sum(x_code * code) per block (simd.q4_block) plus offset * x_scale * sum(x_code)."""
+    cols = packed.shape[1] * 2
+    for n in range(start, stop):
+        row = packed[n]
+        for m in range(codes.shape[0]):
+            acc, x, offsets = simd.zero_lanes(), codes[m], np.float32(0)
+            for block in range(cols // 32):
+                weight_scale = _block_scale(scale, n, block, group_size, cols)
+                acc = simd.q4_block(acc, x, block * 32, row, block * 16, weight_scale * x_scales[m, block])
+                offsets += _block_scale(offset, n, block, group_size, cols) * x_sums[m, block]
+            out[m, n] = simd.lanes_sum(acc) + offsets
+
+
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().contiguous().numpy()
 
@@ -169,20 +245,30 @@ def _over_rows(kernel, rows: int, work: int, *args) -> None:
 
 class KernelWeight:
     """A quantized weight ready for its kernel: the arrays as numpy views, resolved once (converting them on
-    every call costs more than a small matrix's product). Views share memory with the weight's tensors."""
+    every call costs more than a small matrix's product). Views share memory with the weight's tensors.
 
-    def __init__(self, weight):
+    int8 and int4 weights multiply int8-rounded activations with integer SIMD products where the CPU has
+    them (`simd.available()`), as llama.cpp does; `exact_activations=True` keeps the float32 activations
+    (slower; the product then equals a matmul on the dequantized weight to float rounding)."""
+
+    def __init__(self, weight, exact_activations: bool = False):
         from lmforge.quant.formats import NF4_CODE, Int4Weight, Int8Weight, NF4Weight
 
         self.rows, cols = weight.shape
         self.work = self.rows * cols  # in int8-per-channel weights: grouped and 4-bit kernels cost more per weight
-        self.split = None  # int4 reads its input as low / diff / group sums
+        self.exact_activations = exact_activations
+        integer = simd.available() and not exact_activations
+        self.inputs = "float"  # how the kernel takes x: as is, split into 4-bit runs, or rounded to int8
         if isinstance(weight, Int8Weight):
-            self.kernel, self.arrays = _int8_matvec, (_numpy(weight.q), _numpy(weight.scale), weight.group_size)
-            self.work *= 1 if weight.group_size == cols else 2
+            self.kernel = _int8_dot_matvec if integer else _int8_matvec
+            self.arrays = (_numpy(weight.q), _numpy(weight.scale), weight.group_size)
+            self.work *= 1 if weight.group_size == cols or integer else 2
+            self.inputs = "int8" if integer else "float"
         elif isinstance(weight, Int4Weight):
-            self.kernel, self.split, self.work = _nibble_matvec, weight.group_size, 2 * self.work
+            self.kernel = _int4_dot_matvec if integer else _nibble_matvec
             self.arrays = (_numpy(weight.packed), _numpy(weight.scale), _numpy(weight.offset), weight.group_size)
+            self.work = self.work if integer else 2 * self.work
+            self.inputs = "int8" if integer else ("runs", weight.group_size)
         elif isinstance(weight, NF4Weight):
             self.kernel, self.work = _nf4_matvec, 4 * self.work
             self.arrays = (_numpy(weight.packed), _numpy(weight.block_absmax()), _numpy(NF4_CODE))
@@ -192,12 +278,18 @@ class KernelWeight:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, in] float32 on the CPU times the weight transposed → [M, out] float32."""
         xs = x.contiguous().numpy()
-        inputs = (xs,) if self.split is None else _split_runs(xs, self.split)
+        if self.inputs == "int8":
+            codes, scales, sums = _round_activations(xs)
+            inputs = (codes, scales) if self.kernel is _int8_dot_matvec else (codes, scales, sums)
+        elif self.inputs == "float":
+            inputs = (xs,)
+        else:
+            inputs = _split_runs(xs, self.inputs[1])
         out = torch.empty(x.shape[0], self.rows, dtype=torch.float32)
         _over_rows(self.kernel, self.rows, self.work, *inputs, *self.arrays, out.numpy())
         return out
 
 
-def quantized_matmul(x: torch.Tensor, weight) -> torch.Tensor:
+def quantized_matmul(x: torch.Tensor, weight, exact_activations: bool = False) -> torch.Tensor:
     """x [M, in] float32 on the CPU times the quantized [out, in] weight transposed → [M, out] float32."""
-    return KernelWeight(weight)(x)
+    return KernelWeight(weight, exact_activations)(x)

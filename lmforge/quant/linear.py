@@ -2,7 +2,10 @@
 
 On the CPU, a few rows at a time (decoding) go through a compiled kernel that reads the packed
 bits directly (`kernels.py`): that is where quantization pays, since a decode step is bound by
-the bytes of weight it reads. Many rows (a prompt) and other devices dequantize the weight and run
+the bytes of weight it reads. Like llama.cpp, those kernels round the activations to int8 (per 32
+values) where the CPU multiplies bytes fast, and so does the CPU's many-row path, so a row's result
+does not depend on how many rows share the call; `exact_activations = True` on a layer (or on the
+class) keeps them float32, as do gradients (training) and other devices. Many rows (a prompt) and other devices dequantize the weight and run
 an ordinary matmul, which is also the reference the kernels are tested against. The bias, when
 there is one, stays in floating point.
 """
@@ -25,6 +28,10 @@ chosen, not measured."""
 
 
 class QuantizedLinear(nn.Module):
+    exact_activations = False
+    """Whether the CPU kernels multiply float32 activations (exact to float rounding against the dequantized
+    weight) instead of int8-rounded ones (llama.cpp's numerics, several times faster for 4-bit weights)."""
+
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None):
         super().__init__()
         self.method = weight.name
@@ -94,15 +101,19 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         rows = x.numel() // self.in_features
-        if x.device.type == "cpu" and rows <= KERNEL_MAX_ROWS and not x.requires_grad and self._kernel_ready():
-            out = self._kernel_weight(x.reshape(rows, self.in_features).float())
-            out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)
-            return out if bias is None else out + bias
+        if x.device.type == "cpu" and not x.requires_grad and self._kernel_ready():
+            if rows <= KERNEL_MAX_ROWS:
+                out = self._kernel_weight(x.reshape(rows, self.in_features).float())
+                out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+                return out if bias is None else out + bias
+            if self._kernel_weight.inputs == "int8":  # many rows compute what the kernel would, in one matmul
+                x = kernels.round_activations(x).to(x.dtype)
         return F.linear(x, self.weight_format.dequantize().to(device=x.device, dtype=x.dtype), bias)
 
     def _kernel_ready(self) -> bool:
-        if self._kernel_weight is None and kernels.supports(self.weight_format):
-            self._kernel_weight = kernels.KernelWeight(self.weight_format)
+        stale = self._kernel_weight is None or self._kernel_weight.exact_activations != self.exact_activations
+        if stale and kernels.supports(self.weight_format):
+            self._kernel_weight = kernels.KernelWeight(self.weight_format, self.exact_activations)
         return self._kernel_weight is not None
 
     def extra_repr(self) -> str:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError, InputError
-from lmforge.quant import Int4Weight, Int8Weight, NF4Weight, QuantizedLinear
+from lmforge.quant import Int4Weight, Int8Weight, NF4Weight, QuantizedLinear, kernels
 from lmforge.quant.formats import NF4_CODE, pack_nibbles, unpack_nibbles
 
 # bitsandbytes' NF4 table (the values QLoRA quantizes to), copied by hand.
@@ -104,7 +104,13 @@ def test_quantized_linear_equals_a_matmul_on_its_dequantized_weight(method, opti
     quantized = QuantizedLinear.from_linear(linear, method, **options)
     x = torch.randn(3, 5, 128)
     reference = torch.nn.functional.linear(x, quantized.weight_format.dequantize(), linear.bias)
+    quantized.exact_activations = True
     assert torch.allclose(quantized(x), reference, atol=1e-6)
+    quantized.exact_activations = False  # the default: int8 and int4 round x as llama.cpp does, where the CPU can
+    rounds = kernels.KernelWeight(quantized.weight_format).inputs == "int8"
+    inputs = kernels.round_activations(x) if rounds else x
+    reference = torch.nn.functional.linear(inputs, quantized.weight_format.dequantize(), linear.bias)
+    assert torch.allclose(quantized(x), reference, atol=1e-5)
     original = linear(x)  # and close to the original layer
     assert float((quantized(x) - original).norm() / original.norm()) < relative_error
     state = quantized.state_dict()

@@ -1,4 +1,8 @@
-"""The compiled CPU kernels against their plain-torch reference (dequantize, then matmul)."""
+"""The compiled CPU kernels against their plain-torch reference (dequantize, then matmul).
+
+int8 and int4 kernels multiply int8-rounded activations where the CPU has integer SIMD (as llama.cpp
+does); their reference then rounds x first (`kernels.round_activations`). With exact activations every
+kernel equals the float reference."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -6,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from lmforge.nn.kernels import simd
 from lmforge.quant import Int4Weight, Int8Weight, NF4Weight, QuantizedLinear, kernels
 from lmforge.quant.linear import KERNEL_MAX_ROWS
 
@@ -24,38 +29,82 @@ FORMATS = {
 }
 
 
+def integer_kernel(weight, exact_activations: bool = False) -> bool:
+    return kernels.KernelWeight(weight, exact_activations).inputs == "int8"
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("name", list(FORMATS))
-def test_kernel_equals_a_matmul_on_the_dequantized_weight(name, rows):
+def test_kernel_with_exact_activations_equals_a_matmul_on_the_dequantized_weight(name, rows):
     weight = FORMATS[name](torch.randn(80, 256) * 0.05)
     x = torch.randn(rows, 256)
     reference = x @ weight.dequantize().T
-    assert torch.allclose(kernels.quantized_matmul(x, weight), reference, atol=1e-5, rtol=1e-5)
+    assert not integer_kernel(weight, exact_activations=True)
+    assert torch.allclose(kernels.quantized_matmul(x, weight, exact_activations=True), reference, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not simd.available(), reason="the integer kernels need x86-64 with AVX2")
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("name", [name for name in FORMATS if not name.startswith("nf4")])
+def test_integer_kernel_equals_a_matmul_of_rounded_activations(name, rows):
+    weight = FORMATS[name](torch.randn(80, 256) * 0.05)
+    x = torch.randn(rows, 256) * torch.linspace(0.01, 3, 256)  # blocks of very different magnitudes
+    x[0, :32] = 0  # an all-zero block rounds to zeros
+    assert integer_kernel(weight)
+    rounded = kernels.round_activations(x)
+    out = kernels.quantized_matmul(x, weight)
+    assert torch.allclose(out, rounded @ weight.dequantize().T, atol=1e-5, rtol=1e-5)
+    exact = x @ weight.dequantize().T  # the rounding's own effect is small but not float rounding
+    assert 1e-6 < (out - exact).abs().max() / exact.abs().max() < 2e-2
+
+
+def test_rounded_activations_are_int8_codes_times_a_block_scale():
+    x = torch.tensor([[0.5, -1.27, 0.01, 0.0] * 8 + [0.0] * 32])
+    rounded = kernels.round_activations(x)
+    scale = 1.27 / 127  # max |x| of the first block over 127
+    codes = torch.round(x[0, :32] / scale)
+    assert torch.allclose(rounded[0, :32], codes * scale) and codes.abs().max() == 127
+    assert torch.equal(rounded[0, 32:], torch.zeros(32))
+    compiled_codes, scales, sums = kernels._round_activations(x.numpy())
+    assert scales[0, 0] == pytest.approx(scale) and scales[0, 1] == 0
+    assert torch.equal(torch.from_numpy(compiled_codes[0, :32]).float(), codes)
+    assert torch.allclose(torch.from_numpy(sums[0]), rounded[0].view(2, 32).sum(-1))
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact-activations", "rounded-activations"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_rows_take_the_kernel_and_match_the_reference_path(dtype):
+def test_decode_rows_take_the_kernel_and_match_the_reference_path(dtype, exact):
     linear = nn.Linear(128, 64).requires_grad_(False)
     layer = QuantizedLinear.from_linear(linear, "int4", group_size=64).to(dtype)
+    layer.exact_activations = exact
     x = torch.randn(2, 1, 128, dtype=dtype)
-    reference = nn.functional.linear(x.float(), layer.weight_format.dequantize(), linear.bias).to(dtype)
+    integer = integer_kernel(layer.weight_format, exact)
+    inputs = kernels.round_activations(x.float()) if integer else x.float()
+    reference = nn.functional.linear(inputs, layer.weight_format.dequantize(), linear.bias).to(dtype)
     out = layer(x)
     assert out.dtype == dtype and out.shape == (2, 1, 64)
     assert torch.allclose(out.float(), reference.float(), atol=1e-5 if dtype == torch.float32 else 2e-2)
-    # A prompt-sized input takes dequantize + matmul; the two paths agree.
-    many = x.expand(2, KERNEL_MAX_ROWS, 128)
+    # A prompt-sized input takes dequantize + matmul, on activations rounded as the kernel rounds them.
+    many = x.expand(2, KERNEL_MAX_ROWS + 1, 128)
     assert torch.allclose(layer(many)[:, :1].float(), out.float(), atol=1e-5 if dtype == torch.float32 else 2e-2)
+    with torch.enable_grad():  # training sees exact activations (rounding has no gradient)
+        x_grad = x.float().requires_grad_()
+        layer = layer.float()
+        exact = nn.functional.linear(x_grad, layer.weight_format.dequantize(), layer.bias)
+        assert torch.allclose(layer(x_grad), exact, atol=1e-5)
 
 
 def test_kernels_release_the_gil_cache_their_code_and_run_from_several_threads(monkeypatch):
-    compiled = [kernels._int8_matvec, kernels._nibble_matvec, kernels._nf4_matvec, kernels._split_runs]
+    compiled = [kernels._int8_matvec, kernels._nibble_matvec, kernels._nf4_matvec, kernels._split_runs,
+                kernels._round_activations, kernels._int8_dot_matvec, kernels._int4_dot_matvec]
     assert all(k.targetoptions["nogil"] for k in compiled)
     assert all(type(k._cache).__name__ == "FunctionCache" for k in compiled)  # machine code kept on disk
     monkeypatch.setattr(kernels, "SPLIT_MIN_WEIGHTS", 0)  # split even this small matrix across threads
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     weight = Int4Weight.quantize(torch.randn(512, 256))
     x = torch.randn(1, 256)
-    assert torch.allclose(kernels.quantized_matmul(x, weight), x @ weight.dequantize().T, atol=1e-4)
+    reference = (kernels.round_activations(x) if integer_kernel(weight) else x) @ weight.dequantize().T
+    assert torch.allclose(kernels.quantized_matmul(x, weight), reference, atol=1e-4)
     expected = kernels.quantized_matmul(x, weight)
     with ThreadPoolExecutor(4) as pool:  # the workqueue threading layer would abort here
         results = list(pool.map(lambda _: kernels.quantized_matmul(x, weight), range(16)))

@@ -25,7 +25,7 @@ import numpy as np
 
 from lmforge.nn.kernels.jit import available, jit
 
-__all__ = ["NO_ROWS", "add_rms_norm", "available", "rotary_attention_step", "silu_and_mul"]
+__all__ = ["NO_ROWS", "add_rms_norm", "available", "rotary_attention_heads", "rotary_attention_step", "silu_and_mul"]
 
 NO_ROWS = np.zeros((0, 0), dtype=np.float32)
 """Stands for an absent 2-D argument (no residual delta yet, no attention mask)."""
@@ -58,7 +58,15 @@ def silu_and_mul(gate_up, out):
 
 @jit
 def rotary_attention_step(qkv, cos, signed_sin, keys, values, position, mask, scale, num_heads, out):
-    """One new position per row: rotate, cache, attend.
+    """One new position per row: rotate, cache, attend (every key/value head; see `rotary_attention_heads`)."""
+    rotary_attention_heads(qkv, cos, signed_sin, keys, values, position, mask, scale, num_heads, 0, keys.shape[1], out)
+
+
+@jit
+def rotary_attention_heads(qkv, cos, signed_sin, keys, values, position, mask, scale, num_heads, kv_start, kv_stop,
+                           out):
+    """One new position per row: rotate, cache, attend, for key/value heads kv_start <= h < kv_stop and the
+    query heads they serve (threads sharing a step take disjoint head ranges).
 
     qkv [B, (H + 2 H_kv) d]: the fused projection's output (query heads, key heads, value heads).
     cos, signed_sin [B, d]: RotaryEmbedding's tables at each row's position (sine's first half negated).
@@ -73,7 +81,7 @@ def rotary_attention_step(qkv, cos, signed_sin, keys, values, position, mask, sc
     sums = np.empty((group, dim), np.float32)
     for b in range(batch):
         row, c, s = qkv[b], cos[b], signed_sin[b]
-        for kv in range(kv_heads):
+        for kv in range(kv_start, kv_stop):
             key_at, value_at = (num_heads + kv) * dim, (num_heads + kv_heads + kv) * dim
             for i in range(half):
                 x1, x2 = row[key_at + i], row[key_at + half + i]

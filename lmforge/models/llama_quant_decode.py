@@ -1,0 +1,167 @@
+"""A quantized Llama's whole decode step in one compiled call, on every core.
+
+`llama_decode.decode_step` fuses the small operations but still calls each projection's module: for
+a 4-bit model whose products take 10-100 µs each, the ~200 calls' Python and thread hand-overs
+cost as much as the arithmetic. When every projection is an int8 or int4 `QuantizedLinear` whose
+kernel rounds activations to int8 (the default where the CPU has integer SIMD), this module runs
+all layers of a step inside one numba function instead:
+
+    per layer:  norm → q, k, v products → attention → o product → residual + norm
+                → gate, up products and silu(gate) * up → down product → residual
+
+Every thread runs that whole sequence (`threads.run_on_threads`): each computes its share of every
+product's rows and of the attention heads, and the threads meet at a spin barrier before any
+operation that reads all rows. Each thread keeps its own copy of the residual stream and of the
+rounded activations (the same arithmetic on the same inputs, so the copies stay identical), which
+leaves five barriers per layer and no locks. The result equals the module path's (same kernels,
+same rounding) to float rounding.
+
+The step is prepared once per KV cache (`plan_for`): the weights' arrays gathered into typed lists,
+the norms stacked. The model is not expected to change while one cache is in use.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lmforge.nn.kernels import cpu_decode, simd, threads
+from lmforge.nn.kernels.jit import jit, numba
+from lmforge.quant import kernels
+from lmforge.quant.linear import QuantizedLinear
+
+PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+               ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+Q, K, V, O, GATE, UP, DOWN = range(7)
+INT8, INT4 = 0, 1
+
+
+@jit(inline=True)
+def _product(rounded, weights, scales, offsets, formats, matrix, out, rank, count):
+    """This thread's share of the rows of out = x @ weight.T for weight number `matrix`, x given rounded."""
+    codes, x_scales, sums = rounded
+    rows = weights[matrix].shape[0]
+    start, stop = rows * rank // count, rows * (rank + 1) // count
+    if formats[matrix, 0] == INT8:
+        kernels._int8_dot_matvec(codes, x_scales, weights[matrix], scales[matrix], formats[matrix, 1], out,
+                                 start, stop)
+    else:
+        kernels._int4_dot_matvec(codes, x_scales, sums, weights[matrix], scales[matrix], offsets[matrix],
+                                 formats[matrix, 1], out, start, stop)
+
+
+@jit
+def _layers_step(rank, count, sync, hidden, weights, scales, offsets, formats, norms, eps, cos, signed_sin,
+                 keys, values, position, mask, attention_scale, num_heads, qkv, heads, delta, gate_up, gated, out):
+    """Thread `rank` of `count`: every layer for one new token per row, then the final norm into out [B, D]."""
+    stream = hidden.copy()  # this thread's residual stream
+    normed = np.empty_like(stream)
+    kv_heads, head_dim = keys[0].shape[1], keys[0].shape[3]
+    q_end, k_end = num_heads * head_dim, (num_heads + kv_heads) * head_dim
+    kv_start, kv_stop = kv_heads * rank // count, kv_heads * (rank + 1) // count
+    width = gated.shape[1]
+    gate_start, gate_stop = width * rank // count, width * (rank + 1) // count
+    passed = 0
+    for layer in range(len(keys)):
+        first = layer * 7
+        cpu_decode.add_rms_norm(stream, delta[:0] if layer == 0 else delta, norms[2 * layer], eps, normed)
+        rounded = kernels._round_activations(normed)
+        _product(rounded, weights, scales, offsets, formats, first + Q, qkv[:, :q_end], rank, count)
+        _product(rounded, weights, scales, offsets, formats, first + K, qkv[:, q_end:k_end], rank, count)
+        _product(rounded, weights, scales, offsets, formats, first + V, qkv[:, k_end:], rank, count)
+        passed = threads.barrier(sync, count, passed)
+        cpu_decode.rotary_attention_heads(qkv, cos, signed_sin, keys[layer], values[layer], position, mask,
+                                          attention_scale, num_heads, kv_start, kv_stop, heads)
+        passed = threads.barrier(sync, count, passed)
+        rounded = kernels._round_activations(heads)
+        _product(rounded, weights, scales, offsets, formats, first + O, delta, rank, count)
+        passed = threads.barrier(sync, count, passed)
+        cpu_decode.add_rms_norm(stream, delta, norms[2 * layer + 1], eps, normed)
+        rounded = kernels._round_activations(normed)
+        _product(rounded, weights, scales, offsets, formats, first + GATE, gate_up[:, :width], rank, count)
+        _product(rounded, weights, scales, offsets, formats, first + UP, gate_up[:, width:], rank, count)
+        for row in range(gated.shape[0]):  # silu(gate) * up over the rows this thread computed
+            for i in range(gate_start, gate_stop):
+                gate = gate_up[row, i]
+                gated[row, i] = gate / (np.float32(1) + np.exp(-gate)) * gate_up[row, width + i]
+        passed = threads.barrier(sync, count, passed)
+        rounded = kernels._round_activations(gated)
+        _product(rounded, weights, scales, offsets, formats, first + DOWN, delta, rank, count)
+        passed = threads.barrier(sync, count, passed)
+    if rank == 0:
+        cpu_decode.add_rms_norm(stream, delta, norms[len(norms) - 1], eps, out)
+
+
+def _typed_list(arrays):
+    typed = numba.typed.List()
+    for array in arrays:
+        typed.append(array)
+    return typed
+
+
+class QuantizedStackPlan:
+    """A model's arrays arranged for `_layers_step`, and buffers reused by every step of one cache."""
+
+    def __init__(self, model, kv_cache):
+        layers = model.layers
+        modules = [getattr(getattr(layer, part), name) for layer in layers for part, name in PROJECTIONS]
+        weights, scales, offsets, formats = [], [], [], []
+        for module in modules:
+            fields = module.weight_format
+            if module.method == "int8":
+                weights.append(fields.q.view(torch.uint8).numpy())
+                offsets.append(np.zeros((0, 0), np.float32))
+            else:
+                weights.append(fields.packed.numpy())
+                offsets.append(fields.offset.numpy())
+            scales.append(fields.scale.numpy())
+            formats.append((INT8 if module.method == "int8" else INT4, fields.group_size))
+        self.weights, self.scales, self.offsets = _typed_list(weights), _typed_list(scales), _typed_list(offsets)
+        self.formats = np.array(formats, np.int64)
+        norms = [norm.weight.detach() for layer in layers for norm in (layer.attn_norm, layer.mlp_norm)]
+        self.norms = torch.stack([*norms, model.norm.weight.detach()]).float().numpy()
+        self.eps = np.float32(model.norm.eps)
+        self.keys = _typed_list([keys.numpy() for keys in kv_cache.keys])
+        self.values = _typed_list([values.numpy() for values in kv_cache.values])
+        attention = layers[0].self_attn
+        self.num_heads, self.scale = attention.num_heads, np.float32(attention.scale)
+        batch = kv_cache.keys[0].shape[0]
+        width = layers[0].mlp.down_proj.in_features
+        qkv_width = sum(getattr(attention, name).out_features for name in ("q_proj", "k_proj", "v_proj"))
+        self.qkv = np.empty((batch, qkv_width), np.float32)
+        self.heads = np.empty((batch, attention.num_heads * attention.head_dim), np.float32)
+        self.delta = np.empty((batch, model.norm.weight.shape[0]), np.float32)
+        self.gate_up = np.empty((batch, 2 * width), np.float32)
+        self.gated = np.empty((batch, width), np.float32)
+
+    def step(self, hidden, cos, signed_sin, mask_rows, position: int) -> torch.Tensor:
+        """hidden [B, D] float32 → the final-normed hidden [B, D], every layer's key/value stored at `position`."""
+        out = torch.empty_like(hidden)
+        threads.run_on_threads(_layers_step, torch.get_num_threads(), hidden.numpy(), self.weights, self.scales,
+                               self.offsets, self.formats, self.norms, self.eps, cos, signed_sin, self.keys,
+                               self.values, position, mask_rows, self.scale, self.num_heads, self.qkv, self.heads,
+                               self.delta, self.gate_up, self.gated, out.numpy())
+        return out
+
+
+def _compiles(module) -> bool:
+    """Whether the step computes exactly what this projection module would: an int8/int4 QuantizedLinear (not a
+    subclass or an adapter wrapper) without bias or hooks, whose kernel takes int8-rounded activations."""
+    return (type(module) is QuantizedLinear and module.method in ("int8", "int4") and module.bias is None
+            and not (module._forward_hooks or module._forward_pre_hooks) and module._kernel_ready()
+            and module._kernel_weight.inputs == "int8")
+
+
+def plan_for(model, kv_cache) -> QuantizedStackPlan | None:
+    """The cache's compiled-step plan, built on its first decode step; None when some layer does not qualify
+    (the caller then runs the per-module step)."""
+    plan = getattr(kv_cache, "quantized_stack_plan", False)
+    if plan is False:
+        layers = model.layers
+        eligible = (simd.available() and all(layer.attn_norm.eps == model.norm.eps == layer.mlp_norm.eps
+                                             for layer in layers)
+                    and all(_compiles(getattr(getattr(layer, part), name))
+                            for layer in layers for part, name in PROJECTIONS))
+        plan = QuantizedStackPlan(model, kv_cache) if eligible else None
+        kv_cache.quantized_stack_plan = plan
+    return plan

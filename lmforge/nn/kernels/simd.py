@@ -1,0 +1,134 @@
+"""Integer SIMD dot products for the quantized kernels, spelled in LLVM vector instructions.
+
+A float kernel multiplies a 4- or 8-bit weight by a float32 activation: every weight is widened to
+float32 first, eight per instruction. llama.cpp's trick is to round the activations to int8 too
+(one scale per 32 values, as its Q8_0 format) and multiply bytes by bytes: x86's `pmaddubsw`
+multiplies 32 unsigned by 32 signed bytes and adds neighbours into 16-bit sums, `pmaddwd` adds
+those pairs into eight 32-bit sums. One 32-weight block then costs a handful of instructions, and
+4-bit codes (0..15) enter unwidened. LLVM does not find this pattern by itself in plain loops, so the
+blocks below are numba intrinsics that emit those instructions directly (AVX2):
+
+- `Lanes`: eight float32 partial sums held in one vector register across a loop (a numba type);
+- `q8_block(acc, x, i, w, j, scale)`: acc + scale * the products of int8 x[i:i+32] and int8 w[j:j+32];
+- `q4_block(acc, x, i, packed, j, scale)`: the same against 32 4-bit codes in packed[j:j+16]
+  (byte t holds code t in its low nibble and code t + 16 in its high one, see `quant.formats`);
+- `lanes_sum(acc)`: the eight partial sums added up.
+
+`pmaddubsw` saturates its 16-bit sums, so `q8_block` multiplies |x| (at most 127) by w carrying x's
+sign: the largest pair sum is 2 * 127 * 127 < 32767, and nothing saturates. With 4-bit codes the
+largest is 2 * 15 * 127. The integer sums are therefore exact; the only rounding is the activations'.
+
+`available()` says whether this machine runs them (x86-64 with AVX2); elsewhere the quantized
+kernels use their float loops.
+"""
+
+from __future__ import annotations
+
+from lmforge.nn.kernels.jit import numba
+
+if numba is not None:
+    from llvmlite import binding, ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic, models, register_model
+
+__all__ = ["available", "lanes_sum", "q4_block", "q8_block", "zero_lanes"]
+
+
+def available() -> bool:
+    """Whether the compiled kernels may use these instructions: numba compiling for this machine's CPU,
+    and the CPU has AVX2."""
+    if numba is None or numba.config.CPU_NAME not in (None, "host"):
+        return False
+    return bool(binding.get_host_cpu_features().get("avx2", False))
+
+
+if numba is not None:
+    FLOATS = ir.VectorType(ir.FloatType(), 8)
+    BYTES = ir.VectorType(ir.IntType(8), 32)
+    HALF_BYTES = ir.VectorType(ir.IntType(8), 16)
+    SHORTS = ir.VectorType(ir.IntType(16), 16)
+    INTS = ir.VectorType(ir.IntType(32), 8)
+
+    class Lanes(types.Type):
+        """Eight float32 partial sums in one vector register."""
+
+        def __init__(self):
+            super().__init__(name="Lanes")
+
+    lanes = Lanes()
+
+    @register_model(Lanes)
+    class LanesModel(models.PrimitiveModel):
+        def __init__(self, dmm, fe_type):
+            super().__init__(dmm, fe_type, FLOATS)
+
+    def _function(builder, name, result, arguments):
+        return cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, arguments), name)
+
+    def _load(context, builder, array_type, array, index, vector):
+        """The `vector`-typed value stored at array[index] (any alignment)."""
+        data = context.make_array(array_type)(context, builder, array).data
+        return builder.load(builder.bitcast(builder.gep(data, [index]), vector.as_pointer()), align=1)
+
+    def _byte_dot(builder, unsigned, signed):
+        """Eight int32 sums, each of four neighbouring products of unsigned and signed bytes."""
+        pairs = builder.call(_function(builder, "llvm.x86.avx2.pmadd.ub.sw", SHORTS, [BYTES, BYTES]),
+                             [unsigned, signed])
+        ones = ir.Constant(SHORTS, [1] * 16)
+        return builder.call(_function(builder, "llvm.x86.avx2.pmadd.wd", INTS, [SHORTS, SHORTS]), [pairs, ones])
+
+    def _scaled_add(builder, acc, sums, scale):
+        """acc + float(sums) * scale, one fused multiply-add."""
+        broadcast = builder.insert_element(ir.Constant(FLOATS, None), scale, ir.Constant(ir.IntType(32), 0))
+        broadcast = builder.shuffle_vector(broadcast, broadcast, ir.Constant(INTS, [0] * 8))
+        fma = _function(builder, "llvm.fma.v8f32", FLOATS, [FLOATS, FLOATS, FLOATS])
+        return builder.call(fma, [builder.sitofp(sums, FLOATS), broadcast, acc])
+
+    @intrinsic
+    def zero_lanes(typingctx):
+        """Eight zero partial sums."""
+        return lanes(), lambda context, builder, signature, args: ir.Constant(FLOATS, None)
+
+    @intrinsic
+    def lanes_sum(typingctx, acc):
+        """The eight partial sums added up (float32)."""
+
+        def codegen(context, builder, signature, args):
+            parts = [builder.extract_element(args[0], ir.Constant(ir.IntType(32), i)) for i in range(8)]
+            while len(parts) > 1:  # a tree, as a vector reduction does it
+                parts = [builder.fadd(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+            return parts[0]
+
+        return types.float32(lanes), codegen
+
+    @intrinsic
+    def q8_block(typingctx, acc, x, x_at, w, w_at, scale):
+        """acc + scale * (int8 x[x_at : x_at+32] times int8 w[w_at : w_at+32]), summed four by four into the lanes."""
+
+        def codegen(context, builder, signature, args):
+            acc_value, x_array, x_index, w_array, w_index, scale_value = args
+            x_bytes = _load(context, builder, signature.args[1], x_array, x_index, BYTES)
+            w_bytes = _load(context, builder, signature.args[3], w_array, w_index, BYTES)
+            magnitude = builder.call(_function(builder, "llvm.abs.v32i8", BYTES, [BYTES, ir.IntType(1)]),
+                                     [x_bytes, ir.Constant(ir.IntType(1), 0)])
+            signed_w = builder.call(_function(builder, "llvm.x86.avx2.psign.b", BYTES, [BYTES, BYTES]),
+                                    [w_bytes, x_bytes])
+            return _scaled_add(builder, acc_value, _byte_dot(builder, magnitude, signed_w), scale_value)
+
+        return lanes(lanes, x, types.intp, w, types.intp, types.float32), codegen
+
+    @intrinsic
+    def q4_block(typingctx, acc, x, x_at, packed, packed_at, scale):
+        """acc + scale * (int8 x[x_at : x_at+32] times the 32 4-bit codes in packed[packed_at : packed_at+16])."""
+
+        def codegen(context, builder, signature, args):
+            acc_value, x_array, x_index, packed_array, packed_index, scale_value = args
+            x_bytes = _load(context, builder, signature.args[1], x_array, x_index, BYTES)
+            packed_bytes = _load(context, builder, signature.args[3], packed_array, packed_index, HALF_BYTES)
+            low = builder.and_(packed_bytes, ir.Constant(HALF_BYTES, [15] * 16))
+            high = builder.lshr(packed_bytes, ir.Constant(HALF_BYTES, [4] * 16))
+            codes = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
+            return _scaled_add(builder, acc_value, _byte_dot(builder, codes, x_bytes), scale_value)
+
+        return lanes(lanes, x, types.intp, packed, types.intp, types.float32), codegen

@@ -1,0 +1,104 @@
+"""A quantized Llama's whole decode step in one compiled call equals the per-module step, on any thread count."""
+
+import pytest
+import torch
+
+from lmforge.models import llama_quant_decode
+from lmforge.nn.kernels import simd
+from lmforge.peft.lora import LoraConfig, add_lora
+from lmforge.quant.apply import quantize_model
+from lmforge.quant.linear import QuantizedLinear
+from tests.models.test_llama import hf_llama
+from tests.models.test_llama_decode import decode_logits
+from tests.parity import max_abs_diff, ours_from_hf
+
+pytestmark = pytest.mark.skipif(not simd.available(), reason="the compiled step needs x86-64 with AVX2 and numba")
+
+SHAPE = {"hidden_size": 64, "intermediate_size": 128}  # the kernels read 64 columns at a time
+
+
+@pytest.fixture
+def compiled_steps(monkeypatch):
+    """How many decode steps ran as one compiled call."""
+    calls = []
+    original = llama_quant_decode.QuantizedStackPlan.step
+
+    def counting(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(llama_quant_decode.QuantizedStackPlan, "step", counting)
+    return calls
+
+
+def per_module_logits(model, monkeypatch) -> list[torch.Tensor]:
+    with monkeypatch.context() as patch:
+        patch.setattr(llama_quant_decode, "plan_for", lambda model, cache: None)
+        return decode_logits(model, fast=True)
+
+
+def quantized_llama(method: str, kv_heads: int = 2, **options):
+    model = ours_from_hf(hf_llama(num_key_value_heads=kv_heads, **SHAPE), "causal-lm").eval()
+    quantize_model(model, method, **options)
+    return model
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("method, options", [("int8", {}), ("int8", {"group_size": 32}), ("int4", {"group_size": 32}),
+                                             ("int4", {"group_size": 64})], ids=["int8", "int8-g32", "int4-g32",
+                                                                                  "int4-g64"])
+def test_compiled_step_equals_the_per_module_step(method, options, kv_heads, compiled_steps, monkeypatch):
+    model = quantized_llama(method, kv_heads, **options)
+    reference = per_module_logits(model, monkeypatch)
+    assert not compiled_steps
+    compiled = decode_logits(model, fast=True)  # a left-padded batch of 3: masks and per-row positions
+    assert len(compiled_steps) == len(compiled) - 1  # every step after the prefill
+    for expected, got in zip(reference, compiled):
+        assert max_abs_diff(got, expected) <= 1e-4
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_any_thread_count_computes_the_same_step(threads, compiled_steps, monkeypatch):
+    model = quantized_llama("int4", group_size=32)
+    reference = per_module_logits(model, monkeypatch)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # 3 threads on fewer cores still meet
+    for expected, got in zip(reference, decode_logits(model, fast=True)):
+        assert max_abs_diff(got, expected) <= 1e-4
+    assert compiled_steps
+
+
+def test_layers_it_cannot_run_take_the_per_module_step(compiled_steps, monkeypatch):
+    model = quantized_llama("int8")
+    add_lora(model, LoraConfig(r=2, target_modules=["o_proj"]))  # the step would skip the adapter
+    model.eval()
+    decode_logits(model, fast=True)
+    assert not compiled_steps
+
+    model = quantized_llama("int8")
+    monkeypatch.setattr(QuantizedLinear, "exact_activations", True)  # float activations: the float kernels
+    decode_logits(model, fast=True)
+    assert not compiled_steps
+    monkeypatch.undo()
+
+    seen = []
+    model.model.layers[0].self_attn.k_proj.register_forward_hook(lambda *args: seen.append(1))
+    decode_logits(model, fast=True)
+    assert seen and not compiled_steps
+
+    model = quantized_llama("nf4")  # no integer kernel for NF4's code book
+    decode_logits(model, fast=True)
+    assert not compiled_steps
+
+
+def test_the_plan_is_built_once_per_cache(monkeypatch):
+    model = quantized_llama("int8")
+    built = []
+    original = llama_quant_decode.QuantizedStackPlan.__init__
+
+    def counting(self, *args):
+        built.append(1)
+        original(self, *args)
+
+    monkeypatch.setattr(llama_quant_decode.QuantizedStackPlan, "__init__", counting)
+    decode_logits(model, fast=True, steps=4)
+    assert built == [1]
