@@ -21,12 +21,6 @@ from lmforge.quant import kernels
 from lmforge.quant.formats import FORMATS, QuantizedWeight
 
 
-KERNEL_MAX_ROWS = 8
-"""Rows (tokens) up to which the matrix-vector kernels run. They read every weight again for each row, so
-for a prompt's many rows dequantizing once and running one matmul is the faster way; the crossover was
-chosen, not measured."""
-
-
 class QuantizedLinear(nn.Module):
     exact_activations = False
     """Whether the CPU kernels multiply float32 activations (exact to float rounding against the dequantized
@@ -102,7 +96,7 @@ class QuantizedLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         rows = x.numel() // self.in_features
         if x.device.type == "cpu" and not x.requires_grad and self._kernel_ready():
-            if rows <= KERNEL_MAX_ROWS:
+            if rows <= self._kernel_weight.max_rows:
                 out = self._kernel_weight(x.reshape(rows, self.in_features).float())
                 out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)
                 return out if bias is None else out + bias

@@ -12,7 +12,6 @@ from torch import nn
 
 from lmforge.nn.kernels import simd
 from lmforge.quant import Int4Weight, Int8Weight, NF4Weight, QuantizedLinear, kernels
-from lmforge.quant.linear import KERNEL_MAX_ROWS
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 
@@ -36,7 +35,7 @@ def integer_kernel(weight, exact_activations: bool = False) -> bool:
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_kernel_with_exact_activations_equals_a_matmul_on_the_dequantized_weight(name, rows):
-    weight = FORMATS[name](torch.randn(80, 256) * 0.05)
+    weight = FORMATS[name](torch.randn(81, 256) * 0.05)  # an odd row count: the last row pairs with itself
     x = torch.randn(rows, 256)
     reference = x @ weight.dequantize().T
     assert not integer_kernel(weight, exact_activations=True)
@@ -47,7 +46,7 @@ def test_kernel_with_exact_activations_equals_a_matmul_on_the_dequantized_weight
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("name", [name for name in FORMATS if not name.startswith("nf4")])
 def test_integer_kernel_equals_a_matmul_of_rounded_activations(name, rows):
-    weight = FORMATS[name](torch.randn(80, 256) * 0.05)
+    weight = FORMATS[name](torch.randn(81, 256) * 0.05)  # an odd row count: the last row pairs with itself
     x = torch.randn(rows, 256) * torch.linspace(0.01, 3, 256)  # blocks of very different magnitudes
     x[0, :32] = 0  # an all-zero block rounds to zeros
     assert integer_kernel(weight)
@@ -85,7 +84,7 @@ def test_decode_rows_take_the_kernel_and_match_the_reference_path(dtype, exact):
     assert out.dtype == dtype and out.shape == (2, 1, 64)
     assert torch.allclose(out.float(), reference.float(), atol=1e-5 if dtype == torch.float32 else 2e-2)
     # A prompt-sized input takes dequantize + matmul, on activations rounded as the kernel rounds them.
-    many = x.expand(2, KERNEL_MAX_ROWS + 1, 128)
+    many = x.expand(2, layer._kernel_weight.max_rows + 1, 128)
     assert torch.allclose(layer(many)[:, :1].float(), out.float(), atol=1e-5 if dtype == torch.float32 else 2e-2)
     with torch.enable_grad():  # training sees exact activations (rounding has no gradient)
         x_grad = x.float().requires_grad_()
@@ -137,3 +136,4 @@ def test_quantized_projections_fuse_exactly_into_views(method, tmp_path):
         unfuse_projections(model)
         assert getattr(attention.q_proj, first).data_ptr() != getattr(fused, first).data_ptr()
         assert torch.allclose(model(ids).logits, before, atol=1e-5)
+
