@@ -4,6 +4,10 @@ Every kernel is serial and releases the GIL (`nogil`: the server's event loop an
 running while one computes), may reorder float sums (`fastmath`: what lets LLVM vectorise a
 reduction), and keeps its machine code on disk (`cache`: compiled once per machine, not per process).
 Without numba the functions stay plain Python and callers take their torch paths (`available()`).
+
+numba keys a cached kernel on its own source file only: a compiled caller keeps the machine code of
+the kernels it calls from other files. After editing such a kernel, touch the callers' files (or
+clear `__pycache__`) so they compile again.
 """
 
 from __future__ import annotations
