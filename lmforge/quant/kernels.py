@@ -198,6 +198,12 @@ def _block_scale(scale, n, block, group_size, cols):
     return scale[n, 0]
 
 
+PREFETCH_ROWS = 8
+"""How far ahead the integer kernels ask for the rows they will read (`simd.prefetch`, the weights' bytes and
+the first line of their scales): a sweep over SmolLM2's 210 Q4_1 matrices from L3 on one core took 10.5-11.1 ms
+without, 9.3 with 4 rows ahead, 8.6-9.0 with 8."""
+
+
 @jit
 def _int8_dot_matvec(codes, x_scales, q, scale, group_size, out, start, stop):
     """`_int8_matvec` over int8-rounded activations: byte products summed per 32-column block (simd.q8_block).
@@ -206,6 +212,10 @@ def _int8_dot_matvec(codes, x_scales, q, scale, group_size, out, start, stop):
     cols = q.shape[1]
     for n in range(start, stop, 2):
         n2 = min(n + 1, stop - 1)
+        ahead = min(n + PREFETCH_ROWS, stop - 1)  # rows ahead and ahead + 1 (read past the end: harmless)
+        for byte in range(0, 2 * cols, 64):
+            simd.prefetch(q[ahead], byte)
+        simd.prefetch(scale[ahead], 0)
         first, second = q[n], q[n2]
         for m in range(codes.shape[0]):
             acc, acc2, x = simd.zero_lanes(), simd.zero_lanes(), codes[m]
@@ -224,6 +234,11 @@ def _int4_dot_matvec(codes, x_scales, x_sums, packed, scale, offset, group_size,
     cols = packed.shape[1] * 2
     for n in range(start, stop, 2):
         n2 = min(n + 1, stop - 1)
+        ahead = min(n + PREFETCH_ROWS, stop - 1)  # as in `_int8_dot_matvec`
+        for byte in range(0, 2 * packed.shape[1], 64):
+            simd.prefetch(packed[ahead], byte)
+        simd.prefetch(scale[ahead], 0)
+        simd.prefetch(offset[ahead], 0)
         first, second = packed[n], packed[n2]
         for m in range(codes.shape[0]):
             acc, acc2, x = simd.zero_lanes(), simd.zero_lanes(), codes[m]

@@ -12,7 +12,10 @@ blocks below are numba intrinsics that emit those instructions directly (AVX2):
 - `q8_block(acc, x, i, w, j, scale)`: acc + scale * the products of int8 x[i:i+32] and int8 w[j:j+32];
 - `q4_block(acc, x, i, packed, j, scale)`: the same against 32 4-bit codes in packed[j:j+16]
   (byte t holds code t in its low nibble and code t + 16 in its high one, see `quant.formats`);
-- `lanes_sum(acc)`: the eight partial sums added up.
+- `lanes_sum(acc)`: the eight partial sums added up;
+- `prefetch(array, byte)`: ask the CPU to start loading the cache line `byte` bytes into `array`,
+  so rows a kernel reaches next arrive while it works on the current ones (the hardware's own
+  prefetcher follows long runs well but not a kernel hopping between three arrays per row).
 
 `pmaddubsw` saturates its 16-bit sums, so `q8_block` multiplies |x| (at most 127) by w carrying x's
 sign: the largest pair sum is 2 * 127 * 127 < 32767, and nothing saturates. With 4-bit codes the
@@ -32,7 +35,7 @@ if numba is not None:
     from numba.core import cgutils
     from numba.extending import intrinsic, models, register_model
 
-__all__ = ["available", "lanes_sum", "q4_block", "q8_block", "zero_lanes"]
+__all__ = ["available", "lanes_sum", "prefetch", "q4_block", "q8_block", "zero_lanes"]
 
 
 def available() -> bool:
@@ -132,3 +135,17 @@ if numba is not None:
             return _scaled_add(builder, acc_value, _byte_dot(builder, codes, x_bytes), scale_value)
 
         return lanes(lanes, x, types.intp, packed, types.intp, types.float32), codegen
+
+    @intrinsic
+    def prefetch(typingctx, array, byte):
+        """Start loading the cache line `byte` bytes past the start of `array` (a hint: no fault, no result)."""
+
+        def codegen(context, builder, signature, args):
+            data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            pointer = builder.gep(builder.bitcast(data, ir.IntType(8).as_pointer()), [args[1]])
+            int32 = ir.IntType(32)
+            hint = _function(builder, "llvm.prefetch.p0", ir.VoidType(), [pointer.type, int32, int32, int32])
+            builder.call(hint, [pointer, ir.Constant(int32, 0), ir.Constant(int32, 3), ir.Constant(int32, 1)])
+            return context.get_dummy_value()
+
+        return types.none(array, types.intp), codegen
