@@ -105,19 +105,34 @@ if numba is not None:
 
         return types.float32(lanes), codegen
 
+    def _block(context, builder, signature, args, weight_vector, byte_pair):
+        """acc + scale * dot(x bytes, weight bytes) for one block: `byte_pair(builder, x, w)` turns the loaded
+        vectors into the (unsigned, signed) operands of `_byte_dot`."""
+        acc_value, x_array, x_index, w_array, w_index, scale_value = args
+        x_bytes = _load(context, builder, signature.args[1], x_array, x_index, BYTES)
+        w_bytes = _load(context, builder, signature.args[3], w_array, w_index, weight_vector)
+        return _scaled_add(builder, acc_value, _byte_dot(builder, *byte_pair(builder, x_bytes, w_bytes)), scale_value)
+
+    def _signed_pair(builder, x_bytes, w_bytes):
+        """(|x|, w with x's sign): the same products, with the unsigned operand pmaddubsw wants."""
+        magnitude = builder.call(_function(builder, "llvm.abs.v32i8", BYTES, [BYTES, ir.IntType(1)]),
+                                 [x_bytes, ir.Constant(ir.IntType(1), 0)])
+        signed_w = builder.call(_function(builder, "llvm.x86.avx2.psign.b", BYTES, [BYTES, BYTES]), [w_bytes, x_bytes])
+        return magnitude, signed_w
+
+    def _nibble_pair(builder, x_bytes, packed_bytes):
+        """(the 32 codes of 16 packed bytes, low nibbles then high ones, x)."""
+        low = builder.and_(packed_bytes, ir.Constant(HALF_BYTES, [15] * 16))
+        high = builder.lshr(packed_bytes, ir.Constant(HALF_BYTES, [4] * 16))
+        codes = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
+        return codes, x_bytes
+
     @intrinsic
     def q8_block(typingctx, acc, x, x_at, w, w_at, scale):
         """acc + scale * (int8 x[x_at : x_at+32] times int8 w[w_at : w_at+32]), summed four by four into the lanes."""
 
         def codegen(context, builder, signature, args):
-            acc_value, x_array, x_index, w_array, w_index, scale_value = args
-            x_bytes = _load(context, builder, signature.args[1], x_array, x_index, BYTES)
-            w_bytes = _load(context, builder, signature.args[3], w_array, w_index, BYTES)
-            magnitude = builder.call(_function(builder, "llvm.abs.v32i8", BYTES, [BYTES, ir.IntType(1)]),
-                                     [x_bytes, ir.Constant(ir.IntType(1), 0)])
-            signed_w = builder.call(_function(builder, "llvm.x86.avx2.psign.b", BYTES, [BYTES, BYTES]),
-                                    [w_bytes, x_bytes])
-            return _scaled_add(builder, acc_value, _byte_dot(builder, magnitude, signed_w), scale_value)
+            return _block(context, builder, signature, args, BYTES, _signed_pair)
 
         return lanes(lanes, x, types.intp, w, types.intp, types.float32), codegen
 
@@ -126,13 +141,7 @@ if numba is not None:
         """acc + scale * (int8 x[x_at : x_at+32] times the 32 4-bit codes in packed[packed_at : packed_at+16])."""
 
         def codegen(context, builder, signature, args):
-            acc_value, x_array, x_index, packed_array, packed_index, scale_value = args
-            x_bytes = _load(context, builder, signature.args[1], x_array, x_index, BYTES)
-            packed_bytes = _load(context, builder, signature.args[3], packed_array, packed_index, HALF_BYTES)
-            low = builder.and_(packed_bytes, ir.Constant(HALF_BYTES, [15] * 16))
-            high = builder.lshr(packed_bytes, ir.Constant(HALF_BYTES, [4] * 16))
-            codes = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
-            return _scaled_add(builder, acc_value, _byte_dot(builder, codes, x_bytes), scale_value)
+            return _block(context, builder, signature, args, HALF_BYTES, _nibble_pair)
 
         return lanes(lanes, x, types.intp, packed, types.intp, types.float32), codegen
 
