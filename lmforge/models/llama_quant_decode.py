@@ -22,6 +22,8 @@ the norms stacked. The model is not expected to change while one cache is in use
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -92,11 +94,22 @@ def _layers_step(rank, count, sync, hidden, weights, scales, offsets, formats, n
         cpu_decode.add_rms_norm(stream, delta, norms[len(norms) - 1], eps, out)
 
 
-def _typed_list(arrays):
+@jit
+def _compiled_typed_list(arrays):
     typed = numba.typed.List()
     for array in arrays:
         typed.append(array)
     return typed
+
+
+def _typed_list(arrays: list):
+    """A numba list of the arrays, built in compiled code so that its machinery comes from the disk cache: filling
+    a `numba.typed.List` from Python compiled that machinery again in every process, ~0.4 s per kind of array
+    (1.2 s of a first decode step). The Python list goes in as numba's "reflected" list (a tuple would compile
+    once per length, unrolled: 24 s for SmolLM2's 210 matrices)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", numba.NumbaPendingDeprecationWarning)  # reflected lists: read only here
+        return _compiled_typed_list(arrays)
 
 
 class QuantizedStackPlan:
