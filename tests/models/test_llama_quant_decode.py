@@ -1,5 +1,7 @@
 """A quantized Llama's whole decode step in one compiled call equals the per-module step, on any thread count."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -65,6 +67,16 @@ def test_any_thread_count_computes_the_same_step(threads, compiled_steps, monkey
     for expected, got in zip(reference, decode_logits(model, fast=True)):
         assert max_abs_diff(got, expected) <= 1e-4
     assert compiled_steps
+
+
+def test_two_threads_decoding_at_once_share_the_helper_pool(compiled_steps, monkeypatch):
+    models = [quantized_llama("int8"), quantized_llama("int4", group_size=32)]
+    expected = [per_module_logits(model, monkeypatch) for model in models]
+    with ThreadPoolExecutor(2) as pool:  # each step's helper may queue behind the other's: slower, never stuck
+        results = list(pool.map(lambda model: decode_logits(model, fast=True), models))
+    for reference, got in zip(expected, results):
+        assert all(max_abs_diff(a, b) <= 1e-4 for a, b in zip(reference, got))
+    assert len(compiled_steps) == 2 * (len(results[0]) - 1)
 
 
 def test_layers_it_cannot_run_take_the_per_module_step(compiled_steps, monkeypatch):

@@ -39,9 +39,9 @@ __all__ = ["available", "lanes_sum", "prefetch", "q4_block", "q8_block", "zero_l
 
 
 def available() -> bool:
-    """Whether the compiled kernels may use these instructions: numba compiling for this machine's CPU,
-    and the CPU has AVX2."""
-    if numba is None or numba.config.CPU_NAME not in (None, "host"):
+    """Whether the compiled kernels may use these instructions: numba compiling (not disabled) for this
+    machine's CPU, and the CPU has AVX2."""
+    if numba is None or numba.config.DISABLE_JIT or numba.config.CPU_NAME not in (None, "host"):
         return False
     return bool(binding.get_host_cpu_features().get("avx2", False))
 
