@@ -41,12 +41,13 @@ smaller ones finish before a hand-over to a pool thread (~30 µs each way) pays.
 do about twice the work per weight, so they split from half this size."""
 
 
-MAX_ROWS = {"integer": 24, "float": 8, "nf4": 2}
+MAX_ROWS = {"int8": 24, "int4": 40, "float": 8, "nf4": 2}
 """Rows (tokens) up to which each kind of kernel beats dequantizing the weight once and one matmul: a kernel
-redoes each weight's arithmetic for every row. Measured on SmolLM2 (2 cores, whole forward), integer kernels:
-GGUF 4-bit blocks, 8 rows 72 ms vs 270 ms dequantizing, 24 rows 161-176 vs 318, 32 a tie; int8, 16 rows 99-105
-vs 193-209, 24 rows 140-151 vs 167-208. The float kernels take about twice as long per row, NF4's ~125 ms per
-row for the whole model (its table lookups do not vectorise)."""
+redoes each weight's arithmetic for every row. Measured on SmolLM2 (2 cores, whole forward): int8, 16 rows
+99-105 ms by kernel vs 193-209 dequantizing, 24 rows 140-151 vs 167-208; GGUF 4-bit blocks (int4 kernels
+unpack each block once for four rows), 24 rows 196-205 vs 297-340, 39 rows 244-255 vs 321-337, 48 a tie. The
+float kernels take about twice as long per row, NF4's ~125 ms per row for the whole model (its table lookups
+do not vectorise)."""
 
 
 def supports(weight) -> bool:
@@ -231,6 +232,9 @@ def _int4_dot_matvec(codes, x_scales, x_sums, packed, scale, offset, group_size,
     """`_nibble_matvec` over int8-rounded activations: sum(x * (code * scale + offset)) is
     scale * x_scale * sum(x_code * code) per block (simd.q4_block) plus offset * x_scale * sum(x_code).
     Two rows at a time, as `_int8_dot_matvec`."""
+    if codes.shape[0] >= 4:
+        _int4_dot_tiles(codes, x_scales, x_sums, packed, scale, offset, group_size, out, start, stop)
+        return
     cols = packed.shape[1] * 2
     for n in range(start, stop, 2):
         n2 = min(n + 1, stop - 1)
@@ -252,6 +256,34 @@ def _int4_dot_matvec(codes, x_scales, x_sums, packed, scale, offset, group_size,
                 offsets += _block_scale(offset, n, block, group_size, cols) * x_sums[m, block]
                 offsets2 += _block_scale(offset, n2, block, group_size, cols) * x_sums[m, block]
             out[m, n], out[m, n2] = simd.lanes_sum(acc) + offsets, simd.lanes_sum(acc2) + offsets2
+
+
+@jit
+def _int4_dot_tiles(codes, x_scales, x_sums, packed, scale, offset, group_size, out, start, stop):
+    """`_int4_dot_matvec` for many activation rows (a prompt): each weight row's block is unpacked once and
+    multiplied with four activation rows (`simd.nibble_codes`, `simd.codes_block`); a last partial tile
+    repeats its final row."""
+    cols, rows = packed.shape[1] * 2, codes.shape[0]
+    for n in range(start, stop):
+        weights = packed[n]
+        for first in range(0, rows, 4):
+            m0, m1, m2, m3 = first, min(first + 1, rows - 1), min(first + 2, rows - 1), min(first + 3, rows - 1)
+            a0, a1, a2, a3 = simd.zero_lanes(), simd.zero_lanes(), simd.zero_lanes(), simd.zero_lanes()
+            x0, x1, x2, x3 = codes[m0], codes[m1], codes[m2], codes[m3]
+            for block in range(cols // 32):
+                unpacked, at = simd.nibble_codes(weights, block * 16), block * 32
+                step = _block_scale(scale, n, block, group_size, cols)
+                a0 = simd.codes_block(a0, x0, at, unpacked, step * x_scales[m0, block])
+                a1 = simd.codes_block(a1, x1, at, unpacked, step * x_scales[m1, block])
+                a2 = simd.codes_block(a2, x2, at, unpacked, step * x_scales[m2, block])
+                a3 = simd.codes_block(a3, x3, at, unpacked, step * x_scales[m3, block])
+            out[m0, n], out[m1, n] = simd.lanes_sum(a0), simd.lanes_sum(a1)
+            out[m2, n], out[m3, n] = simd.lanes_sum(a2), simd.lanes_sum(a3)
+        for m in range(rows):  # the offsets: offset * x_scale * sum(x_code) per block
+            total = np.float32(0)
+            for block in range(cols // 32):
+                total += _block_scale(offset, n, block, group_size, cols) * x_sums[m, block]
+            out[m, n] += total
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -289,21 +321,23 @@ class KernelWeight:
         from lmforge.quant.formats import NF4_CODE, Int4Weight, Int8Weight, NF4Weight
 
         self.rows, cols = weight.shape
-        self.work = self.rows * cols  # in int8-per-channel weights: grouped and 4-bit kernels cost more per weight
+        self.work = self.rows * cols  # per row of x, in int8-per-channel weights: other kernels cost more per weight
         self.exact_activations = exact_activations
         integer = simd.available() and not exact_activations
         self.inputs = "float"  # how the kernel takes x: as is, split into 4-bit runs, or rounded to int8
-        self.max_rows = MAX_ROWS["integer" if integer else "float"]  # beyond: dequantize and one matmul
+        self.max_rows = MAX_ROWS["float"]  # beyond: dequantize and one matmul
         if isinstance(weight, Int8Weight):
             self.kernel = _int8_dot_matvec if integer else _int8_matvec
             self.arrays = (_numpy(weight.q), _numpy(weight.scale), weight.group_size)
             self.work *= 1 if weight.group_size == cols or integer else 2
             self.inputs = "int8" if integer else "float"
+            self.max_rows = MAX_ROWS["int8"] if integer else self.max_rows
         elif isinstance(weight, Int4Weight):
             self.kernel = _int4_dot_matvec if integer else _nibble_matvec
             self.arrays = (_numpy(weight.packed), _numpy(weight.scale), _numpy(weight.offset), weight.group_size)
             self.work = self.work if integer else 2 * self.work
             self.inputs = "int8" if integer else ("runs", weight.group_size)
+            self.max_rows = MAX_ROWS["int4"] if integer else self.max_rows
         elif isinstance(weight, NF4Weight):
             self.kernel, self.work, self.max_rows = _nf4_matvec, 4 * self.work, MAX_ROWS["nf4"]
             self.arrays = (_numpy(weight.packed), _numpy(weight.block_absmax()), _numpy(NF4_CODE))
@@ -321,7 +355,7 @@ class KernelWeight:
         else:
             inputs = _split_runs(xs, self.inputs[1])
         out = torch.empty(x.shape[0], self.rows, dtype=torch.float32)
-        _over_rows(self.kernel, self.rows, self.work, *inputs, *self.arrays, out.numpy())
+        _over_rows(self.kernel, self.rows, self.work * x.shape[0], *inputs, *self.arrays, out.numpy())
         return out
 
 

@@ -43,7 +43,7 @@ def test_kernel_with_exact_activations_equals_a_matmul_on_the_dequantized_weight
 
 
 @pytest.mark.skipif(not simd.available(), reason="the integer kernels need x86-64 with AVX2")
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 9])  # 9: int4 tiles of four rows, the last one partial
 @pytest.mark.parametrize("name", [name for name in FORMATS if not name.startswith("nf4")])
 def test_integer_kernel_equals_a_matmul_of_rounded_activations(name, rows):
     weight = FORMATS[name](torch.randn(81, 256) * 0.05)  # an odd row count: the last row pairs with itself

@@ -12,6 +12,8 @@ blocks below are numba intrinsics that emit those instructions directly (AVX2):
 - `q8_block(acc, x, i, w, j, scale)`: acc + scale * the products of int8 x[i:i+32] and int8 w[j:j+32];
 - `q4_block(acc, x, i, packed, j, scale)`: the same against 32 4-bit codes in packed[j:j+16]
   (byte t holds code t in its low nibble and code t + 16 in its high one, see `quant.formats`);
+- `nibble_codes(packed, j)` and `codes_block(acc, x, i, codes, scale)`: `q4_block` in two steps, so
+  a kernel multiplying several activation rows unpacks each weight block once;
 - `lanes_sum(acc)`: the eight partial sums added up;
 - `prefetch(array, byte)`: ask the CPU to start loading the cache line `byte` bytes into `array`,
   so rows a kernel reaches next arrive while it works on the current ones (the hardware's own
@@ -35,7 +37,7 @@ if numba is not None:
     from numba.core import cgutils
     from numba.extending import intrinsic, models, register_model
 
-__all__ = ["available", "lanes_sum", "prefetch", "q4_block", "q8_block", "zero_lanes"]
+__all__ = ["available", "codes_block", "lanes_sum", "nibble_codes", "prefetch", "q4_block", "q8_block", "zero_lanes"]
 
 
 def available() -> bool:
@@ -65,6 +67,19 @@ if numba is not None:
     class LanesModel(models.PrimitiveModel):
         def __init__(self, dmm, fe_type):
             super().__init__(dmm, fe_type, FLOATS)
+
+    class Codes(types.Type):
+        """32 unpacked 4-bit codes (0..15) in one vector register, reused for several activation rows."""
+
+        def __init__(self):
+            super().__init__(name="Codes")
+
+    codes_type = Codes()
+
+    @register_model(Codes)
+    class CodesModel(models.PrimitiveModel):
+        def __init__(self, dmm, fe_type):
+            super().__init__(dmm, fe_type, BYTES)
 
     def _function(builder, name, result, arguments):
         return cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, arguments), name)
@@ -144,6 +159,27 @@ if numba is not None:
             return _block(context, builder, signature, args, HALF_BYTES, _nibble_pair)
 
         return lanes(lanes, x, types.intp, packed, types.intp, types.float32), codegen
+
+    @intrinsic
+    def nibble_codes(typingctx, packed, packed_at):
+        """The 32 4-bit codes in packed[packed_at : packed_at+16], unpacked once for `codes_block` calls."""
+
+        def codegen(context, builder, signature, args):
+            packed_bytes = _load(context, builder, signature.args[0], args[0], args[1], HALF_BYTES)
+            return _nibble_pair(builder, None, packed_bytes)[0]
+
+        return codes_type(packed, types.intp), codegen
+
+    @intrinsic
+    def codes_block(typingctx, acc, x, x_at, codes, scale):
+        """acc + scale * (int8 x[x_at : x_at+32] times unpacked codes): `q4_block` with the unpacking done once."""
+
+        def codegen(context, builder, signature, args):
+            acc_value, x_array, x_index, codes_value, scale_value = args
+            x_bytes = _load(context, builder, signature.args[1], x_array, x_index, BYTES)
+            return _scaled_add(builder, acc_value, _byte_dot(builder, codes_value, x_bytes), scale_value)
+
+        return lanes(lanes, x, types.intp, codes_type, types.float32), codegen
 
     @intrinsic
     def prefetch(typingctx, array, byte):
