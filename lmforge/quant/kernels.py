@@ -230,7 +230,7 @@ def _int8_dot_matvec(codes, x_scales, q, scale, group_size, out, start, stop):
 @jit
 def _int4_dot_matvec(codes, x_scales, x_sums, packed, scale, offset, group_size, out, start, stop):
     """`_nibble_matvec` over int8-rounded activations: sum(x * (code * scale + offset)) is
-    scale * x_scale * sum(x_code * code) per block (simd.q4_block) plus offset * x_scale * sum(x_code).
+    scale * x_scale * sum(x_code * code) per block (simd.nibble_codes, simd.codes_block) plus offset * x_scale * sum(x_code).
     Two rows at a time, as `_int8_dot_matvec`."""
     if codes.shape[0] >= 4:
         _int4_dot_tiles(codes, x_scales, x_sums, packed, scale, offset, group_size, out, start, stop)
@@ -249,10 +249,10 @@ def _int4_dot_matvec(codes, x_scales, x_sums, packed, scale, offset, group_size,
             offsets, offsets2 = np.float32(0), np.float32(0)
             for block in range(cols // 32):
                 x_scale, at = x_scales[m, block], block * 32
-                acc = simd.q4_block(acc, x, at, first, block * 16,
-                                    _block_scale(scale, n, block, group_size, cols) * x_scale)
-                acc2 = simd.q4_block(acc2, x, at, second, block * 16,
-                                     _block_scale(scale, n2, block, group_size, cols) * x_scale)
+                acc = simd.codes_block(acc, x, at, simd.nibble_codes(first, block * 16),
+                                       _block_scale(scale, n, block, group_size, cols) * x_scale)
+                acc2 = simd.codes_block(acc2, x, at, simd.nibble_codes(second, block * 16),
+                                        _block_scale(scale, n2, block, group_size, cols) * x_scale)
                 offsets += _block_scale(offset, n, block, group_size, cols) * x_sums[m, block]
                 offsets2 += _block_scale(offset, n2, block, group_size, cols) * x_sums[m, block]
             out[m, n], out[m, n2] = simd.lanes_sum(acc) + offsets, simd.lanes_sum(acc2) + offsets2

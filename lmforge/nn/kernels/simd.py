@@ -10,10 +10,11 @@ blocks below are numba intrinsics that emit those instructions directly (AVX2):
 
 - `Lanes`: eight float32 partial sums held in one vector register across a loop (a numba type);
 - `q8_block(acc, x, i, w, j, scale)`: acc + scale * the products of int8 x[i:i+32] and int8 w[j:j+32];
-- `q4_block(acc, x, i, packed, j, scale)`: the same against 32 4-bit codes in packed[j:j+16]
-  (byte t holds code t in its low nibble and code t + 16 in its high one, see `quant.formats`);
-- `nibble_codes(packed, j)` and `codes_block(acc, x, i, codes, scale)`: `q4_block` in two steps, so
-  a kernel multiplying several activation rows unpacks each weight block once;
+- `Codes`: 32 unpacked 4-bit codes in one vector register (a numba type);
+- `nibble_codes(packed, j)`: the 32 codes in packed[j:j+16] (byte t holds code t in its low nibble and
+  code t + 16 in its high one, see `quant.formats`), unpacked once — a kernel multiplying several
+  activation rows reuses them;
+- `codes_block(acc, x, i, codes, scale)`: acc + scale * the products of int8 x[i:i+32] and the codes;
 - `lanes_sum(acc)`: the eight partial sums added up;
 - `prefetch(array, byte)`: ask the CPU to start loading the cache line `byte` bytes into `array`,
   so rows a kernel reaches next arrive while it works on the current ones (the hardware's own
@@ -37,7 +38,7 @@ if numba is not None:
     from numba.core import cgutils
     from numba.extending import intrinsic, models, register_model
 
-__all__ = ["available", "codes_block", "lanes_sum", "nibble_codes", "prefetch", "q4_block", "q8_block", "zero_lanes"]
+__all__ = ["available", "codes_block", "lanes_sum", "nibble_codes", "prefetch", "q8_block", "zero_lanes"]
 
 
 def available() -> bool:
@@ -55,31 +56,15 @@ if numba is not None:
     SHORTS = ir.VectorType(ir.IntType(16), 16)
     INTS = ir.VectorType(ir.IntType(32), 8)
 
-    class Lanes(types.Type):
-        """Eight float32 partial sums in one vector register."""
+    def _vector_type(name: str, vector, doc: str):
+        """A numba type whose values are one LLVM vector (held in a register), e.g. eight float32 partial sums."""
+        kind = type(name, (types.Type,), {"__doc__": doc, "__init__": lambda self: types.Type.__init__(self, name)})
+        register_model(kind)(type(name + "Model", (models.PrimitiveModel,), {
+            "__init__": lambda self, dmm, fe_type: models.PrimitiveModel.__init__(self, dmm, fe_type, vector)}))
+        return kind()
 
-        def __init__(self):
-            super().__init__(name="Lanes")
-
-    lanes = Lanes()
-
-    @register_model(Lanes)
-    class LanesModel(models.PrimitiveModel):
-        def __init__(self, dmm, fe_type):
-            super().__init__(dmm, fe_type, FLOATS)
-
-    class Codes(types.Type):
-        """32 unpacked 4-bit codes (0..15) in one vector register, reused for several activation rows."""
-
-        def __init__(self):
-            super().__init__(name="Codes")
-
-    codes_type = Codes()
-
-    @register_model(Codes)
-    class CodesModel(models.PrimitiveModel):
-        def __init__(self, dmm, fe_type):
-            super().__init__(dmm, fe_type, BYTES)
+    lanes = _vector_type("Lanes", FLOATS, "Eight float32 partial sums in one vector register.")
+    codes_type = _vector_type("Codes", BYTES, "32 unpacked 4-bit codes (0..15), reused for several activation rows.")
 
     def _function(builder, name, result, arguments):
         return cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, arguments), name)
@@ -120,45 +105,22 @@ if numba is not None:
 
         return types.float32(lanes), codegen
 
-    def _block(context, builder, signature, args, weight_vector, byte_pair):
-        """acc + scale * dot(x bytes, weight bytes) for one block: `byte_pair(builder, x, w)` turns the loaded
-        vectors into the (unsigned, signed) operands of `_byte_dot`."""
-        acc_value, x_array, x_index, w_array, w_index, scale_value = args
-        x_bytes = _load(context, builder, signature.args[1], x_array, x_index, BYTES)
-        w_bytes = _load(context, builder, signature.args[3], w_array, w_index, weight_vector)
-        return _scaled_add(builder, acc_value, _byte_dot(builder, *byte_pair(builder, x_bytes, w_bytes)), scale_value)
-
-    def _signed_pair(builder, x_bytes, w_bytes):
-        """(|x|, w with x's sign): the same products, with the unsigned operand pmaddubsw wants."""
-        magnitude = builder.call(_function(builder, "llvm.abs.v32i8", BYTES, [BYTES, ir.IntType(1)]),
-                                 [x_bytes, ir.Constant(ir.IntType(1), 0)])
-        signed_w = builder.call(_function(builder, "llvm.x86.avx2.psign.b", BYTES, [BYTES, BYTES]), [w_bytes, x_bytes])
-        return magnitude, signed_w
-
-    def _nibble_pair(builder, x_bytes, packed_bytes):
-        """(the 32 codes of 16 packed bytes, low nibbles then high ones, x)."""
-        low = builder.and_(packed_bytes, ir.Constant(HALF_BYTES, [15] * 16))
-        high = builder.lshr(packed_bytes, ir.Constant(HALF_BYTES, [4] * 16))
-        codes = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
-        return codes, x_bytes
-
     @intrinsic
     def q8_block(typingctx, acc, x, x_at, w, w_at, scale):
-        """acc + scale * (int8 x[x_at : x_at+32] times int8 w[w_at : w_at+32]), summed four by four into the lanes."""
+        """acc + scale * (int8 x[x_at : x_at+32] times int8 w[w_at : w_at+32]), summed four by four into the lanes:
+        |x| times w carrying x's sign, the same products with the unsigned operand pmaddubsw wants."""
 
         def codegen(context, builder, signature, args):
-            return _block(context, builder, signature, args, BYTES, _signed_pair)
+            acc_value, x_array, x_index, w_array, w_index, scale_value = args
+            x_bytes = _load(context, builder, signature.args[1], x_array, x_index, BYTES)
+            w_bytes = _load(context, builder, signature.args[3], w_array, w_index, BYTES)
+            magnitude = builder.call(_function(builder, "llvm.abs.v32i8", BYTES, [BYTES, ir.IntType(1)]),
+                                     [x_bytes, ir.Constant(ir.IntType(1), 0)])
+            signed_w = builder.call(_function(builder, "llvm.x86.avx2.psign.b", BYTES, [BYTES, BYTES]),
+                                    [w_bytes, x_bytes])
+            return _scaled_add(builder, acc_value, _byte_dot(builder, magnitude, signed_w), scale_value)
 
         return lanes(lanes, x, types.intp, w, types.intp, types.float32), codegen
-
-    @intrinsic
-    def q4_block(typingctx, acc, x, x_at, packed, packed_at, scale):
-        """acc + scale * (int8 x[x_at : x_at+32] times the 32 4-bit codes in packed[packed_at : packed_at+16])."""
-
-        def codegen(context, builder, signature, args):
-            return _block(context, builder, signature, args, HALF_BYTES, _nibble_pair)
-
-        return lanes(lanes, x, types.intp, packed, types.intp, types.float32), codegen
 
     @intrinsic
     def nibble_codes(typingctx, packed, packed_at):
@@ -166,13 +128,15 @@ if numba is not None:
 
         def codegen(context, builder, signature, args):
             packed_bytes = _load(context, builder, signature.args[0], args[0], args[1], HALF_BYTES)
-            return _nibble_pair(builder, None, packed_bytes)[0]
+            low = builder.and_(packed_bytes, ir.Constant(HALF_BYTES, [15] * 16))
+            high = builder.lshr(packed_bytes, ir.Constant(HALF_BYTES, [4] * 16))
+            return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
 
         return codes_type(packed, types.intp), codegen
 
     @intrinsic
     def codes_block(typingctx, acc, x, x_at, codes, scale):
-        """acc + scale * (int8 x[x_at : x_at+32] times unpacked codes): `q4_block` with the unpacking done once."""
+        """acc + scale * (int8 x[x_at : x_at+32] times 32 unpacked 4-bit codes)."""
 
         def codegen(context, builder, signature, args):
             acc_value, x_array, x_index, codes_value, scale_value = args
