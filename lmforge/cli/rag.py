@@ -96,7 +96,7 @@ def run_index(args: argparse.Namespace) -> int:
     print(f"files:   {len(corpus.documents)}")
     print(f"chunks:  {len(index.chunks)} (at most {settings.chunk_tokens} tokens, {settings.overlap_tokens} overlap)")
     print(f"tokens:  {sum(chunk.tokens for chunk in index.chunks)}")
-    print(f"seconds: {time.perf_counter() - start:.1f}")
+    print(f"seconds: {time.perf_counter() - start:.2f}")
     print(f"index:   {args.out} ({index.embedding_model}, {index.dim} dimensions)")
     return 0
 

@@ -53,7 +53,7 @@ def test_index_reports_files_chunks_tokens_and_seconds(index):
     lines = dict(line.split(":", 1) for line in stdout.splitlines())
     assert lines["files"].strip() == "7" and int(lines["chunks"].split()[0]) >= 7
     assert "at most 32 tokens, 4 overlap" in lines["chunks"] and int(lines["tokens"]) > 100
-    assert float(lines["seconds"]) > 0 and "(all-minilm-l6-v2, 384 dimensions)" in lines["index"]
+    assert float(lines["seconds"]) >= 0 and "(all-minilm-l6-v2, 384 dimensions)" in lines["index"]  # 0.00 on a fast run
     assert "skipped 1 file(s) of unsupported types: slides.pptx" in stderr
     assert sorted(p.name for p in out.iterdir()) == ["index.json", "vectors.safetensors"]
 
