@@ -119,16 +119,18 @@ class QuantizedStackPlan:
         layers = model.layers
         modules = [getattr(getattr(layer, part), name) for layer in layers for part, name in PROJECTIONS]
         weights, scales, offsets, formats = [], [], [], []
-        for module in modules:
-            fields = module.weight_format
+        for module in modules:  # the numpy views each module's kernel already holds (see `_compiles`)
             if module.method == "int8":
-                weights.append(fields.q.view(torch.uint8).numpy())
+                q, scale, group_size = module._kernel_weight.arrays
+                weights.append(q.view(np.uint8))  # one list type for 8- and 4-bit bytes; the kernels read bytes
                 offsets.append(np.zeros((0, 0), np.float32))
+                formats.append((INT8, group_size))
             else:
-                weights.append(fields.packed.numpy())
-                offsets.append(fields.offset.numpy())
-            scales.append(fields.scale.numpy())
-            formats.append((INT8 if module.method == "int8" else INT4, fields.group_size))
+                packed, scale, offset, group_size = module._kernel_weight.arrays
+                weights.append(packed)
+                offsets.append(offset)
+                formats.append((INT4, group_size))
+            scales.append(scale)
         self.weights, self.scales, self.offsets = _typed_list(weights), _typed_list(scales), _typed_list(offsets)
         self.formats = np.array(formats, np.int64)
         norms = [norm.weight.detach() for layer in layers for norm in (layer.attn_norm, layer.mlp_norm)]

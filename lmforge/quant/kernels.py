@@ -178,8 +178,9 @@ def _round_activations(x):
 
 
 def round_activations(x: torch.Tensor) -> torch.Tensor:
-    """The values the integer kernels multiply instead of x [..., K]: x rounded to int8 per 32 values
-    (the torch reference of `_round_activations`, for tests)."""
+    """The values the integer kernels multiply instead of x [..., K]: x rounded to int8 per 32 values. The
+    many-row matmul path of int8/int4 layers multiplies these, and the tests use it as the reference of
+    `_round_activations`."""
     blocks = x.float().reshape(*x.shape[:-1], -1, 32)
     top = blocks.abs().amax(dim=-1, keepdim=True)
     inverse = torch.where(top > 0, 127 / top, torch.zeros_like(top))

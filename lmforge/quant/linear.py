@@ -2,12 +2,12 @@
 
 On the CPU, a few rows at a time (decoding) go through a compiled kernel that reads the packed
 bits directly (`kernels.py`): that is where quantization pays, since a decode step is bound by
-the bytes of weight it reads. Like llama.cpp, those kernels round the activations to int8 (per 32
-values) where the CPU multiplies bytes fast, and so does the CPU's many-row path, so a row's result
-does not depend on how many rows share the call; `exact_activations = True` on a layer (or on the
-class) keeps them float32, as do gradients (training) and other devices. Many rows (a prompt) and other devices dequantize the weight and run
-an ordinary matmul, which is also the reference the kernels are tested against. The bias, when
-there is one, stays in floating point.
+the bytes of weight it reads. Many rows (a prompt) and other devices dequantize the weight and run
+an ordinary matmul, which is also the reference the kernels are tested against. Like llama.cpp,
+int8 and int4 layers round the activations to int8 (per 32 values) where the CPU multiplies bytes
+fast, on both CPU paths, so a row's result does not depend on how many rows share the call;
+`exact_activations = True` on a layer (or on the class) keeps them float32, as do gradients
+(training) and other devices. The bias, when there is one, stays in floating point.
 """
 
 from __future__ import annotations
