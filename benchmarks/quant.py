@@ -1,7 +1,8 @@
 """Quantized SmolLM2-135M-Instruct on this CPU: lmforge's formats next to llama.cpp and HF transformers.
 
 For each system, in its own process (so peak RSS is that system's alone):
-- single-stream greedy decode of --new-tokens tokens after a short chat prompt (EOS ignored), tokens/s;
+- single-stream greedy decode of --new-tokens tokens after a short chat prompt (EOS ignored; the prompt's
+  prefill included, for every system), tokens/s;
 - prefill of a --prefill-tokens prompt, tokens/s;
 - bytes of weights in memory and the process's peak RSS;
 - sliding-window perplexity (--context, stride = context) on the first --ppl-tokens tokens of --text,
@@ -111,6 +112,9 @@ def measure_llama_cpp(args) -> dict:
     prompt = prompt_ids()
 
     def decode():
+        # reset() first: generate() would otherwise keep the previous run's prompt in its cache and skip
+        # the prompt's prefill, which lmforge's and HF's figures include.
+        llm.reset()
         for produced, _ in enumerate(llm.generate(prompt, top_k=1, temp=0.0, reset=True), start=1):
             if produced == args.new_tokens:
                 break
