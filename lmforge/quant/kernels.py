@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from lmforge.nn.kernels import simd, vnni
+from lmforge.nn.kernels import avx512, simd
 from lmforge.nn.kernels.jit import available, jit
 
 SPLIT_MIN_WEIGHTS = 2 << 20
@@ -41,13 +41,14 @@ smaller ones finish before a hand-over to a pool thread (~30 µs each way) pays.
 do about twice the work per weight, so they split from half this size."""
 
 
-MAX_ROWS = {"int8": 24, "int4": 40, "float": 8, "nf4": 2, "int4 tiles": 192}
+MAX_ROWS = {"int8": 24, "int4": 40, "float": 8, "nf4": 2, "nf4 table": 48, "int4 tiles": 192}
 """Rows (tokens) up to which each kind of kernel beats dequantizing the weight once and one matmul: a kernel
 redoes each weight's arithmetic for every row. Measured on SmolLM2 (2 cores, whole forward): int8, 16 rows
 99-105 ms by kernel vs 193-209 dequantizing, 24 rows 140-151 vs 167-208; GGUF 4-bit blocks (int4 kernels
 unpack each block once for four rows), 24 rows 196-205 vs 297-340, 39 rows 244-255 vs 321-337, 48 a tie. The
-float kernels take about twice as long per row, NF4's ~125 ms per row for the whole model (its table lookups
-do not vectorise). With VNNI, int4 products of `TILE_MIN_ROWS` rows or more run on 16-row tiles (`tiles`):
+float kernels take about twice as long per row, NF4's scalar loop ~125 ms per row for the whole model; with
+AVX-512's 16-entry lookups ~7 ms per row (whole model, 8 rows 76 ms vs 329 dequantizing, 48 rows 360 vs 484,
+64 rows 505 vs 404). With VNNI, int4 products of `TILE_MIN_ROWS` rows or more run on 16-row tiles (`tiles`):
 whole SmolLM2 GGUF prompt, 2 threads, tiles vs row by row or dequantizing: 16 tokens 71 vs 112 ms, 39 tokens
 110 vs 266, 128 tokens 236 vs 281, 192 tokens 346 vs 495, 256 tokens 498 vs 455."""
 
@@ -158,6 +159,24 @@ def _nf4_matvec(x, packed, absmax, code, out, start, stop):
                     dot += x[m, k] * code[byte & 15] + x[m, k + 16] * code[byte >> 4]
                 total += dot * absmax[n * (cols // 64) + block]
             out[m, n] = total
+
+
+@jit
+def _nf4_table_matvec(x, packed, absmax, code, out, start, stop):
+    """`_nf4_matvec` with the code book looked up 16 codes per instruction (`avx512.nf4_run`), 64-weight blocks
+    summed in 16 lanes and scaled by their absmax in one multiply-add."""
+    cols = x.shape[1]
+    blocks = cols // 64
+    table = avx512.load_floats16(code, 0)
+    for n in range(start, stop):
+        for m in range(x.shape[0]):
+            acc, row = avx512.zero_floats16(), x[m]
+            for block in range(blocks):
+                first_byte = (n * cols + block * 64) // 2
+                run = avx512.nf4_run(avx512.zero_floats16(), packed, first_byte, row, block * 64, table)
+                run = avx512.nf4_run(run, packed, first_byte + 16, row, block * 64 + 32, table)
+                acc = avx512.multiply_add(acc, run, absmax[n * blocks + block])
+            out[m, n] = avx512.sum_floats16(acc)
 
 
 @jit
@@ -350,7 +369,9 @@ class KernelWeight:
             self.max_rows = MAX_ROWS["int4"] if integer else self.max_rows
             self.tiled = tiles.int4_product if integer and tiles.supports(self.rows) else None
         elif isinstance(weight, NF4Weight):
-            self.kernel, self.work, self.max_rows = _nf4_matvec, 4 * self.work, MAX_ROWS["nf4"]
+            table = avx512.available()
+            self.kernel = _nf4_table_matvec if table else _nf4_matvec
+            self.work, self.max_rows = (1 if table else 4) * self.work, MAX_ROWS["nf4 table" if table else "nf4"]
             self.arrays = (_numpy(weight.packed), _numpy(weight.block_absmax()), _numpy(NF4_CODE))
         else:
             raise TypeError(f"no CPU kernel for {type(weight).__name__}")
@@ -369,7 +390,7 @@ class KernelWeight:
         out = torch.empty(x.shape[0], self.rows, dtype=torch.float32)
         if self.tiled is not None and x.shape[0] >= TILE_MIN_ROWS:
             _over_rows(self.tiled, self.rows, self.work * x.shape[0], *inputs, *self.arrays, out.numpy(),
-                       granule=vnni.TILE_ROWS)
+                       granule=avx512.TILE_ROWS)
         else:
             _over_rows(self.kernel, self.rows, self.work * x.shape[0], *inputs, *self.arrays, out.numpy())
         return out

@@ -1,7 +1,7 @@
 """Many-row products (a prompt) of 4-bit weights on 16-row tiles, with AVX-512 VNNI.
 
 The row-at-a-time kernels of `kernels` read every weight once per activation row and spend most of
-their instructions on per-row bookkeeping. Where the CPU has VNNI (`nn.kernels.vnni`), a product of
+their instructions on per-row bookkeeping. Where the CPU has AVX-512 VNNI (`nn.kernels.avx512`), a product of
 several activation rows instead rearranges each 16-row slice of the weight into tiles — the
 arithmetic then handles 16 rows per instruction — and multiplies every tile block, unpacked once, by
 four activation rows in turn. The rearranged copy is made per call (it costs about one read of the
@@ -24,17 +24,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from lmforge.nn.kernels import vnni
+from lmforge.nn.kernels import avx512
 from lmforge.nn.kernels.jit import jit
 from lmforge.quant.kernels import _block_scale
 
-TILE_ROWS = vnni.TILE_ROWS
+TILE_ROWS = avx512.TILE_ROWS
 WORDS = 96  # 32-bit words per tile block: codes, then scales and offsets
 
 
 def supports(rows: int) -> bool:
     """Whether a weight with `rows` output rows can be tiled here: VNNI present and whole tiles."""
-    return vnni.available() and rows % TILE_ROWS == 0
+    return avx512.vnni_available() and rows % TILE_ROWS == 0
 
 
 @jit
@@ -66,21 +66,21 @@ def int4_product(codes, x_scales, x_sums, packed, scale, offset, group_size, out
         first_row = start + tile * TILE_ROWS
         for first in range(0, rows, 4):
             m0, m1, m2, m3 = first, min(first + 1, rows - 1), min(first + 2, rows - 1), min(first + 3, rows - 1)
-            a0, a1, a2, a3 = vnni.zero_floats16(), vnni.zero_floats16(), vnni.zero_floats16(), vnni.zero_floats16()
+            a0, a1, a2, a3 = avx512.zero_floats16(), avx512.zero_floats16(), avx512.zero_floats16(), avx512.zero_floats16()
             x0, x1, x2, x3 = codes[m0], codes[m1], codes[m2], codes[m3]
             for block in range(blocks):
                 at, x_at = (tile * blocks + block) * WORDS * 4, block * 32
-                unpacked = vnni.unpack_int4_tile(tiles, at)
-                scales, offsets = vnni.load_floats16(tiles, at + 256), vnni.load_floats16(tiles, at + 320)
-                a0 = vnni.multiply_add(vnni.scale_add(a0, vnni.tile_dot(unpacked, x0, x_at), scales,
+                unpacked = avx512.unpack_int4_tile(tiles, at)
+                scales, offsets = avx512.load_floats16(tiles, at + 256), avx512.load_floats16(tiles, at + 320)
+                a0 = avx512.multiply_add(avx512.scale_add(a0, avx512.tile_dot(unpacked, x0, x_at), scales,
                                                       x_scales[m0, block]), offsets, x_sums[m0, block])
-                a1 = vnni.multiply_add(vnni.scale_add(a1, vnni.tile_dot(unpacked, x1, x_at), scales,
+                a1 = avx512.multiply_add(avx512.scale_add(a1, avx512.tile_dot(unpacked, x1, x_at), scales,
                                                       x_scales[m1, block]), offsets, x_sums[m1, block])
-                a2 = vnni.multiply_add(vnni.scale_add(a2, vnni.tile_dot(unpacked, x2, x_at), scales,
+                a2 = avx512.multiply_add(avx512.scale_add(a2, avx512.tile_dot(unpacked, x2, x_at), scales,
                                                       x_scales[m2, block]), offsets, x_sums[m2, block])
-                a3 = vnni.multiply_add(vnni.scale_add(a3, vnni.tile_dot(unpacked, x3, x_at), scales,
+                a3 = avx512.multiply_add(avx512.scale_add(a3, avx512.tile_dot(unpacked, x3, x_at), scales,
                                                       x_scales[m3, block]), offsets, x_sums[m3, block])
-            vnni.store_floats16(out[m0], first_row, a0)
-            vnni.store_floats16(out[m1], first_row, a1)
-            vnni.store_floats16(out[m2], first_row, a2)
-            vnni.store_floats16(out[m3], first_row, a3)
+            avx512.store_floats16(out[m0], first_row, a0)
+            avx512.store_floats16(out[m1], first_row, a1)
+            avx512.store_floats16(out[m2], first_row, a2)
+            avx512.store_floats16(out[m3], first_row, a3)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lmforge.nn.kernels import simd
+from lmforge.nn.kernels import avx512, simd
 from lmforge.quant import Int4Weight, Int8Weight, NF4Weight, QuantizedLinear, kernels
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
@@ -93,8 +93,22 @@ def test_decode_rows_take_the_kernel_and_match_the_reference_path(dtype, exact):
         assert torch.allclose(layer(x_grad), exact, atol=1e-5)
 
 
+@pytest.mark.parametrize("table", [True, False], ids=["avx512-lookups", "scalar-lookups"])
+def test_nf4_kernels_equal_a_matmul_on_the_dequantized_weight(table, monkeypatch):
+    if table and not avx512.available():
+        pytest.skip("the 16-entry lookups need AVX-512")
+    monkeypatch.setattr(avx512, "available", lambda: table)
+    weight = NF4Weight.quantize(torch.randn(37, 320) * 0.05)  # an odd row count, five 64-weight blocks per row
+    kernel = kernels.KernelWeight(weight)
+    assert kernel.kernel is (kernels._nf4_table_matvec if table else kernels._nf4_matvec)
+    assert kernel.max_rows == kernels.MAX_ROWS["nf4 table" if table else "nf4"]
+    x = torch.randn(3, 320)
+    assert torch.allclose(kernel(x), x @ weight.dequantize().T, atol=1e-5, rtol=1e-5)
+
+
 def test_kernels_release_the_gil_cache_their_code_and_run_from_several_threads(monkeypatch):
-    compiled = [kernels._int8_matvec, kernels._nibble_matvec, kernels._nf4_matvec, kernels._split_runs,
+    compiled = [kernels._int8_matvec, kernels._nibble_matvec, kernels._nf4_matvec, kernels._nf4_table_matvec,
+                kernels._split_runs,
                 kernels._round_activations, kernels._int8_dot_matvec, kernels._int4_dot_matvec]
     assert all(k.targetoptions["nogil"] for k in compiled)
     assert all(type(k._cache).__name__ == "FunctionCache" for k in compiled)  # machine code kept on disk

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.nn.kernels import vnni
+from lmforge.nn.kernels import avx512
 from lmforge.quant import Int4Weight, QuantizedLinear, kernels, tiles
 
 pytestmark = pytest.mark.skipif(not tiles.supports(16), reason="the tile product needs AVX-512 VNNI and numba")
@@ -73,4 +73,4 @@ def test_few_rows_and_partial_tiles_keep_the_row_kernels():
     tiled = QuantizedLinear(Int4Weight.quantize(torch.randn(32, 64) * 0.05, 32))
     with torch.no_grad():
         tiled(torch.randn(1, 64))
-    assert tiled._kernel_weight.tiled is tiles.int4_product and vnni.TILE_ROWS == 16
+    assert tiled._kernel_weight.tiled is tiles.int4_product and avx512.TILE_ROWS == 16

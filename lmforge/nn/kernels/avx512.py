@@ -1,4 +1,6 @@
-"""16-row weight tiles multiplied by int8 activations with AVX-512 VNNI, spelled in LLVM vector instructions.
+"""AVX-512 building blocks for the quantized kernels, spelled in LLVM vector instructions (numba intrinsics).
+
+**16-row tiles with VNNI.**
 
 `simd` multiplies one weight row at a time: every 32-weight block ends in a vector of partial sums
 that must be scaled, and every row in a horizontal sum. AVX-512 VNNI's `vpdpbusd` multiplies 64
@@ -19,8 +21,17 @@ holding columns 4g..4g+3 (see `quant.tiles` for the byte layout in memory):
 - `scale_add(acc, sums, scales, x_scale)`: acc + float(sums) * scales * x_scale;
 - `multiply_add(acc, values, factor)`: acc + values * factor.
 
-`available()` says whether the CPU has these instructions (AVX-512 F, BW and VNNI) and numba compiles
-for it; elsewhere the kernels of `simd` run.
+**NF4 table lookups.** NF4 codes index a 16-entry table of floats; AVX-512's `vpermps` looks up 16
+indices in a 16-float register at once, so an NF4 weight costs a permute instead of a scalar load:
+
+- `nf4_run(acc, packed, at, x, x_at, table)`: acc + the products of float32 x[x_at : x_at+32] and the
+  32 NF4 weights whose codes are the 16 bytes at packed[at] (low nibbles: the first 16, high: the next
+  16), looked up in `table` (a Floats16 holding the code book);
+- `sum_floats16(acc)`: the 16 lanes added up.
+
+`available()` says whether numba compiles for this CPU and it has AVX-512 F and BW (the table lookups);
+`vnni_available()` whether it also has VNNI (the tiles). Elsewhere the kernels of `simd` and the plain
+loops run.
 """
 
 from __future__ import annotations
@@ -33,19 +44,28 @@ if numba is not None:
     from numba import types
     from numba.extending import intrinsic
 
-__all__ = ["available", "load_floats16", "multiply_add", "scale_add", "store_floats16",
-           "tile_dot", "unpack_int4_tile", "zero_floats16"]
+__all__ = ["available", "load_floats16", "multiply_add", "nf4_run", "scale_add", "store_floats16", "sum_floats16",
+           "tile_dot", "unpack_int4_tile", "vnni_available", "zero_floats16"]
 
 TILE_ROWS = 16
 GROUPS = 8  # 4-column groups per 32-column block
 
 
-def available() -> bool:
-    """Whether the tile kernels run here: `simd.available()` and the CPU has AVX-512 F, BW and VNNI."""
+def _has(*features: str) -> bool:
     if not simd.available():
         return False
-    features = binding.get_host_cpu_features()
-    return all(features.get(name, False) for name in ("avx512f", "avx512bw", "avx512vnni"))
+    host = binding.get_host_cpu_features()
+    return all(host.get(name, False) for name in features)
+
+
+def available() -> bool:
+    """Whether the 512-bit table lookups run here: `simd.available()` and the CPU has AVX-512 F and BW."""
+    return _has("avx512f", "avx512bw")
+
+
+def vnni_available() -> bool:
+    """Whether the tile kernels run here: `available()` and the CPU has AVX-512 VNNI."""
+    return _has("avx512f", "avx512bw", "avx512vnni")
 
 
 if numba is not None:
@@ -161,3 +181,36 @@ if numba is not None:
             return _fma(builder, args[1], _broadcast(builder, args[2], FLOATS), args[0])
 
         return floats16(floats16, floats16, types.float32), codegen
+
+    @intrinsic
+    def nf4_run(typingctx, acc, packed, at, x, x_at, table):
+        """acc + float32 x[x_at : x_at+32] times the 32 NF4 weights coded in the 16 bytes packed[at : at+16]."""
+
+        def codegen(context, builder, signature, args):
+            acc_value, packed_array, packed_index, x_array, x_index, table_value = args
+            data = context.make_array(signature.args[1])(context, builder, packed_array).data
+            bytes_ = builder.load(builder.bitcast(builder.gep(data, [packed_index]),
+                                                  ir.VectorType(ir.IntType(8), TILE_ROWS).as_pointer()), align=1)
+            indices = builder.zext(bytes_, INTS)
+            lookup = simd._function(builder, "llvm.x86.avx512.permvar.sf.512", FLOATS, [FLOATS, INTS])
+            low = builder.call(lookup, [table_value, builder.and_(indices, ir.Constant(INTS, [15] * TILE_ROWS))])
+            high = builder.call(lookup, [table_value, builder.lshr(indices, ir.Constant(INTS, [4] * TILE_ROWS))])
+            x_low = _load_bytes_as(context, builder, signature.args[3], x_array,
+                                   builder.mul(x_index, ir.Constant(INT64, 4)), FLOATS)
+            x_high = _load_bytes_as(context, builder, signature.args[3], x_array,
+                                    builder.mul(_at(builder, x_index, 16), ir.Constant(INT64, 4)), FLOATS)
+            return _fma(builder, high, x_high, _fma(builder, low, x_low, acc_value))
+
+        return floats16(floats16, packed, types.intp, x, types.intp, floats16), codegen
+
+    @intrinsic
+    def sum_floats16(typingctx, acc):
+        """The 16 lanes added up (float32), as a tree."""
+
+        def codegen(context, builder, signature, args):
+            parts = [builder.extract_element(args[0], ir.Constant(INT32, i)) for i in range(TILE_ROWS)]
+            while len(parts) > 1:
+                parts = [builder.fadd(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+            return parts[0]
+
+        return types.float32(floats16), codegen
