@@ -3,8 +3,8 @@
 `llama_decode.decode_step` fuses the small operations but still calls each projection's module: for
 a 4-bit model whose products take 10-100 µs each, the ~200 calls' Python and thread hand-overs
 cost as much as the arithmetic. When every projection is an int8 or int4 `QuantizedLinear` whose
-kernel rounds activations to int8 (the default where the CPU has integer SIMD), this module runs
-all layers of a step inside one numba function instead:
+kernel rounds activations to int8 (the default where the CPU has integer SIMD), or an NF4 one on
+AVX-512 table lookups, this module runs all layers of a step inside one numba function instead:
 
     per layer:  norm → q, k, v products → attention → o product → residual + norm
                 → gate, up products and silu(gate) * up → down product → residual
@@ -35,25 +35,28 @@ from lmforge.quant.linear import QuantizedLinear
 PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
                ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 Q, K, V, O, GATE, UP, DOWN = range(7)
-INT8, INT4 = 0, 1
+INT8, INT4, NF4 = 0, 1, 2
 
 
 @jit(inline=True)
-def _product(rounded, weights, scales, offsets, formats, matrix, out, rank, count):
-    """This thread's share of the rows of out = x @ weight.T for weight number `matrix`, x given rounded."""
+def _product(x, rounded, weights, scales, offsets, formats, code, matrix, out, rank, count):
+    """This thread's share of the rows of out = x @ weight.T for weight number `matrix`, x given as is (NF4
+    multiplies float32 activations) and rounded to int8 (int8, int4)."""
     codes, x_scales, sums = rounded
     rows = weights[matrix].shape[0]
     start, stop = rows * rank // count, rows * (rank + 1) // count
     if formats[matrix, 0] == INT8:
         kernels._int8_dot_matvec(codes, x_scales, weights[matrix], scales[matrix], formats[matrix, 1], out,
                                  start, stop)
+    elif formats[matrix, 0] == NF4:
+        kernels._nf4_table_matvec(x, weights[matrix], scales[matrix], code, out, start, stop)
     else:
         kernels._int4_dot_matvec(codes, x_scales, sums, weights[matrix], scales[matrix], offsets[matrix],
                                  formats[matrix, 1], out, start, stop)
 
 
 @jit
-def _layers_step(rank, count, sync, hidden, weights, scales, offsets, formats, norms, eps, cos, signed_sin,
+def _layers_step(rank, count, sync, hidden, weights, scales, offsets, formats, code, norms, eps, cos, signed_sin,
                  keys, values, position, mask, attention_scale, num_heads, qkv, heads, delta, gate_up, gated, out):
     """Thread `rank` of `count`: every layer for one new token per row, then the final norm into out [B, D]."""
     stream = hidden.copy()  # this thread's residual stream
@@ -68,27 +71,30 @@ def _layers_step(rank, count, sync, hidden, weights, scales, offsets, formats, n
         first = layer * 7
         cpu_decode.add_rms_norm(stream, delta[:0] if layer == 0 else delta, norms[2 * layer], eps, normed)
         rounded = kernels._round_activations(normed)
-        _product(rounded, weights, scales, offsets, formats, first + Q, qkv[:, :q_end], rank, count)
-        _product(rounded, weights, scales, offsets, formats, first + K, qkv[:, q_end:k_end], rank, count)
-        _product(rounded, weights, scales, offsets, formats, first + V, qkv[:, k_end:], rank, count)
+        _product(normed, rounded, weights, scales, offsets, formats, code, first + Q, qkv[:, :q_end], rank, count)
+        _product(normed, rounded, weights, scales, offsets, formats, code, first + K, qkv[:, q_end:k_end], rank,
+                 count)
+        _product(normed, rounded, weights, scales, offsets, formats, code, first + V, qkv[:, k_end:], rank, count)
         passed = threads.barrier(sync, count, passed)
         cpu_decode.rotary_attention_heads(qkv, cos, signed_sin, keys[layer], values[layer], position, mask,
                                           attention_scale, num_heads, kv_start, kv_stop, heads)
         passed = threads.barrier(sync, count, passed)
         rounded = kernels._round_activations(heads)
-        _product(rounded, weights, scales, offsets, formats, first + O, delta, rank, count)
+        _product(heads, rounded, weights, scales, offsets, formats, code, first + O, delta, rank, count)
         passed = threads.barrier(sync, count, passed)
         cpu_decode.add_rms_norm(stream, delta, norms[2 * layer + 1], eps, normed)
         rounded = kernels._round_activations(normed)
-        _product(rounded, weights, scales, offsets, formats, first + GATE, gate_up[:, :width], rank, count)
-        _product(rounded, weights, scales, offsets, formats, first + UP, gate_up[:, width:], rank, count)
+        _product(normed, rounded, weights, scales, offsets, formats, code, first + GATE, gate_up[:, :width], rank,
+                 count)
+        _product(normed, rounded, weights, scales, offsets, formats, code, first + UP, gate_up[:, width:], rank,
+                 count)
         for row in range(gated.shape[0]):  # silu(gate) * up over the rows this thread computed
             for i in range(gate_start, gate_stop):
                 gate = gate_up[row, i]
                 gated[row, i] = gate / (np.float32(1) + np.exp(-gate)) * gate_up[row, width + i]
         passed = threads.barrier(sync, count, passed)
         rounded = kernels._round_activations(gated)
-        _product(rounded, weights, scales, offsets, formats, first + DOWN, delta, rank, count)
+        _product(gated, rounded, weights, scales, offsets, formats, code, first + DOWN, delta, rank, count)
         passed = threads.barrier(sync, count, passed)
     if rank == 0:
         cpu_decode.add_rms_norm(stream, delta, norms[len(norms) - 1], eps, out)
@@ -125,6 +131,11 @@ class QuantizedStackPlan:
                 weights.append(q.view(np.uint8))  # one list type for 8- and 4-bit bytes; the kernels read bytes
                 offsets.append(np.zeros((0, 0), np.float32))
                 formats.append((INT8, group_size))
+            elif module.method == "nf4":
+                packed, scale, self.code = module._kernel_weight.arrays  # scale: each 64-weight block's absmax
+                weights.append(packed)
+                offsets.append(np.zeros((0, 0), np.float32))
+                formats.append((NF4, 64))
             else:
                 packed, scale, offset, group_size = module._kernel_weight.arrays
                 weights.append(packed)
@@ -132,6 +143,8 @@ class QuantizedStackPlan:
                 formats.append((INT4, group_size))
             scales.append(scale)
         self.weights, self.scales, self.offsets = _typed_list(weights), _typed_list(scales), _typed_list(offsets)
+        if not any(row[0] == NF4 for row in formats):
+            self.code = np.zeros(16, np.float32)  # the NF4 code book, unused without NF4 layers
         self.formats = np.array(formats, np.int64)
         norms = [norm.weight.detach() for layer in layers for norm in (layer.attn_norm, layer.mlp_norm)]
         self.norms = torch.stack([*norms, model.norm.weight.detach()]).float().numpy()
@@ -153,18 +166,20 @@ class QuantizedStackPlan:
         """hidden [B, D] float32 → the final-normed hidden [B, D], every layer's key/value stored at `position`."""
         out = torch.empty_like(hidden)
         threads.run_on_threads(_layers_step, torch.get_num_threads(), hidden.numpy(), self.weights, self.scales,
-                               self.offsets, self.formats, self.norms, self.eps, cos, signed_sin, self.keys,
+                               self.offsets, self.formats, self.code, self.norms, self.eps, cos, signed_sin, self.keys,
                                self.values, position, mask_rows, self.scale, self.num_heads, self.qkv, self.heads,
                                self.delta, self.gate_up, self.gated, out.numpy())
         return out
 
 
 def _compiles(module) -> bool:
-    """Whether the step computes exactly what this projection module would: an int8/int4 QuantizedLinear (not a
-    subclass or an adapter wrapper) without bias or hooks, whose kernel takes int8-rounded activations."""
-    return (type(module) is QuantizedLinear and module.method in ("int8", "int4") and module.bias is None
+    """Whether the step computes exactly what this projection module would: a QuantizedLinear (not a subclass or an
+    adapter wrapper) without bias or hooks, on one of the kernels the step calls — int8/int4 on int8-rounded
+    activations, NF4 on AVX-512 table lookups."""
+    return (type(module) is QuantizedLinear and module.bias is None
             and not (module._forward_hooks or module._forward_pre_hooks) and module._kernel_ready()
-            and module._kernel_weight.inputs == "int8")
+            and (module._kernel_weight.inputs == "int8" and module.method in ("int8", "int4")
+                 or module._kernel_weight.kernel is kernels._nf4_table_matvec))
 
 
 def plan_for(model, kv_cache) -> QuantizedStackPlan | None:

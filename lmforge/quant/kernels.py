@@ -41,14 +41,14 @@ smaller ones finish before a hand-over to a pool thread (~30 µs each way) pays.
 do about twice the work per weight, so they split from half this size."""
 
 
-MAX_ROWS = {"int8": 24, "int4": 40, "float": 8, "nf4": 2, "nf4 table": 48, "int4 tiles": 192}
+MAX_ROWS = {"int8": 24, "int4": 40, "float": 8, "nf4": 2, "nf4 table": 64, "int4 tiles": 192}
 """Rows (tokens) up to which each kind of kernel beats dequantizing the weight once and one matmul: a kernel
 redoes each weight's arithmetic for every row. Measured on SmolLM2 (2 cores, whole forward): int8, 16 rows
 99-105 ms by kernel vs 193-209 dequantizing, 24 rows 140-151 vs 167-208; GGUF 4-bit blocks (int4 kernels
 unpack each block once for four rows), 24 rows 196-205 vs 297-340, 39 rows 244-255 vs 321-337, 48 a tie. The
 float kernels take about twice as long per row, NF4's scalar loop ~125 ms per row for the whole model; with
-AVX-512's 16-entry lookups ~7 ms per row (whole model, 8 rows 76 ms vs 329 dequantizing, 48 rows 360 vs 484,
-64 rows 505 vs 404). With VNNI, int4 products of `TILE_MIN_ROWS` rows or more run on 16-row tiles (`tiles`):
+AVX-512's 16-entry lookups, shared by four rows, 6 ms (whole model, 8 rows 58 ms vs 286 dequantizing, 39 rows
+238 vs 337, 64 rows 380 vs 401, 96 rows 645 vs 408). With VNNI, int4 products of `TILE_MIN_ROWS` rows or more run on 16-row tiles (`tiles`):
 whole SmolLM2 GGUF prompt, 2 threads, tiles vs row by row or dequantizing: 16 tokens 71 vs 112 ms, 39 tokens
 110 vs 266, 128 tokens 236 vs 281, 192 tokens 346 vs 495, 256 tokens 498 vs 455."""
 
@@ -145,38 +145,57 @@ def _nibble_matvec(low, diff, sums, packed, scale, offset, group_size, out, star
 
 @jit
 def _nf4_matvec(x, packed, absmax, code, out, start, stop):
-    """NF4: each code indexes QLoRA's 16-value table; one absmax per 64 consecutive weights (row-major)."""
+    """NF4: each code indexes QLoRA's 16-value table; one absmax per 64 consecutive weights. packed [out, in / 2]
+    and absmax [out, in / 64] are views of the format's flat tensors (a row's blocks never straddle rows)."""
     cols = x.shape[1]
     for n in range(start, stop):
         for m in range(x.shape[0]):
             total = np.float32(0.0)
             for block in range(cols // 64):
                 dot = np.float32(0.0)
-                first_byte = (n * cols + block * 64) // 2
                 for j in range(32):
-                    byte = packed[first_byte + j]
+                    byte = packed[n, block * 32 + j]
                     k = block * 64 + j // 16 * 32 + j % 16
                     dot += x[m, k] * code[byte & 15] + x[m, k + 16] * code[byte >> 4]
-                total += dot * absmax[n * (cols // 64) + block]
+                total += dot * absmax[n, block]
             out[m, n] = total
 
 
 @jit
 def _nf4_table_matvec(x, packed, absmax, code, out, start, stop):
-    """`_nf4_matvec` with the code book looked up 16 codes per instruction (`avx512.nf4_run`), 64-weight blocks
-    summed in 16 lanes and scaled by their absmax in one multiply-add."""
-    cols = x.shape[1]
-    blocks = cols // 64
-    table = avx512.load_floats16(code, 0)
+    """`_nf4_matvec` with the code book looked up 16 codes per instruction (`avx512.nf4_weights`), from four
+    activation rows on once per four rows (a last partial four repeats its final row); 64-weight blocks are summed
+    in 16 lanes and scaled by their absmax in one multiply-add."""
+    table, rows = avx512.load_floats16(code, 0), x.shape[0]
     for n in range(start, stop):
-        for m in range(x.shape[0]):
-            acc, row = avx512.zero_floats16(), x[m]
-            for block in range(blocks):
-                first_byte = (n * cols + block * 64) // 2
-                run = avx512.nf4_run(avx512.zero_floats16(), packed, first_byte, row, block * 64, table)
-                run = avx512.nf4_run(run, packed, first_byte + 16, row, block * 64 + 32, table)
-                acc = avx512.multiply_add(acc, run, absmax[n * blocks + block])
+        weights = packed[n]
+        for m in range(rows if rows < 4 else 0):  # a row or three: no fours to share the lookups
+            acc = avx512.zero_floats16()
+            for block in range(x.shape[1] // 64):
+                run = avx512.nf4_dot(avx512.zero_floats16(), avx512.nf4_weights(weights, block * 32, table), x[m],
+                                     block * 64)
+                run = avx512.nf4_dot(run, avx512.nf4_weights(weights, block * 32 + 16, table), x[m], block * 64 + 32)
+                acc = avx512.multiply_add(acc, run, absmax[n, block])
             out[m, n] = avx512.sum_floats16(acc)
+        for first in range(0, rows if rows >= 4 else 0, 4):
+            m0, m1, m2, m3 = first, min(first + 1, rows - 1), min(first + 2, rows - 1), min(first + 3, rows - 1)
+            x0, x1, x2, x3 = x[m0], x[m1], x[m2], x[m3]
+            a0, a1, a2, a3 = avx512.zero_floats16(), avx512.zero_floats16(), avx512.zero_floats16(), avx512.zero_floats16()
+            for block in range(x.shape[1] // 64):
+                first_run = avx512.nf4_weights(weights, block * 32, table)
+                second_run = avx512.nf4_weights(weights, block * 32 + 16, table)
+                at, scale = block * 64, absmax[n, block]
+                zero = avx512.zero_floats16()
+                a0 = avx512.multiply_add(a0, avx512.nf4_dot(avx512.nf4_dot(zero, first_run, x0, at), second_run, x0,
+                                                            at + 32), scale)
+                a1 = avx512.multiply_add(a1, avx512.nf4_dot(avx512.nf4_dot(zero, first_run, x1, at), second_run, x1,
+                                                            at + 32), scale)
+                a2 = avx512.multiply_add(a2, avx512.nf4_dot(avx512.nf4_dot(zero, first_run, x2, at), second_run, x2,
+                                                            at + 32), scale)
+                a3 = avx512.multiply_add(a3, avx512.nf4_dot(avx512.nf4_dot(zero, first_run, x3, at), second_run, x3,
+                                                            at + 32), scale)
+            out[m0, n], out[m1, n] = avx512.sum_floats16(a0), avx512.sum_floats16(a1)
+            out[m2, n], out[m3, n] = avx512.sum_floats16(a2), avx512.sum_floats16(a3)
 
 
 @jit
@@ -372,7 +391,8 @@ class KernelWeight:
             table = avx512.available()
             self.kernel = _nf4_table_matvec if table else _nf4_matvec
             self.work, self.max_rows = (1 if table else 4) * self.work, MAX_ROWS["nf4 table" if table else "nf4"]
-            self.arrays = (_numpy(weight.packed), _numpy(weight.block_absmax()), _numpy(NF4_CODE))
+            self.arrays = (_numpy(weight.packed).reshape(self.rows, cols // 2),
+                           _numpy(weight.block_absmax()).reshape(self.rows, cols // 64), _numpy(NF4_CODE))
         else:
             raise TypeError(f"no CPU kernel for {type(weight).__name__}")
         self.max_rows = MAX_ROWS["int4 tiles"] if self.tiled is not None else self.max_rows

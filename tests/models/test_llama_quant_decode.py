@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmforge.models import llama_quant_decode
-from lmforge.nn.kernels import simd
+from lmforge.nn.kernels import avx512, simd
 from lmforge.peft.lora import LoraConfig, add_lora
 from lmforge.quant.apply import quantize_model
 from lmforge.quant.linear import QuantizedLinear
@@ -46,9 +46,10 @@ def quantized_llama(method: str, kv_heads: int = 2, **options):
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
-@pytest.mark.parametrize("method, options", [("int8", {}), ("int8", {"group_size": 32}), ("int4", {"group_size": 32}),
-                                             ("int4", {"group_size": 64})], ids=["int8", "int8-g32", "int4-g32",
-                                                                                  "int4-g64"])
+@pytest.mark.parametrize("method, options", [
+    ("int8", {}), ("int8", {"group_size": 32}), ("int4", {"group_size": 32}), ("int4", {"group_size": 64}),
+    pytest.param("nf4", {}, marks=pytest.mark.skipif(not avx512.available(), reason="NF4 lookups need AVX-512")),
+], ids=["int8", "int8-g32", "int4-g32", "int4-g64", "nf4"])
 def test_compiled_step_equals_the_per_module_step(method, options, kv_heads, compiled_steps, monkeypatch):
     model = quantized_llama(method, kv_heads, **options)
     reference = per_module_logits(model, monkeypatch)
@@ -97,7 +98,8 @@ def test_layers_it_cannot_run_take_the_per_module_step(compiled_steps, monkeypat
     decode_logits(model, fast=True)
     assert seen and not compiled_steps
 
-    model = quantized_llama("nf4")  # no integer kernel for NF4's code book
+    monkeypatch.setattr(avx512, "available", lambda: False)  # NF4's scalar lookups: not in the step
+    model = quantized_llama("nf4")
     decode_logits(model, fast=True)
     assert not compiled_steps
 

@@ -93,8 +93,9 @@ def test_decode_rows_take_the_kernel_and_match_the_reference_path(dtype, exact):
         assert torch.allclose(layer(x_grad), exact, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [3, 6])  # 6: lookups shared by four rows, then a partial four
 @pytest.mark.parametrize("table", [True, False], ids=["avx512-lookups", "scalar-lookups"])
-def test_nf4_kernels_equal_a_matmul_on_the_dequantized_weight(table, monkeypatch):
+def test_nf4_kernels_equal_a_matmul_on_the_dequantized_weight(table, rows, monkeypatch):
     if table and not avx512.available():
         pytest.skip("the 16-entry lookups need AVX-512")
     monkeypatch.setattr(avx512, "available", lambda: table)
@@ -102,7 +103,7 @@ def test_nf4_kernels_equal_a_matmul_on_the_dequantized_weight(table, monkeypatch
     kernel = kernels.KernelWeight(weight)
     assert kernel.kernel is (kernels._nf4_table_matvec if table else kernels._nf4_matvec)
     assert kernel.max_rows == kernels.MAX_ROWS["nf4 table" if table else "nf4"]
-    x = torch.randn(3, 320)
+    x = torch.randn(rows, 320)
     assert torch.allclose(kernel(x), x @ weight.dequantize().T, atol=1e-5, rtol=1e-5)
 
 

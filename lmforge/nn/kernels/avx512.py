@@ -24,9 +24,10 @@ holding columns 4g..4g+3 (see `quant.tiles` for the byte layout in memory):
 **NF4 table lookups.** NF4 codes index a 16-entry table of floats; AVX-512's `vpermps` looks up 16
 indices in a 16-float register at once, so an NF4 weight costs a permute instead of a scalar load:
 
-- `nf4_run(acc, packed, at, x, x_at, table)`: acc + the products of float32 x[x_at : x_at+32] and the
-  32 NF4 weights whose codes are the 16 bytes at packed[at] (low nibbles: the first 16, high: the next
-  16), looked up in `table` (a Floats16 holding the code book);
+- `NF4Weights`, `nf4_weights(packed, at, table)`: the 32 weights whose codes are the 16 bytes at
+  packed[at] (low nibbles: the first 16, high: the next 16), looked up in `table` (a Floats16 holding
+  the code book) — once, for every activation row a kernel multiplies;
+- `nf4_dot(acc, weights, x, x_at)`: acc + the products of float32 x[x_at : x_at+32] and those weights;
 - `sum_floats16(acc)`: the 16 lanes added up.
 
 `available()` says whether numba compiles for this CPU and it has AVX-512 F and BW (the table lookups);
@@ -44,7 +45,7 @@ if numba is not None:
     from numba import types
     from numba.extending import intrinsic
 
-__all__ = ["available", "load_floats16", "multiply_add", "nf4_run", "scale_add", "store_floats16", "sum_floats16",
+__all__ = ["available", "load_floats16", "multiply_add", "nf4_dot", "nf4_weights", "scale_add", "store_floats16", "sum_floats16",
            "tile_dot", "unpack_int4_tile", "vnni_available", "zero_floats16"]
 
 TILE_ROWS = 16
@@ -78,6 +79,7 @@ if numba is not None:
     floats16 = simd._vector_type("Floats16", FLOATS, "16 float32 lanes, one per row of a tile.")
     ints16 = simd._vector_type("Ints16", INTS, "16 int32 lanes, one per row of a tile.")
     tile_codes = simd._vector_type("TileCodes", GROUP_INTS, "A 16 x 32 tile block's codes as 8 groups of 16 x 4 bytes.")
+    nf4_type = simd._vector_type("NF4Weights", ir.VectorType(ir.FloatType(), 32), "32 looked-up NF4 weights.")
 
     def _at(builder, base, offset: int):
         return builder.add(base, ir.Constant(INT64, offset)) if offset else base
@@ -183,25 +185,39 @@ if numba is not None:
         return floats16(floats16, floats16, types.float32), codegen
 
     @intrinsic
-    def nf4_run(typingctx, acc, packed, at, x, x_at, table):
-        """acc + float32 x[x_at : x_at+32] times the 32 NF4 weights coded in the 16 bytes packed[at : at+16]."""
+    def nf4_weights(typingctx, packed, at, table):
+        """The 32 NF4 weights coded in the 16 bytes packed[at : at+16] (low nibbles: the first 16, high nibbles:
+        the next 16), looked up in `table` (a Floats16 holding the code book)."""
 
         def codegen(context, builder, signature, args):
-            acc_value, packed_array, packed_index, x_array, x_index, table_value = args
-            data = context.make_array(signature.args[1])(context, builder, packed_array).data
+            packed_array, packed_index, table_value = args
+            data = context.make_array(signature.args[0])(context, builder, packed_array).data
             bytes_ = builder.load(builder.bitcast(builder.gep(data, [packed_index]),
                                                   ir.VectorType(ir.IntType(8), TILE_ROWS).as_pointer()), align=1)
             indices = builder.zext(bytes_, INTS)
             lookup = simd._function(builder, "llvm.x86.avx512.permvar.sf.512", FLOATS, [FLOATS, INTS])
             low = builder.call(lookup, [table_value, builder.and_(indices, ir.Constant(INTS, [15] * TILE_ROWS))])
             high = builder.call(lookup, [table_value, builder.lshr(indices, ir.Constant(INTS, [4] * TILE_ROWS))])
-            x_low = _load_bytes_as(context, builder, signature.args[3], x_array,
-                                   builder.mul(x_index, ir.Constant(INT64, 4)), FLOATS)
-            x_high = _load_bytes_as(context, builder, signature.args[3], x_array,
-                                    builder.mul(_at(builder, x_index, 16), ir.Constant(INT64, 4)), FLOATS)
-            return _fma(builder, high, x_high, _fma(builder, low, x_low, acc_value))
+            return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(INT32, 32), list(range(32))))
 
-        return floats16(floats16, packed, types.intp, x, types.intp, floats16), codegen
+        return nf4_type(packed, types.intp, floats16), codegen
+
+    @intrinsic
+    def nf4_dot(typingctx, acc, weights, x, x_at):
+        """acc + float32 x[x_at : x_at+32] times 32 looked-up NF4 weights, in 16 lanes."""
+
+        def codegen(context, builder, signature, args):
+            acc_value, weights_value, x_array, x_index = args
+            halves = [builder.shuffle_vector(weights_value, weights_value,
+                                             ir.Constant(INTS, list(range(h * TILE_ROWS, (h + 1) * TILE_ROWS))))
+                      for h in range(2)]
+            for h, half in enumerate(halves):
+                x_part = _load_bytes_as(context, builder, signature.args[2], x_array,
+                                        builder.mul(_at(builder, x_index, 16 * h), ir.Constant(INT64, 4)), FLOATS)
+                acc_value = _fma(builder, half, x_part, acc_value)
+            return acc_value
+
+        return floats16(floats16, nf4_type, x, types.intp), codegen
 
     @intrinsic
     def sum_floats16(typingctx, acc):
