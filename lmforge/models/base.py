@@ -175,11 +175,13 @@ class PreTrainedModel(nn.Module):
     # ----- loading and saving --------------------------------------------------------------
 
     def load_hf_state_dict(self, hf_state: dict[str, torch.Tensor], source: str = "checkpoint",
-                           strict: bool = False) -> None:
+                           strict: bool = False, assign: bool = False) -> None:
         """Load weights named the HF way; fail loudly on missing backbone weights or shape mismatches.
 
         With `strict` (quantized checkpoints, which must load bit for bit), any missing or unexpected
-        tensor is an error too.
+        tensor is an error too. With `assign`, the model takes the checkpoint's tensors themselves (converted
+        only where dtype or layout differ) instead of copying them into its own: loading then needs the
+        memory of one copy, not two — for state dicts no one else holds (read from a file).
         """
         keymap = self.hf_keymap()
         state = self.state_from_hf(hf_state)
@@ -226,8 +228,19 @@ class PreTrainedModel(nn.Module):
                         f"{source}: tensor {keymap.to_hf(name)!r} is {tensor.dtype} in the checkpoint but the "
                         f"model expects {target.dtype}; integer codes are copied as they are, never converted."
                     )
-                target.copy_(tensor)
+                if assign:
+                    self._assign(name, tensor.to(target.dtype).contiguous())
+                else:
+                    target.copy_(tensor)
         self.tie_weights()
+
+    def _assign(self, name: str, tensor: torch.Tensor) -> None:
+        """Make `tensor` the parameter or buffer `name` (a parameter keeps its requires_grad)."""
+        owner, attr = self._resolve(name)
+        if attr in owner._parameters:
+            owner._parameters[attr] = nn.Parameter(tensor, requires_grad=owner._parameters[attr].requires_grad)
+        else:
+            owner._buffers[attr] = tensor
 
     def state_from_hf(self, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """HF-named weights renamed and laid out as this model's own `state_dict()` (tied copies absent)."""
@@ -269,8 +282,10 @@ class PreTrainedModel(nn.Module):
 
     @classmethod
     def from_hf_state_dict(cls, config_dict: dict[str, Any], hf_state: dict[str, torch.Tensor], source: str,
-                           dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
-        """Build the model `config_dict` describes and load `hf_state` into it.
+                           dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+                           assign: bool = False):
+        """Build the model `config_dict` describes and load `hf_state` into it (`assign`: take its tensors
+        themselves, see `load_hf_state_dict`).
 
         A config with a "quantization" block (see lmforge.quant.checkpoint) gets the same quantized layers,
         empty, before the strict load fills them; `dtype` applies to the weights that are not quantized.
@@ -285,7 +300,7 @@ class PreTrainedModel(nn.Module):
             prepare_quantized_layers(model, block, source)
         if ADAPTERS_KEY in config_dict:
             prepare_adapter_layers(model, config_dict[ADAPTERS_KEY], source)
-        model.load_hf_state_dict(hf_state, source, strict=block is not None)
+        model.load_hf_state_dict(hf_state, source, strict=block is not None, assign=assign)
         return model.eval()
 
     @classmethod
@@ -299,9 +314,9 @@ class PreTrainedModel(nn.Module):
         """
         from lmforge.sources import load_checkpoint
 
-        config_dict, hf_state, source = load_checkpoint(ref)
+        config_dict, hf_state, source = load_checkpoint(ref)  # tensors read from files: the model takes them
         return cls.from_hf_state_dict({**config_dict, **config_overrides}, hf_state, source, dtype,
-                                      attn_implementation)
+                                      attn_implementation, assign=True)
 
 
 

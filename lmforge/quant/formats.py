@@ -53,6 +53,9 @@ class QuantizedWeight(ABC):
     """A quantized [out, in] matrix: `dequantize()` gives back an fp32 approximation."""
 
     name: str
+    row_wise = False
+    """Whether each output row is quantized on its own (its tensors are all per row): rows can then be quantized,
+    stacked or selected separately, exactly."""
 
     @property
     @abstractmethod
@@ -91,6 +94,7 @@ class Int8Weight(QuantizedWeight):
     scale: torch.Tensor  # float32 [out, in / group_size]
     group_size: int  # the input dimension itself for one scale per output channel
     name = "int8"
+    row_wise = True
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int | None = None) -> Int8Weight:
@@ -119,6 +123,7 @@ class Int4Weight(QuantizedWeight):
     offset: torch.Tensor  # float32 [out, in / group_size]: the value of code 0
     group_size: int
     name = "int4"
+    row_wise = True
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int = 32) -> Int4Weight:

@@ -35,6 +35,27 @@ def test_save_reload_round_trip_is_exact(tiny_llama, tmp_path):
     assert reloaded.config == tiny_llama.config
 
 
+def test_loading_from_files_takes_their_tensors_and_a_given_state_dict_is_copied(tiny_llama, tmp_path):
+    tiny_llama.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight  # still tied
+    assert all(p.is_contiguous() and p.dtype == torch.bfloat16 and p.requires_grad for p in reloaded.parameters())
+    ids = torch.randint(0, TINY["vocab_size"], (1, 5))
+    with torch.no_grad():
+        assert max_abs_diff(reloaded(ids).logits.float(), tiny_llama(ids).logits) < 0.1
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    state = load_hf_weights(tmp_path)
+    given = state["model.layers.0.mlp.up_proj.weight"]
+    taken = type(tiny_llama).from_hf_state_dict(config, state, "test", assign=True)
+    assert taken.model.layers[0].mlp.up_proj.weight.data_ptr() == given.data_ptr()  # no second copy
+    state = load_hf_weights(tmp_path)  # e.g. another model's state_dict(): the model must not share it
+    given = state["model.layers.0.mlp.up_proj.weight"]
+    copied = type(tiny_llama).from_hf_state_dict(config, state, "test")
+    assert copied.model.layers[0].mlp.up_proj.weight.data_ptr() != given.data_ptr()
+    assert torch.equal(copied.model.layers[0].mlp.up_proj.weight, given)
+
+
 def test_sharded_save_round_trip(tiny_llama, tmp_path):
     tiny_llama.save_pretrained(tmp_path, max_shard_bytes=64 * 1024)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())

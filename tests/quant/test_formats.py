@@ -129,3 +129,16 @@ def test_bad_input_is_named():
         Int8Weight.quantize(torch.ones(4, 4, dtype=torch.int64))
     with pytest.raises(ConfigError, match="unknown quantization method"):
         QuantizedLinear.from_linear(nn.Linear(4, 4), "int3")
+
+
+@pytest.mark.parametrize("method, options", [("int8", {}), ("int8", {"group_size": 32}), ("int4", {"group_size": 64})])
+def test_large_matrices_quantize_in_row_chunks_exactly(method, options, monkeypatch):
+    from lmforge.quant import linear as linear_module
+
+    layer = nn.Linear(128, 40)
+    whole = QuantizedLinear.from_linear(layer, method, **options)
+    monkeypatch.setattr(linear_module, "ROW_CHUNK", 16)  # 40 rows: chunks of 16, 16 and 8
+    chunked = QuantizedLinear.from_linear(layer, method, **options)
+    assert chunked._settings == whole._settings
+    assert all(torch.equal(getattr(chunked, name), getattr(whole, name)) for name in whole._tensor_names)
+    assert torch.equal(chunked.bias, whole.bias)
