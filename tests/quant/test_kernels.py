@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from lmforge import hardware
 from lmforge.nn.kernels import avx512, simd
 from lmforge.quant import Int4Weight, Int8Weight, NF4Weight, QuantizedLinear, kernels
 
@@ -72,7 +73,8 @@ def test_rounded_activations_are_int8_codes_times_a_block_scale():
 
 @pytest.mark.parametrize("exact", [True, False], ids=["exact-activations", "rounded-activations"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_rows_take_the_kernel_and_match_the_reference_path(dtype, exact):
+def test_decode_rows_take_the_kernel_and_match_the_reference_path(dtype, exact, monkeypatch):
+    monkeypatch.setattr(hardware, "fast_batched_dtype", lambda device: torch.float32)  # prompts in fp32 (below)
     linear = nn.Linear(128, 64).requires_grad_(False)
     layer = QuantizedLinear.from_linear(linear, "int4", group_size=64).to(dtype)
     layer.exact_activations = exact
@@ -105,6 +107,24 @@ def test_nf4_kernels_equal_a_matmul_on_the_dequantized_weight(table, rows, monke
     assert kernel.max_rows == kernels.MAX_ROWS["nf4 table" if table else "nf4"]
     x = torch.randn(rows, 320)
     assert torch.allclose(kernel(x), x @ weight.dequantize().T, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fast_dtype", [torch.bfloat16, torch.float32], ids=["bf16-fast", "fp32-fast"])
+@pytest.mark.parametrize("method", ["int8", "int4", "nf4"])
+def test_prompts_multiply_in_bfloat16_where_the_cpu_does_it_fast(method, fast_dtype, monkeypatch):
+    monkeypatch.setattr(hardware, "fast_batched_dtype", lambda device: fast_dtype)
+    linear = nn.Linear(128, 64).requires_grad_(False)
+    layer = QuantizedLinear.from_linear(linear, method)
+    layer(torch.randn(1, 128))  # builds the kernel
+    x = torch.randn(layer._kernel_weight.max_rows + 1, 128)  # more rows than the kernel takes
+    dequantized = layer.weight_format.dequantize()
+    in_bf16 = nn.functional.linear(x.bfloat16(), dequantized.bfloat16()).float() + linear.bias
+    in_fp32 = nn.functional.linear(kernels.round_activations(x) if layer._kernel_weight.inputs == "int8" else x,
+                                   dequantized, linear.bias)
+    assert torch.equal(layer(x), in_bf16 if fast_dtype == torch.bfloat16 else in_fp32)
+    layer.exact_activations = True  # exact: float32 throughout
+    assert torch.allclose(layer(x), x @ dequantized.T + linear.bias, atol=1e-5)
+    assert torch.allclose(in_bf16, in_fp32, atol=3e-2)  # bf16 keeps about the kernels' precision
 
 
 def test_kernels_release_the_gil_cache_their_code_and_run_from_several_threads(monkeypatch):
