@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from lmforge.models import llama_quant_decode
 from lmforge.nn.kernels import cpu_decode
+from lmforge.nn.kernels.jit import as_array
 from lmforge.nn.kv_cache import KVCache
 
 FUSED_ATTENTION_KERNELS = ("sdpa", "flash")  # "eager" is the explicit-maths kernel users pick to inspect attention
@@ -50,13 +51,6 @@ def _structure_allows(model) -> bool:
     return True
 
 
-def _numpy(tensor: torch.Tensor):
-    """A numpy view of a float32 CPU tensor; parameters are detached, strided tensors copied first."""
-    if tensor.requires_grad:
-        tensor = tensor.detach()
-    return tensor.numpy() if tensor.is_contiguous() else tensor.contiguous().numpy()
-
-
 def _projections(module, fused: str, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
     """The outputs of a group of projections side by side: one fused matmul, or each module when unfused."""
     out = module.fused_output(fused, x)
@@ -71,8 +65,8 @@ def decode_step(model, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.T
     """
     kv_cache.check_room(1)
     batch, _, dim = hidden.shape
-    cos, signed_sin = (_numpy(table.reshape(batch, -1)) for table in rotary)
-    mask_rows = cpu_decode.NO_ROWS if mask is None else _numpy(mask.reshape(batch, -1))
+    cos, signed_sin = (as_array(table.reshape(batch, -1)) for table in rotary)
+    mask_rows = cpu_decode.NO_ROWS if mask is None else as_array(mask.reshape(batch, -1))
     plan = llama_quant_decode.plan_for(model, kv_cache)
     if plan is not None:  # every projection quantized: the whole step in one compiled call
         return plan.step(hidden.reshape(batch, dim).contiguous(), cos, signed_sin, mask_rows,
@@ -84,19 +78,19 @@ def decode_step(model, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.T
     for layer in model.layers:
         attention, mlp = layer.self_attn, layer.mlp
         norm = layer.attn_norm
-        cpu_decode.add_rms_norm(stream, delta, _numpy(norm.weight), norm.eps, normed_rows)
+        cpu_decode.add_rms_norm(stream, delta, as_array(norm.weight), norm.eps, normed_rows)
         qkv = _projections(attention, "qkv", ("q_proj", "k_proj", "v_proj"), normed)
         heads = torch.empty(batch, attention.num_heads * attention.head_dim)
         index = attention.layer_idx
         cpu_decode.rotary_attention_step(
-            _numpy(qkv), cos, signed_sin, kv_cache.keys[index].numpy(), kv_cache.values[index].numpy(),
+            as_array(qkv), cos, signed_sin, kv_cache.keys[index].numpy(), kv_cache.values[index].numpy(),
             kv_cache.length, mask_rows, attention.scale, attention.num_heads, heads.numpy())
-        delta = _numpy(attention.o_proj(heads))
+        delta = as_array(attention.o_proj(heads))
         norm = layer.mlp_norm
-        cpu_decode.add_rms_norm(stream, delta, _numpy(norm.weight), norm.eps, normed_rows)
+        cpu_decode.add_rms_norm(stream, delta, as_array(norm.weight), norm.eps, normed_rows)
         gate_up = _projections(mlp, "gate_up", ("gate_proj", "up_proj"), normed)
         gated = torch.empty(batch, gate_up.shape[-1] // 2)
-        cpu_decode.silu_and_mul(_numpy(gate_up), gated.numpy())
-        delta = _numpy(mlp.down_proj(gated))
-    cpu_decode.add_rms_norm(stream, delta, _numpy(model.norm.weight), model.norm.eps, normed_rows)
+        cpu_decode.silu_and_mul(as_array(gate_up), gated.numpy())
+        delta = as_array(mlp.down_proj(gated))
+    cpu_decode.add_rms_norm(stream, delta, as_array(model.norm.weight), model.norm.eps, normed_rows)
     return normed.view(batch, 1, dim)

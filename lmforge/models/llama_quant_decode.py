@@ -127,17 +127,17 @@ class QuantizedStackPlan:
         weights, scales, offsets, formats = [], [], [], []
         for module in modules:  # the numpy views each module's kernel already holds (see `_compiles`)
             if module.method == "int8":
-                q, scale, group_size = module._kernel_weight.arrays
+                q, scale, group_size = module.cpu_kernel().arrays
                 weights.append(q.view(np.uint8))  # one list type for 8- and 4-bit bytes; the kernels read bytes
                 offsets.append(np.zeros((0, 0), np.float32))
                 formats.append((INT8, group_size))
             elif module.method == "nf4":
-                packed, scale, self.code = module._kernel_weight.arrays  # scale: each 64-weight block's absmax
+                packed, scale, self.code = module.cpu_kernel().arrays  # scale: each 64-weight block's absmax
                 weights.append(packed)
                 offsets.append(np.zeros((0, 0), np.float32))
                 formats.append((NF4, 64))
             else:
-                packed, scale, offset, group_size = module._kernel_weight.arrays
+                packed, scale, offset, group_size = module.cpu_kernel().arrays
                 weights.append(packed)
                 offsets.append(offset)
                 formats.append((INT4, group_size))
@@ -176,10 +176,12 @@ def _compiles(module) -> bool:
     """Whether the step computes exactly what this projection module would: a QuantizedLinear (not a subclass or an
     adapter wrapper) without bias or hooks, on one of the kernels the step calls — int8/int4 on int8-rounded
     activations, NF4 on AVX-512 table lookups."""
-    return (type(module) is QuantizedLinear and module.bias is None
-            and not (module._forward_hooks or module._forward_pre_hooks) and module._kernel_ready()
-            and (module._kernel_weight.inputs == "int8" and module.method in ("int8", "int4")
-                 or module._kernel_weight.kernel is kernels._nf4_table_matvec))
+    if type(module) is not QuantizedLinear or module.bias is not None or module._forward_hooks \
+            or module._forward_pre_hooks:
+        return False
+    kernel = module.cpu_kernel()
+    return kernel is not None and (kernel.inputs == "int8" and module.method in ("int8", "int4")
+                                   or kernel.kernel is kernels._nf4_table_matvec)
 
 
 def plan_for(model, kv_cache) -> QuantizedStackPlan | None:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from lmforge.nn.kernels import avx512, simd
-from lmforge.nn.kernels.jit import available, jit
+from lmforge.nn.kernels.jit import as_array, available, jit
 
 SPLIT_MIN_WEIGHTS = 2 << 20
 """int8 matrices with at least this many weights (~150 µs of one core's work) are split across threads;
@@ -331,10 +331,6 @@ def _int4_dot_tiles(codes, x_scales, x_sums, packed, scale, offset, group_size, 
             out[m, n] += total
 
 
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().contiguous().numpy()
-
-
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -376,13 +372,13 @@ class KernelWeight:
         self.max_rows = MAX_ROWS["float"]  # beyond: dequantize and one matmul
         if isinstance(weight, Int8Weight):
             self.kernel = _int8_dot_matvec if integer else _int8_matvec
-            self.arrays = (_numpy(weight.q), _numpy(weight.scale), weight.group_size)
+            self.arrays = (as_array(weight.q), as_array(weight.scale), weight.group_size)
             self.work *= 1 if weight.group_size == cols or integer else 2
             self.inputs = "int8" if integer else "float"
             self.max_rows = MAX_ROWS["int8"] if integer else self.max_rows
         elif isinstance(weight, Int4Weight):
             self.kernel = _int4_dot_matvec if integer else _nibble_matvec
-            self.arrays = (_numpy(weight.packed), _numpy(weight.scale), _numpy(weight.offset), weight.group_size)
+            self.arrays = (as_array(weight.packed), as_array(weight.scale), as_array(weight.offset), weight.group_size)
             self.work = self.work if integer else 2 * self.work
             self.inputs = "int8" if integer else ("runs", weight.group_size)
             self.max_rows = MAX_ROWS["int4"] if integer else self.max_rows
@@ -391,8 +387,8 @@ class KernelWeight:
             table = avx512.available()
             self.kernel = _nf4_table_matvec if table else _nf4_matvec
             self.work, self.max_rows = (1 if table else 4) * self.work, MAX_ROWS["nf4 table" if table else "nf4"]
-            self.arrays = (_numpy(weight.packed).reshape(self.rows, cols // 2),
-                           _numpy(weight.block_absmax()).reshape(self.rows, cols // 64), _numpy(NF4_CODE))
+            self.arrays = (as_array(weight.packed).reshape(self.rows, cols // 2),
+                           as_array(weight.block_absmax()).reshape(self.rows, cols // 64), as_array(NF4_CODE))
         else:
             raise TypeError(f"no CPU kernel for {type(weight).__name__}")
         self.max_rows = MAX_ROWS["int4 tiles"] if self.tiled is not None else self.max_rows

@@ -109,15 +109,16 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         rows = x.numel() // self.in_features
-        if x.device.type == "cpu" and not x.requires_grad and self._kernel_ready():
-            if rows <= self._kernel_weight.max_rows:
-                out = self._kernel_weight(x.reshape(rows, self.in_features).float())
+        kernel = self.cpu_kernel() if x.device.type == "cpu" and not x.requires_grad else None
+        if kernel is not None:
+            if rows <= kernel.max_rows:
+                out = kernel(x.reshape(rows, self.in_features).float())
                 out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)
                 return out if bias is None else out + bias
             if self._bfloat16_matmul(x):
                 out = F.linear(x.bfloat16(), self.weight_format.dequantize().bfloat16()).float()
                 return out if bias is None else out + bias
-            if self._kernel_weight.inputs == "int8":  # many rows compute what the kernel would, in one matmul
+            if kernel.inputs == "int8":  # many rows compute what the kernel would, in one matmul
                 x = kernels.round_activations(x).to(x.dtype)
         return F.linear(x, self.weight_format.dequantize().to(device=x.device, dtype=x.dtype), bias)
 
@@ -128,11 +129,13 @@ class QuantizedLinear(nn.Module):
         return (not self.exact_activations and x.dtype == torch.float32
                 and hardware.fast_batched_dtype("cpu") == torch.bfloat16)
 
-    def _kernel_ready(self) -> bool:
+    def cpu_kernel(self) -> kernels.KernelWeight | None:
+        """The compiled CPU kernel over this layer's buffers (built on first use, and again after a move, a load or
+        a change of `exact_activations`), or None where no kernel reads the format."""
         stale = self._kernel_weight is None or self._kernel_weight.exact_activations != self.exact_activations
         if stale and kernels.supports(self.weight_format):
             self._kernel_weight = kernels.KernelWeight(self.weight_format, self.exact_activations)
-        return self._kernel_weight is not None
+        return self._kernel_weight
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

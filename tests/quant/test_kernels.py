@@ -86,7 +86,7 @@ def test_decode_rows_take_the_kernel_and_match_the_reference_path(dtype, exact, 
     assert out.dtype == dtype and out.shape == (2, 1, 64)
     assert torch.allclose(out.float(), reference.float(), atol=1e-5 if dtype == torch.float32 else 2e-2)
     # A prompt-sized input takes dequantize + matmul, on activations rounded as the kernel rounds them.
-    many = x.expand(2, layer._kernel_weight.max_rows + 1, 128)
+    many = x.expand(2, layer.cpu_kernel().max_rows + 1, 128)
     assert torch.allclose(layer(many)[:, :1].float(), out.float(), atol=1e-5 if dtype == torch.float32 else 2e-2)
     with torch.enable_grad():  # training sees exact activations (rounding has no gradient)
         x_grad = x.float().requires_grad_()
@@ -116,10 +116,10 @@ def test_prompts_multiply_in_bfloat16_where_the_cpu_does_it_fast(method, fast_dt
     linear = nn.Linear(128, 64).requires_grad_(False)
     layer = QuantizedLinear.from_linear(linear, method)
     layer(torch.randn(1, 128))  # builds the kernel
-    x = torch.randn(layer._kernel_weight.max_rows + 1, 128)  # more rows than the kernel takes
+    x = torch.randn(layer.cpu_kernel().max_rows + 1, 128)  # more rows than the kernel takes
     dequantized = layer.weight_format.dequantize()
     in_bf16 = nn.functional.linear(x.bfloat16(), dequantized.bfloat16()).float() + linear.bias
-    in_fp32 = nn.functional.linear(kernels.round_activations(x) if layer._kernel_weight.inputs == "int8" else x,
+    in_fp32 = nn.functional.linear(kernels.round_activations(x) if layer.cpu_kernel().inputs == "int8" else x,
                                    dequantized, linear.bias)
     assert torch.equal(layer(x), in_bf16 if fast_dtype == torch.bfloat16 else in_fp32)
     layer.exact_activations = True  # exact: float32 throughout

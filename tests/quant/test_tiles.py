@@ -69,8 +69,8 @@ def test_few_rows_and_partial_tiles_keep_the_row_kernels():
     layer = QuantizedLinear(Int4Weight.quantize(torch.randn(40, 64) * 0.05, 32))  # 40 rows: not whole tiles
     with torch.no_grad():
         layer(torch.randn(kernels.TILE_MIN_ROWS, 64))
-    assert layer._kernel_weight.tiled is None
+    assert layer.cpu_kernel().tiled is None
     tiled = QuantizedLinear(Int4Weight.quantize(torch.randn(32, 64) * 0.05, 32))
     with torch.no_grad():
         tiled(torch.randn(1, 64))
-    assert tiled._kernel_weight.tiled is tiles.int4_product and avx512.TILE_ROWS == 16
+    assert tiled.cpu_kernel().tiled is tiles.int4_product and avx512.TILE_ROWS == 16

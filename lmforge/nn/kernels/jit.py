@@ -12,6 +12,8 @@ clear `__pycache__`) so they compile again.
 
 from __future__ import annotations
 
+import torch
+
 try:
     import numba
 except ImportError:  # numba is a dependency; without it the torch reference paths still work
@@ -31,3 +33,8 @@ def jit(function=None, *, inline: bool = False):
     if numba is None:
         return function
     return numba.njit(nogil=True, fastmath=True, cache=True, inline="always" if inline else "never")(function)
+
+
+def as_array(tensor: torch.Tensor):
+    """The numpy array a kernel reads for a CPU tensor: a view (parameters detached), strided tensors copied first."""
+    return tensor.detach().contiguous().numpy()
