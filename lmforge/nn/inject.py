@@ -14,9 +14,13 @@ from torch import nn
 
 def replace_modules(root: nn.Module, select: Callable[[str, nn.Module], bool],
                     build: Callable[[str, nn.Module], nn.Module]) -> list[str]:
-    """Replace every submodule `select(name, module)` picks by `build(name, module)`; return their names."""
-    chosen = [(name, module) for name, module in root.named_modules() if name and select(name, module)]
-    for name, module in chosen:
+    """Replace every submodule `select(name, module)` picks by `build(name, module)`; return their names.
+
+    Only names are kept between replacements, so a replaced module (and, say, its float weights) is freed as
+    soon as it is replaced, not when the last one is."""
+    chosen = [name for name, module in root.named_modules() if name and select(name, module)]
+    for name in chosen:
         parent_name, _, child = name.rpartition(".")
-        setattr(root.get_submodule(parent_name) if parent_name else root, child, build(name, module))
-    return [name for name, _ in chosen]
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, child, build(name, getattr(parent, child)))
+    return chosen

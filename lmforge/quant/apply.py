@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import ctypes
 import gc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -33,14 +34,17 @@ from lmforge.quant.linear import QuantizedLinear
 
 
 def quantize_model(model: nn.Module, method: str, progress: bool = False, keep_float: Sequence[str] = (),
-                   tied_head: bool = False, **options) -> list[str]:
+                   tied_head: bool = False, float_weight: Callable[[str], torch.Tensor] | None = None,
+                   **options) -> list[str]:
     """Quantize the model's Linear layers with `method` ("int8", "int4", "nf4"); returns their names.
 
     `options` go to the format (e.g. int4 `group_size`, nf4 `double_quant`); `progress` shows a bar per layer.
     Layers named in `keep_float` (a name, or its last part such as "score") stay in floating point, e.g.
     a new head that QLoRA trains fully. `tied_head=True` also stores a head tied to the token embedding as
     per-row int8 (inference: SmolLM2's tied head is a fifth of its weights); by default it stays float,
-    which training through the head (QLoRA) wants.
+    which training through the head (QLoRA) wants. `float_weight(layer_name)`, when given, supplies each Linear's
+    float weight just before it is quantized (a loader reading them one at a time; the layers' own weights are
+    then never filled).
     """
     if any(isinstance(module, QuantizedLinear) for module in model.modules()):
         raise ConfigError("this model is already quantized; quantize the original floating-point model instead "
@@ -56,6 +60,8 @@ def quantize_model(model: nn.Module, method: str, progress: bool = False, keep_f
         return type(module) is nn.Linear and name not in tied and not kept_float(name)
 
     def build(name: str, module: nn.Module) -> QuantizedLinear:
+        if float_weight is not None:
+            module.weight = nn.Parameter(float_weight(name).to(module.weight.dtype), requires_grad=False)
         try:
             quantized = QuantizedLinear.from_linear(module, method, **options)
         except ConfigError as exc:
@@ -80,15 +86,22 @@ def quantize_model(model: nn.Module, method: str, progress: bool = False, keep_f
 def load_quantized(ref, dtype=None, quantization: str | None = None) -> nn.Module:
     """A causal LM loaded by name for inference (LLM, the engine, `lmforge serve`/`eval`), quantized as asked:
     None, a method ("int8", "int4", "nf4"), or "gguf" — built straight from a GGUF file's own Q8_0/Q4_1/Q4_0
-    blocks, never holding the float weights (loading peaks near the memory the model keeps)."""
-    import torch
-
-    from lmforge.quant.gguf_blocks import load_with_gguf_blocks
+    blocks, never holding the float weights (loading peaks near the memory the model keeps). A method on a GGUF
+    file quantizes each layer as it is read (`quantize_while_loading_gguf`); other sources load in float first."""
+    from lmforge.quant.gguf_blocks import (
+        load_with_gguf_blocks,
+        quantize_while_loading_gguf,
+    )
     from lmforge.registry import AutoModelForCausalLM
+    from lmforge.sources import is_gguf, resolve
 
     dtype = dtype or torch.float32
     if quantization == "gguf":
         return load_with_gguf_blocks(ref, dtype)
+    if quantization in FORMATS and is_gguf(resolve(ref)):
+        model = quantize_while_loading_gguf(ref, quantization, dtype)
+        if model is not None:
+            return model
     model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
     quantize_loaded(model, quantization)
     return model
@@ -108,10 +121,12 @@ def quantize_loaded(model: nn.Module, quantization: str | None) -> None:
     _return_freed_memory()
 
 
-def _return_freed_memory() -> None:
+def _return_freed_memory(collect: bool = True) -> None:
     """Hand the freed float32 weights back to the OS. glibc keeps freed heap pages for reuse, so without this
-    a model quantized at load would keep the resident memory of its float32 copy."""
-    gc.collect()
+    a model quantized at load would keep the resident memory of its float32 copy. `collect=False` skips the
+    garbage collection (when nothing freed is in a reference cycle: cheap enough to call per layer)."""
+    if collect:
+        gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): the allocator decides

@@ -144,3 +144,66 @@ def load_with_gguf_blocks(ref, dtype: torch.dtype = torch.float32) -> nn.Module:
         raise CheckpointError(f"{path}: no tensor for {', '.join(missing[:5])}; the file does not hold every "
                               "weight this model needs.")
     return model.eval()
+
+
+TRIM_EVERY = 8
+"""Layers quantized between two returns of freed memory to the OS while loading (each return costs milliseconds).
+SmolLM2 int8, peak RSS and load time: every layer 727 MB, 2.3 s; every 8 layers 679-701 MB, 1.2-1.9 s; every 32
+layers 715-763 MB, 1.5 s."""
+
+
+def quantize_while_loading_gguf(ref, method: str, dtype: torch.dtype = torch.float32) -> nn.Module | None:
+    """A causal LM from a GGUF file, its Linear layers quantized with `method` as the file is read: each layer's
+    weight is decoded to float, quantized and dropped before the next, so loading peaks near the memory of the
+    quantized model plus one float matrix (and the token embedding, which a tied head is quantized from) instead
+    of the whole float model. None for an architecture whose tensors need rewriting across names (the caller
+    then loads in float and quantizes after)."""
+    from lmforge.checkpoint.gguf import open_gguf
+    from lmforge.checkpoint.gguf_convert import gguf_config
+    from lmforge.models.base import PreTrainedModel, skip_weight_init
+    from lmforge.quant.apply import _return_freed_memory, quantize_model
+    from lmforge.registry import model_class
+    from lmforge.sources import resolve
+
+    path = resolve(ref)
+    gguf_file = open_gguf(path)
+    config = gguf_config(gguf_file)
+    cls = model_class(config["model_type"], "causal-lm")
+    arch = ARCHITECTURES.get(gguf_file.architecture)
+    if arch is None or cls.from_hf_layout.__func__ is not PreTrainedModel.from_hf_layout.__func__:
+        return None
+    with skip_weight_init():  # memory no one writes is never made resident
+        model = cls.from_config(cls.config_class.from_dict(config), dtype)
+    keymap = cls.hf_keymap()
+    sources = {}  # our tensor name → its GGUF tensor
+    for name in gguf_file.tensor_names:
+        hf_name = hf_tensor_name(name, arch.tensor_names)
+        if hf_name is None:
+            return None  # a tensor the plain conversion rejects with its own clear error
+        sources[keymap.from_hf(hf_name)] = name
+
+    def read(ours: str) -> torch.Tensor:
+        if ours not in sources:
+            raise CheckpointError(f"{path}: no tensor for {ours}; the file does not hold every weight this model "
+                                  "needs.")
+        return arch.fix_weight(sources[ours], gguf_file.load_tensor(sources[ours]), config)
+
+    linear_weights = {f"{name}.weight" for name, module in model.named_modules() if type(module) is nn.Linear}
+    with torch.no_grad():
+        for ours in sources:
+            if ours not in linear_weights:
+                target = model.get_parameter(ours) if ours in dict(model.named_parameters()) else model.get_buffer(ours)
+                target.copy_(read(ours).view_as(target))
+    decoded = []
+
+    def float_weight(layer: str) -> torch.Tensor:
+        # the float weights quantized so far are free: every few layers, return them to the OS, or the heap keeps
+        # growing (a freed matrix's space is not always reusable once smaller packed tensors sit in it)
+        decoded.append(layer)
+        if len(decoded) % TRIM_EVERY == 0:
+            _return_freed_memory(collect=False)
+        return read(f"{layer}.weight")
+
+    quantize_model(model, method, tied_head=True, float_weight=float_weight)
+    _return_freed_memory()
+    return model.eval()

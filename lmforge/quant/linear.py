@@ -100,10 +100,14 @@ class QuantizedLinear(nn.Module):
         fmt, weight = FORMATS[method], linear.weight
         if not fmt.row_wise or weight.dim() != 2 or weight.shape[0] <= ROW_CHUNK:
             return cls(fmt.quantize(weight, **options), linear.bias)
-        parts = [fmt.quantize(weight[start:start + ROW_CHUNK], **options)
-                 for start in range(0, weight.shape[0], ROW_CHUNK)]
-        tensors = {name: torch.cat([part.tensors()[name] for part in parts]) for name in parts[0].tensors()}
-        settings = {k: v for k, v in vars(parts[0]).items() if k not in tensors}
+        first = fmt.quantize(weight[:ROW_CHUNK], **options)
+        rows = weight.shape[0]  # the whole tensors first, each chunk written into them (no list of parts to join)
+        tensors = {name: tensor.new_empty((rows, *tensor.shape[1:])) for name, tensor in first.tensors().items()}
+        for start in range(0, rows, ROW_CHUNK):
+            part = first if start == 0 else fmt.quantize(weight[start:start + ROW_CHUNK], **options)
+            for name, tensor in part.tensors().items():
+                tensors[name][start:start + tensor.shape[0]] = tensor
+        settings = {k: v for k, v in vars(first).items() if k not in tensors}
         return cls(fmt(**tensors, **settings), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

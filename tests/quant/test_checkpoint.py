@@ -247,3 +247,22 @@ def test_load_time_quantization_stores_the_tied_head_in_int8():
     model = load_quantized("smollm2-135m-instruct", quantization="int8")
     assert isinstance(model.lm_head, QuantizedLinear) and model.config.extra["quantization"]["tied_head"]
     assert sum(p.numel() for p in model.parameters()) < 1_000_000  # only norms stay float: no 113 MB table
+
+
+@pytest.mark.parametrize("method", ["int4", "nf4"])
+def test_quantizing_while_reading_a_gguf_file_equals_quantizing_the_loaded_model(method, monkeypatch):
+    from lmforge.quant import gguf_blocks
+    from lmforge.quant.apply import load_quantized, quantize_loaded
+
+    calls = []
+    streaming = gguf_blocks.quantize_while_loading_gguf
+    monkeypatch.setattr(gguf_blocks, "quantize_while_loading_gguf", lambda *args: calls.append(1) or streaming(*args))
+    read_quantizing = load_quantized("smollm2-135m-instruct", quantization=method)
+    assert calls  # the file was read layer by layer
+    loaded = AutoModelForCausalLM.from_pretrained("smollm2-135m-instruct")
+    quantize_loaded(loaded, method)
+    expected = loaded.state_dict()
+    got = read_quantizing.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+    assert read_quantizing.config.extra["quantization"] == loaded.config.extra["quantization"]
