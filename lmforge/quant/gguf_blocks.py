@@ -189,11 +189,14 @@ def quantize_while_loading_gguf(ref, method: str, dtype: torch.dtype = torch.flo
         return arch.fix_weight(sources[ours], gguf_file.load_tensor(sources[ours]), config)
 
     linear_weights = {f"{name}.weight" for name, module in model.named_modules() if type(module) is nn.Linear}
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     with torch.no_grad():
-        for ours in sources:
-            if ours not in linear_weights:
-                target = model.get_parameter(ours) if ours in dict(model.named_parameters()) else model.get_buffer(ours)
-                target.copy_(read(ours).view_as(target))
+        for ours, name in sources.items():
+            if ours not in linear_weights:  # norms, the token embedding: read as floats
+                if ours not in tensors:
+                    raise CheckpointError(f"{path}: tensor {name!r} has no place in {cls.__name__}; the file does not "
+                                          "match the model built from its metadata.")
+                tensors[ours].copy_(read(ours).view_as(tensors[ours]))
     decoded = []
 
     def float_weight(layer: str) -> torch.Tensor:

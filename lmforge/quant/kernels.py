@@ -48,9 +48,10 @@ redoes each weight's arithmetic for every row. Measured on SmolLM2 (2 cores, who
 unpack each block once for four rows), 24 rows 196-205 vs 297-340, 39 rows 244-255 vs 321-337, 48 a tie. The
 float kernels take about twice as long per row, NF4's scalar loop ~125 ms per row for the whole model; with
 AVX-512's 16-entry lookups, shared by four rows, 6 ms (whole model, 8 rows 58 ms vs 286 dequantizing, 39 rows
-238 vs 337, 64 rows 380 vs 401, 96 rows 645 vs 408). With VNNI, int4 products of `TILE_MIN_ROWS` rows or more run on 16-row tiles (`tiles`):
-whole SmolLM2 GGUF prompt, 2 threads, tiles vs row by row or dequantizing: 16 tokens 71 vs 112 ms, 39 tokens
-110 vs 266, 128 tokens 236 vs 281, 192 tokens 346 vs 495, 256 tokens 498 vs 455."""
+238 vs 337, 64 rows 380 vs 401, 96 rows 645 vs 408). With VNNI, int4 products of `TILE_MIN_ROWS` rows or more
+run on 16-row tiles (`tiles`): whole SmolLM2 GGUF prompt, 2 threads, tiles vs row by row or dequantizing:
+16 tokens 71 vs 112 ms, 39 tokens 110 vs 266, 128 tokens 236 vs 281, 192 tokens 346 vs 495, 256 tokens 498
+vs 455."""
 
 TILE_MIN_ROWS = 8
 """Rows from which int4 products go through `tiles` where it runs (whole SmolLM2 GGUF prompt: 4 tokens 53 ms on
@@ -161,6 +162,13 @@ def _nf4_matvec(x, packed, absmax, code, out, start, stop):
             out[m, n] = total
 
 
+@jit(inline=True)
+def _nf4_block(acc, first_run, second_run, x, at, absmax):
+    """acc + absmax * (float32 x[at : at+64] times one block's 64 looked-up NF4 weights, its two 32-weight runs)."""
+    run = avx512.nf4_dot(avx512.nf4_dot(avx512.zero_floats16(), first_run, x, at), second_run, x, at + 32)
+    return avx512.multiply_add(acc, run, absmax)
+
+
 @jit
 def _nf4_table_matvec(x, packed, absmax, code, out, start, stop):
     """`_nf4_matvec` with the code book looked up 16 codes per instruction (`avx512.nf4_weights`), from four
@@ -172,28 +180,22 @@ def _nf4_table_matvec(x, packed, absmax, code, out, start, stop):
         for m in range(rows if rows < 4 else 0):  # a row or three: no fours to share the lookups
             acc = avx512.zero_floats16()
             for block in range(x.shape[1] // 64):
-                run = avx512.nf4_dot(avx512.zero_floats16(), avx512.nf4_weights(weights, block * 32, table), x[m],
-                                     block * 64)
-                run = avx512.nf4_dot(run, avx512.nf4_weights(weights, block * 32 + 16, table), x[m], block * 64 + 32)
-                acc = avx512.multiply_add(acc, run, absmax[n, block])
+                acc = _nf4_block(acc, avx512.nf4_weights(weights, block * 32, table),
+                                 avx512.nf4_weights(weights, block * 32 + 16, table), x[m], block * 64, absmax[n, block])
             out[m, n] = avx512.sum_floats16(acc)
         for first in range(0, rows if rows >= 4 else 0, 4):
             m0, m1, m2, m3 = first, min(first + 1, rows - 1), min(first + 2, rows - 1), min(first + 3, rows - 1)
             x0, x1, x2, x3 = x[m0], x[m1], x[m2], x[m3]
-            a0, a1, a2, a3 = avx512.zero_floats16(), avx512.zero_floats16(), avx512.zero_floats16(), avx512.zero_floats16()
+            a0, a1 = avx512.zero_floats16(), avx512.zero_floats16()
+            a2, a3 = avx512.zero_floats16(), avx512.zero_floats16()
             for block in range(x.shape[1] // 64):
                 first_run = avx512.nf4_weights(weights, block * 32, table)
                 second_run = avx512.nf4_weights(weights, block * 32 + 16, table)
                 at, scale = block * 64, absmax[n, block]
-                zero = avx512.zero_floats16()
-                a0 = avx512.multiply_add(a0, avx512.nf4_dot(avx512.nf4_dot(zero, first_run, x0, at), second_run, x0,
-                                                            at + 32), scale)
-                a1 = avx512.multiply_add(a1, avx512.nf4_dot(avx512.nf4_dot(zero, first_run, x1, at), second_run, x1,
-                                                            at + 32), scale)
-                a2 = avx512.multiply_add(a2, avx512.nf4_dot(avx512.nf4_dot(zero, first_run, x2, at), second_run, x2,
-                                                            at + 32), scale)
-                a3 = avx512.multiply_add(a3, avx512.nf4_dot(avx512.nf4_dot(zero, first_run, x3, at), second_run, x3,
-                                                            at + 32), scale)
+                a0 = _nf4_block(a0, first_run, second_run, x0, at, scale)
+                a1 = _nf4_block(a1, first_run, second_run, x1, at, scale)
+                a2 = _nf4_block(a2, first_run, second_run, x2, at, scale)
+                a3 = _nf4_block(a3, first_run, second_run, x3, at, scale)
             out[m0, n], out[m1, n] = avx512.sum_floats16(a0), avx512.sum_floats16(a1)
             out[m2, n], out[m3, n] = avx512.sum_floats16(a2), avx512.sum_floats16(a3)
 
