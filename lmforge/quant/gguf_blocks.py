@@ -102,6 +102,22 @@ def use_gguf_blocks(model: nn.Module, gguf_file: GGUFFile) -> list[str]:
     return replaced
 
 
+def _skeleton(path, dtype: torch.dtype) -> tuple[GGUFFile, dict, nn.Module]:
+    """The open GGUF file, its HF config and the causal LM it describes, built without touching the weights'
+    memory (memory no one writes is never made resident)."""
+    from lmforge.checkpoint.gguf import open_gguf
+    from lmforge.checkpoint.gguf_convert import gguf_config
+    from lmforge.models.base import skip_weight_init
+    from lmforge.registry import model_class
+
+    gguf_file = open_gguf(path)
+    config = gguf_config(gguf_file)
+    cls = model_class(config["model_type"], "causal-lm")
+    with skip_weight_init():
+        model = cls.from_config(cls.config_class.from_dict(config), dtype)
+    return gguf_file, config, model
+
+
 def load_with_gguf_blocks(ref, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A causal LM built straight from a GGUF file, its Q8_0/Q4_1/Q4_0 blocks kept as they are.
 
@@ -110,23 +126,15 @@ def load_with_gguf_blocks(ref, dtype: torch.dtype = torch.float32) -> nn.Module:
     only the remaining tensors (norms, untied embeddings) are read as floats — so loading peaks near the
     memory the model keeps, as in llama.cpp.
     """
-    from lmforge.checkpoint.gguf import open_gguf
-    from lmforge.checkpoint.gguf_convert import gguf_config
-    from lmforge.models.base import skip_weight_init
-    from lmforge.registry import model_class
     from lmforge.sources import is_gguf, resolve
 
     path = resolve(ref)
     if not is_gguf(path):
         raise ConfigError(f"quantization 'gguf' keeps a GGUF file's own 4-/8-bit blocks, but {ref} is not a GGUF "
                           "file; use 'int8', 'int4' or 'nf4' to quantize it.")
-    gguf_file = open_gguf(path)
-    config = gguf_config(gguf_file)
-    cls = model_class(config["model_type"], "causal-lm")
-    with skip_weight_init():  # memory no one writes is never made resident
-        model = cls.from_config(cls.config_class.from_dict(config), dtype)
+    gguf_file, config, model = _skeleton(path, dtype)
     replaced = set(use_gguf_blocks(model, gguf_file))
-    arch, keymap = ARCHITECTURES["llama"], cls.hf_keymap()
+    arch, keymap = ARCHITECTURES["llama"], type(model).hf_keymap()
     filled = set()
     with torch.no_grad():
         for name in gguf_file.tensor_names:
@@ -158,22 +166,16 @@ def quantize_while_loading_gguf(ref, method: str, dtype: torch.dtype = torch.flo
     quantized model plus one float matrix (and the token embedding, which a tied head is quantized from) instead
     of the whole float model. None for an architecture whose tensors need rewriting across names (the caller
     then loads in float and quantizes after)."""
-    from lmforge.checkpoint.gguf import open_gguf
-    from lmforge.checkpoint.gguf_convert import gguf_config
-    from lmforge.models.base import PreTrainedModel, skip_weight_init
+    from lmforge.models.base import PreTrainedModel
     from lmforge.quant.apply import _return_freed_memory, quantize_model
-    from lmforge.registry import model_class
     from lmforge.sources import resolve
 
     path = resolve(ref)
-    gguf_file = open_gguf(path)
-    config = gguf_config(gguf_file)
-    cls = model_class(config["model_type"], "causal-lm")
+    gguf_file, config, model = _skeleton(path, dtype)
+    cls = type(model)
     arch = ARCHITECTURES.get(gguf_file.architecture)
     if arch is None or cls.from_hf_layout.__func__ is not PreTrainedModel.from_hf_layout.__func__:
         return None
-    with skip_weight_init():  # memory no one writes is never made resident
-        model = cls.from_config(cls.config_class.from_dict(config), dtype)
     keymap = cls.hf_keymap()
     sources = {}  # our tensor name → its GGUF tensor
     for name in gguf_file.tensor_names:
@@ -182,10 +184,13 @@ def quantize_while_loading_gguf(ref, method: str, dtype: torch.dtype = torch.flo
             return None  # a tensor the plain conversion rejects with its own clear error
         sources[keymap.from_hf(hf_name)] = name
 
+    tied = set(model.tied_weights) if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = [name for name, _ in model.named_parameters() if name not in sources and name not in tied]
+    if missing:
+        raise CheckpointError(f"{path}: no tensor for {', '.join(missing[:5])}; the file does not hold every "
+                              "weight this model needs.")
+
     def read(ours: str) -> torch.Tensor:
-        if ours not in sources:
-            raise CheckpointError(f"{path}: no tensor for {ours}; the file does not hold every weight this model "
-                                  "needs.")
         return arch.fix_weight(sources[ours], gguf_file.load_tensor(sources[ours]), config)
 
     linear_weights = {f"{name}.weight" for name, module in model.named_modules() if type(module) is nn.Linear}

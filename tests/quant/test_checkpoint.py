@@ -266,3 +266,20 @@ def test_quantizing_while_reading_a_gguf_file_equals_quantizing_the_loaded_model
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[name], expected[name]) for name in expected)
     assert read_quantizing.config.extra["quantization"] == loaded.config.extra["quantization"]
+
+
+@pytest.mark.parametrize("dropped", [None, "blk.0.ffn_norm.weight", "blk.1.ffn_up.weight"])
+def test_quantizing_while_reading_a_gguf_file_needs_every_weight(dropped, tmp_path, monkeypatch):
+    from lmforge.quant.apply import load_quantized
+    from tests.checkpoint import test_gguf
+
+    write = test_gguf.write_gguf
+    monkeypatch.setattr(test_gguf, "write_gguf", lambda path, arch, tensors, configure: write(
+        path, arch, {name: array for name, array in tensors.items() if name != dropped}, configure))
+    path = test_gguf.tiny_llama_gguf(tmp_path, hf_llama(num_key_value_heads=2, tie_word_embeddings=False))
+    if dropped is None:
+        model = load_quantized(path, quantization="int8")
+        assert isinstance(model.model.layers[1].mlp.up_proj, QuantizedLinear)
+        return
+    with pytest.raises(CheckpointError, match="no tensor for .*the file does not hold every weight"):
+        load_quantized(path, quantization="int8")
