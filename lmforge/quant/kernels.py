@@ -383,8 +383,9 @@ class KernelWeight:
             self.arrays = (as_array(weight.packed), as_array(weight.scale), as_array(weight.offset), weight.group_size)
             self.work = self.work if integer else 2 * self.work
             self.inputs = "int8" if integer else ("runs", weight.group_size)
-            self.max_rows = MAX_ROWS["int4"] if integer else self.max_rows
             self.tiled = tiles.int4_product if integer and tiles.supports(self.rows) else None
+            self.max_rows = (MAX_ROWS["int4 tiles"] if self.tiled is not None
+                             else MAX_ROWS["int4"] if integer else self.max_rows)
         elif isinstance(weight, NF4Weight):
             table = avx512.available()
             self.kernel = _nf4_table_matvec if table else _nf4_matvec
@@ -393,7 +394,6 @@ class KernelWeight:
                            as_array(weight.block_absmax()).reshape(self.rows, cols // 64), as_array(NF4_CODE))
         else:
             raise TypeError(f"no CPU kernel for {type(weight).__name__}")
-        self.max_rows = MAX_ROWS["int4 tiles"] if self.tiled is not None else self.max_rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, in] float32 on the CPU times the weight transposed → [M, out] float32."""

@@ -5,9 +5,11 @@ bits directly (`kernels.py`): that is where quantization pays, since a decode st
 the bytes of weight it reads. Many rows (a prompt) and other devices dequantize the weight and run
 an ordinary matmul, which is also the reference the kernels are tested against. Like llama.cpp,
 int8 and int4 layers round the activations to int8 (per 32 values) where the CPU multiplies bytes
-fast, on both CPU paths, so a row's result does not depend on how many rows share the call;
-`exact_activations = True` on a layer (or on the class) keeps them float32, as do gradients
-(training) and other devices. The bias, when there is one, stays in floating point.
+fast, in the kernels and in the CPU's fp32 matmul, so a row's result does not depend on how many rows
+share the call up to the kernels' row limits; beyond them, where the CPU multiplies bf16 much faster
+than fp32 (AMX), the matmul takes bfloat16 activations and weights instead. `exact_activations = True`
+on a layer (or on the class) keeps float32 throughout, as do gradients (training) and other devices.
+The bias, when there is one, stays in floating point.
 """
 
 from __future__ import annotations

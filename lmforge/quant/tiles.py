@@ -56,6 +56,13 @@ def _int4_tiles(packed, scale, offset, group_size, start, stop):
     return tiles
 
 
+@jit(inline=True)
+def _tile_block(acc, unpacked, scales, offsets, x, x_at, x_scale, x_sum):
+    """acc + the 16 rows' scale * x_scale * dot(codes, x block) + offset * x_sum, for one tile block."""
+    return avx512.multiply_add(avx512.scale_add(acc, avx512.tile_dot(unpacked, x, x_at), scales, x_scale), offsets,
+                               x_sum)
+
+
 @jit
 def int4_product(codes, x_scales, x_sums, packed, scale, offset, group_size, out, start, stop):
     """out[:, start:stop] for a 4-bit weight (as `kernels._int4_dot_matvec`), on tiles: each tile block is
@@ -72,14 +79,10 @@ def int4_product(codes, x_scales, x_sums, packed, scale, offset, group_size, out
                 at, x_at = (tile * blocks + block) * WORDS * 4, block * 32
                 unpacked = avx512.unpack_int4_tile(tiles, at)
                 scales, offsets = avx512.load_floats16(tiles, at + 256), avx512.load_floats16(tiles, at + 320)
-                a0 = avx512.multiply_add(avx512.scale_add(a0, avx512.tile_dot(unpacked, x0, x_at), scales,
-                                                      x_scales[m0, block]), offsets, x_sums[m0, block])
-                a1 = avx512.multiply_add(avx512.scale_add(a1, avx512.tile_dot(unpacked, x1, x_at), scales,
-                                                      x_scales[m1, block]), offsets, x_sums[m1, block])
-                a2 = avx512.multiply_add(avx512.scale_add(a2, avx512.tile_dot(unpacked, x2, x_at), scales,
-                                                      x_scales[m2, block]), offsets, x_sums[m2, block])
-                a3 = avx512.multiply_add(avx512.scale_add(a3, avx512.tile_dot(unpacked, x3, x_at), scales,
-                                                      x_scales[m3, block]), offsets, x_sums[m3, block])
+                a0 = _tile_block(a0, unpacked, scales, offsets, x0, x_at, x_scales[m0, block], x_sums[m0, block])
+                a1 = _tile_block(a1, unpacked, scales, offsets, x1, x_at, x_scales[m1, block], x_sums[m1, block])
+                a2 = _tile_block(a2, unpacked, scales, offsets, x2, x_at, x_scales[m2, block], x_sums[m2, block])
+                a3 = _tile_block(a3, unpacked, scales, offsets, x3, x_at, x_scales[m3, block], x_sums[m3, block])
             avx512.store_floats16(out[m0], first_row, a0)
             avx512.store_floats16(out[m1], first_row, a1)
             avx512.store_floats16(out[m2], first_row, a2)
