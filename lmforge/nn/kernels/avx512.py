@@ -191,9 +191,8 @@ if numba is not None:
 
         def codegen(context, builder, signature, args):
             packed_array, packed_index, table_value = args
-            data = context.make_array(signature.args[0])(context, builder, packed_array).data
-            bytes_ = builder.load(builder.bitcast(builder.gep(data, [packed_index]),
-                                                  ir.VectorType(ir.IntType(8), TILE_ROWS).as_pointer()), align=1)
+            bytes_ = _load_bytes_as(context, builder, signature.args[0], packed_array, packed_index,
+                                    ir.VectorType(ir.IntType(8), TILE_ROWS))  # packed: bytes, so index = byte
             indices = builder.zext(bytes_, INTS)
             lookup = simd._function(builder, "llvm.x86.avx512.permvar.sf.512", FLOATS, [FLOATS, INTS])
             low = builder.call(lookup, [table_value, builder.and_(indices, ir.Constant(INTS, [15] * TILE_ROWS))])
@@ -222,11 +221,4 @@ if numba is not None:
     @intrinsic
     def sum_floats16(typingctx, acc):
         """The 16 lanes added up (float32), as a tree."""
-
-        def codegen(context, builder, signature, args):
-            parts = [builder.extract_element(args[0], ir.Constant(INT32, i)) for i in range(TILE_ROWS)]
-            while len(parts) > 1:
-                parts = [builder.fadd(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
-            return parts[0]
-
-        return types.float32(floats16), codegen
+        return types.float32(floats16), lambda context, builder, signature, args: simd._tree_sum(builder, args[0])

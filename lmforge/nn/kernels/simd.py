@@ -66,6 +66,13 @@ if numba is not None:
     lanes = _vector_type("Lanes", FLOATS, "Eight float32 partial sums in one vector register.")
     codes_type = _vector_type("Codes", BYTES, "32 unpacked 4-bit codes (0..15), reused for several activation rows.")
 
+    def _tree_sum(builder, vector):
+        """The lanes of a float vector added up as a tree, as a vector reduction does it."""
+        parts = [builder.extract_element(vector, ir.Constant(ir.IntType(32), i)) for i in range(vector.type.count)]
+        while len(parts) > 1:
+            parts = [builder.fadd(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+        return parts[0]
+
     def _function(builder, name, result, arguments):
         return cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, arguments), name)
 
@@ -96,14 +103,7 @@ if numba is not None:
     @intrinsic
     def lanes_sum(typingctx, acc):
         """The eight partial sums added up (float32)."""
-
-        def codegen(context, builder, signature, args):
-            parts = [builder.extract_element(args[0], ir.Constant(ir.IntType(32), i)) for i in range(8)]
-            while len(parts) > 1:  # a tree, as a vector reduction does it
-                parts = [builder.fadd(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
-            return parts[0]
-
-        return types.float32(lanes), codegen
+        return types.float32(lanes), lambda context, builder, signature, args: _tree_sum(builder, args[0])
 
     @intrinsic
     def q8_block(typingctx, acc, x, x_at, w, w_at, scale):
