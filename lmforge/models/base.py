@@ -212,35 +212,27 @@ class PreTrainedModel(nn.Module):
                            "train them before use.", source, missing)
         if unexpected:
             logger.warning("%s: ignoring weights %s that %s does not use.", source, unexpected[:10], type(self).__name__)
-        with torch.no_grad():
-            for name in expected:
-                if name not in state:
-                    continue
-                target, tensor = expected[name], state[name]
-                if target.shape != tensor.shape:
-                    raise CheckpointError(
-                        f"{source}: tensor {keymap.to_hf(name)!r} has shape {tuple(tensor.shape)} in the "
-                        f"checkpoint but the model expects {tuple(target.shape)}; the config does not match "
-                        "these weights."
-                    )
-                if target.dtype != tensor.dtype and not (target.is_floating_point() and tensor.is_floating_point()):
-                    raise CheckpointError(
-                        f"{source}: tensor {keymap.to_hf(name)!r} is {tensor.dtype} in the checkpoint but the "
-                        f"model expects {target.dtype}; integer codes are copied as they are, never converted."
-                    )
-                if assign:
-                    self._assign(name, tensor.to(target.dtype).contiguous())
-                else:
-                    target.copy_(tensor)
+        loadable = {}
+        for name in expected:
+            if name not in state:
+                continue
+            target, tensor = expected[name], state[name]
+            if target.shape != tensor.shape:
+                raise CheckpointError(
+                    f"{source}: tensor {keymap.to_hf(name)!r} has shape {tuple(tensor.shape)} in the "
+                    f"checkpoint but the model expects {tuple(target.shape)}; the config does not match "
+                    "these weights."
+                )
+            if target.dtype != tensor.dtype and not (target.is_floating_point() and tensor.is_floating_point()):
+                raise CheckpointError(
+                    f"{source}: tensor {keymap.to_hf(name)!r} is {tensor.dtype} in the checkpoint but the "
+                    f"model expects {target.dtype}; integer codes are copied as they are, never converted."
+                )
+            loadable[name] = tensor.to(target.dtype).contiguous() if assign else tensor
+        # torch's loading, so that modules which hold their tensors in another layout (quantized tiles) load them
+        # through their own `_load_from_state_dict`
+        self.load_state_dict(loadable, strict=False, assign=assign)
         self.tie_weights()
-
-    def _assign(self, name: str, tensor: torch.Tensor) -> None:
-        """Make `tensor` the parameter or buffer `name` (a parameter keeps its requires_grad)."""
-        owner, attr = self._resolve(name)
-        if attr in owner._parameters:
-            owner._parameters[attr] = nn.Parameter(tensor, requires_grad=owner._parameters[attr].requires_grad)
-        else:
-            owner._buffers[attr] = tensor
 
     def state_from_hf(self, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """HF-named weights renamed and laid out as this model's own `state_dict()` (tied copies absent)."""

@@ -29,13 +29,23 @@ import torch
 
 from lmforge.nn.kernels import cpu_decode, simd, threads
 from lmforge.nn.kernels.jit import jit, numba
-from lmforge.quant import kernels
+from lmforge.quant import kernels, tiles
 from lmforge.quant.linear import QuantizedLinear
 
 PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
                ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 Q, K, V, O, GATE, UP, DOWN = range(7)
-INT8, INT4, NF4 = 0, 1, 2
+INT8, INT4, NF4, INT4_TILES = 0, 1, 2, 3
+
+
+@jit(inline=True)
+def _share(rows, rank, count):
+    """Thread `rank`'s rows of a product with `rows` outputs: whole tiles of 16 rows where the rows allow (a tiled
+    weight needs them), else single rows. The same rule for every format, so a thread's share of two products of
+    one width (gate and up) is the same rows whatever their formats."""
+    unit = tiles.TILE_ROWS if rows % tiles.TILE_ROWS == 0 else 1
+    units = rows // unit
+    return units * rank // count * unit, units * (rank + 1) // count * unit
 
 
 @jit(inline=True)
@@ -43,9 +53,11 @@ def _product(x, rounded, weights, scales, offsets, formats, code, matrix, out, r
     """This thread's share of the rows of out = x @ weight.T for weight number `matrix`, x given as is (NF4
     multiplies float32 activations) and rounded to int8 (int8, int4)."""
     codes, x_scales, sums = rounded
-    rows = weights[matrix].shape[0]
-    start, stop = rows * rank // count, rows * (rank + 1) // count
-    if formats[matrix, 0] == INT8:
+    start, stop = _share(out.shape[1], rank, count)
+    if formats[matrix, 0] == INT4_TILES:
+        tiles.int4_product(codes, x_scales, sums, weights[matrix], formats[matrix, 1], formats[matrix, 2] == 1, out,
+                           start, stop)
+    elif formats[matrix, 0] == INT8:
         kernels._int8_dot_matvec(codes, x_scales, weights[matrix], scales[matrix], formats[matrix, 1], out,
                                  start, stop)
     elif formats[matrix, 0] == NF4:
@@ -65,7 +77,7 @@ def _layers_step(rank, count, sync, hidden, weights, scales, offsets, formats, c
     q_end, k_end = num_heads * head_dim, (num_heads + kv_heads) * head_dim
     kv_start, kv_stop = kv_heads * rank // count, kv_heads * (rank + 1) // count
     width = gated.shape[1]
-    gate_start, gate_stop = width * rank // count, width * (rank + 1) // count
+    gate_start, gate_stop = _share(width, rank, count)
     passed = 0
     for layer in range(len(keys)):
         first = layer * 7
@@ -126,21 +138,27 @@ class QuantizedStackPlan:
         modules = [getattr(getattr(layer, part), name) for layer in layers for part, name in PROJECTIONS]
         weights, scales, offsets, formats = [], [], [], []
         for module in modules:  # the numpy views each module's kernel already holds (see `_compiles`)
-            if module.method == "int8":
+            if module.tiled:
+                tiled, group_size, half = module.cpu_kernel().arrays
+                weights.append(tiled)
+                scale = offset = np.zeros((0, 0), np.float32)
+                offsets.append(offset)
+                formats.append((INT4_TILES, group_size, int(half)))
+            elif module.method == "int8":
                 q, scale, group_size = module.cpu_kernel().arrays
                 weights.append(q.view(np.uint8))  # one list type for 8- and 4-bit bytes; the kernels read bytes
                 offsets.append(np.zeros((0, 0), np.float32))
-                formats.append((INT8, group_size))
+                formats.append((INT8, group_size, 0))
             elif module.method == "nf4":
                 packed, scale, self.code = module.cpu_kernel().arrays  # scale: each 64-weight block's absmax
                 weights.append(packed)
                 offsets.append(np.zeros((0, 0), np.float32))
-                formats.append((NF4, 64))
+                formats.append((NF4, 64, 0))
             else:
                 packed, scale, offset, group_size = module.cpu_kernel().arrays
                 weights.append(packed)
                 offsets.append(offset)
-                formats.append((INT4, group_size))
+                formats.append((INT4, group_size, 0))
             scales.append(scale)
         self.weights, self.scales, self.offsets = _typed_list(weights), _typed_list(scales), _typed_list(offsets)
         if not any(row[0] == NF4 for row in formats):

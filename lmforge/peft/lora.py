@@ -284,6 +284,4 @@ def _merge_into_quantized(layer: LoraLayer) -> None:
         merged = merged + layer.delta_weight().float()
     options = ({"group_size": base.group_size} if hasattr(base, "group_size")
                else {"double_quant": getattr(base, "absmax_q", None) is not None})
-    for name, tensor in type(base).quantize(merged, **options).tensors().items():
-        setattr(layer, name, tensor)  # the same buffers, new values
-    layer._kernel_weight = None
+    layer.replace_weight(type(base).quantize(merged, **options))

@@ -48,14 +48,10 @@ redoes each weight's arithmetic for every row. Measured on SmolLM2 (2 cores, who
 unpack each block once for four rows), 24 rows 196-205 vs 297-340, 39 rows 244-255 vs 321-337, 48 a tie. The
 float kernels take about twice as long per row, NF4's scalar loop ~125 ms per row for the whole model; with
 AVX-512's 16-entry lookups, shared by four rows, 6 ms (whole model, 8 rows 58 ms vs 286 dequantizing, 39 rows
-238 vs 337, 64 rows 380 vs 401, 96 rows 645 vs 408). With VNNI, int4 products of `TILE_MIN_ROWS` rows or more
-run on 16-row tiles (`tiles`): whole SmolLM2 GGUF prompt, 2 threads, tiles vs row by row or dequantizing:
-16 tokens 71 vs 112 ms, 39 tokens 110 vs 266, 128 tokens 236 vs 281, 192 tokens 346 vs 495, 256 tokens 498
-vs 455."""
-
-TILE_MIN_ROWS = 8
-"""Rows from which int4 products go through `tiles` where it runs (whole SmolLM2 GGUF prompt: 4 tokens 53 ms on
-tiles vs 47 row by row, 8 tokens 58 vs 72)."""
+238 vs 337, 64 rows 380 vs 401, 96 rows 645 vs 408). With VNNI, int4 layers hold 16-row tiles (`tiles`), whose
+product rearranged per call was measured (whole SmolLM2 GGUF prompt, 2 threads, tiles vs row by row or
+dequantizing) at 16 tokens 71 vs 112 ms, 39 tokens 110 vs 266, 128 tokens 236 vs 281, 192 tokens 346 vs 495,
+256 tokens 498 vs 455."""
 
 
 def supports(weight) -> bool:
@@ -357,8 +353,8 @@ class KernelWeight:
     """A quantized weight ready for its kernel: the arrays as numpy views, resolved once (converting them on
     every call costs more than a small matrix's product). Views share memory with the weight's tensors.
 
-    int8 and int4 weights multiply int8-rounded activations with integer SIMD products where the CPU has
-    them (`simd.available()`), as llama.cpp does; `exact_activations=True` keeps the float32 activations
+    int8 and int4 weights (and int4 tiles, `tiles.Int4Tiles`) multiply int8-rounded activations with integer SIMD
+    products where the CPU has them (`simd.available()`), as llama.cpp does; `exact_activations=True` keeps the float32 activations
     (slower; the product then equals a matmul on the dequantized weight to float rounding)."""
 
     def __init__(self, weight, exact_activations: bool = False):
@@ -369,7 +365,7 @@ class KernelWeight:
         self.work = self.rows * cols  # per row of x, in int8-per-channel weights: other kernels cost more per weight
         self.exact_activations = exact_activations
         integer = simd.available() and not exact_activations
-        self.tiled = None  # int4: the `tiles` product, for TILE_MIN_ROWS rows or more, where VNNI runs
+        self.granule = 1  # the kernel's rows are split between threads in multiples of this
         self.inputs = "float"  # how the kernel takes x: as is, split into 4-bit runs, or rounded to int8
         self.max_rows = MAX_ROWS["float"]  # beyond: dequantize and one matmul
         if isinstance(weight, Int8Weight):
@@ -378,14 +374,19 @@ class KernelWeight:
             self.work *= 1 if weight.group_size == cols or integer else 2
             self.inputs = "int8" if integer else "float"
             self.max_rows = MAX_ROWS["int8"] if integer else self.max_rows
+        elif isinstance(weight, tiles.Int4Tiles):
+            if exact_activations:
+                raise TypeError("tiles multiply int8-rounded activations; for exact ones pass the row-layout weight "
+                                "(Int4Tiles.to_weight()).")
+            self.kernel, self.granule = tiles.int4_product, tiles.TILE_ROWS
+            self.arrays = (as_array(weight.tiles), weight.group_size, weight.half)
+            self.inputs, self.max_rows = "int8", MAX_ROWS["int4 tiles"]
         elif isinstance(weight, Int4Weight):
             self.kernel = _int4_dot_matvec if integer else _nibble_matvec
             self.arrays = (as_array(weight.packed), as_array(weight.scale), as_array(weight.offset), weight.group_size)
             self.work = self.work if integer else 2 * self.work
             self.inputs = "int8" if integer else ("runs", weight.group_size)
-            self.tiled = tiles.int4_product if integer and tiles.supports(self.rows) else None
-            self.max_rows = (MAX_ROWS["int4 tiles"] if self.tiled is not None
-                             else MAX_ROWS["int4"] if integer else self.max_rows)
+            self.max_rows = MAX_ROWS["int4"] if integer else self.max_rows
         elif isinstance(weight, NF4Weight):
             table = avx512.available()
             self.kernel = _nf4_table_matvec if table else _nf4_matvec
@@ -406,11 +407,8 @@ class KernelWeight:
         else:
             inputs = _split_runs(xs, self.inputs[1])
         out = torch.empty(x.shape[0], self.rows, dtype=torch.float32)
-        if self.tiled is not None and x.shape[0] >= TILE_MIN_ROWS:
-            _over_rows(self.tiled, self.rows, self.work * x.shape[0], *inputs, *self.arrays, out.numpy(),
-                       granule=avx512.TILE_ROWS)
-        else:
-            _over_rows(self.kernel, self.rows, self.work * x.shape[0], *inputs, *self.arrays, out.numpy())
+        _over_rows(self.kernel, self.rows, self.work * x.shape[0], *inputs, *self.arrays, out.numpy(),
+                   granule=self.granule)
         return out
 
 

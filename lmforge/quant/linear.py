@@ -10,6 +10,10 @@ share the call up to the kernels' row limits; beyond them, where the CPU multipl
 than fp32 (AMX), the matmul takes bfloat16 activations and weights instead. `exact_activations = True`
 on a layer (or on the class) keeps float32 throughout, as do gradients (training) and other devices.
 The bias, when there is one, stays in floating point.
+
+Where the CPU has AVX-512 VNNI, an int4 layer holds its weight as 16-row tiles (`tiles.Int4Tiles`), the
+layout its kernels read fastest, instead of the format's own tensors — not as a second copy: `state_dict()`
+and `weight_format` convert the tiles back, and loading a checkpoint tiles its tensors.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from torch import nn
 
 from lmforge import hardware
 from lmforge.errors import ConfigError
-from lmforge.quant import kernels
+from lmforge.quant import kernels, tiles
 from lmforge.quant.formats import FORMATS, QuantizedWeight
 
 ROW_CHUNK = 4096
@@ -36,40 +40,102 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.method = weight.name
         self.out_features, self.in_features = weight.shape
-        # The packed tensors are buffers, so .to(device) moves them and state_dict() saves them.
         self._tensor_names = list(weight.tensors())
         self._settings = {k: v for k, v in vars(weight).items() if k not in self._tensor_names}
-        for name, tensor in weight.tensors().items():
-            self.register_buffer(name, tensor)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self._kernel_weight: kernels.KernelWeight | None = None  # built on the first CPU decode step
+        self._half_tiles = False  # whether the tiles (if any) hold float16 scales
+        self._store(weight)
+
+    def _store(self, weight: QuantizedWeight, allow_tiles: bool = True) -> None:
+        """Hold `weight` as this module's buffers (so .to(device) moves them and state_dict() saves them): as the
+        format's own tensors, or as 16-row tiles (`tiles.Int4Tiles`, one non-persistent buffer `tiles`) for int4
+        where the CPU multiplies tiles (VNNI). The tiles are the module's only copy: state_dict() and
+        `weight_format` convert them back to the format's tensors."""
+        for name in (*self._tensor_names, "tiles"):
+            self._buffers.pop(name, None)
+        if allow_tiles and tiles.Int4Tiles.suits(weight):
+            tiled = tiles.Int4Tiles.from_weight(weight)
+            self.register_buffer("tiles", tiled.tiles, persistent=False)
+            self._half_tiles = tiled.half
+        else:
+            for name, tensor in weight.tensors().items():
+                self.register_buffer(name, tensor)
+        self._kernel_weight = None
+
+    @property
+    def tiled(self) -> bool:
+        """Whether the weight is held as 16-row tiles (see `_store`)."""
+        return "tiles" in self._buffers
+
+    def _tiles(self) -> tiles.Int4Tiles:
+        return tiles.Int4Tiles(self._buffers["tiles"], (self.out_features, self.in_features),
+                               self._settings["group_size"], self._half_tiles)
+
+    def replace_weight(self, weight: QuantizedWeight) -> None:
+        """Hold `weight` (same format, settings and shape, e.g. re-quantized after merging an adapter) from now on."""
+        settings = {k: v for k, v in vars(weight).items() if k not in self._tensor_names}
+        if weight.name != self.method or settings != self._settings or tuple(weight.shape) != (
+                self.out_features, self.in_features):
+            raise ConfigError(f"a {weight.name} weight of shape {tuple(weight.shape)} with {settings} cannot replace "
+                              f"this {self.method} layer's ({self.out_features}, {self.in_features}) weight with "
+                              f"{self._settings}; build a new QuantizedLinear instead.")
+        self._store(weight)
 
     def _apply(self, fn, recurse=True):
         """Moves and casts apply to the bias; the format's scales stay float32 (their precision is part of
-        the format: a bfloat16 scale would add error on top of the quantization's own)."""
+        the format: a bfloat16 scale would add error on top of the quantization's own). Tiles are a CPU layout:
+        a move to another device converts them back to the format's tensors, a move from one (not from "meta",
+        whose tensors hold nothing yet: loading a checkpoint tiles them) into tiles."""
+        device = next(iter(self._buffers.values())).device
         super()._apply(fn, recurse)
-        self._kernel_weight = None  # the buffers are new tensors now
         for name in self._tensor_names:
-            if self._buffers[name].is_floating_point():
+            if name in self._buffers and self._buffers[name].is_floating_point():
                 self._buffers[name] = self._buffers[name].float()
+        if self.tiled and self.tiles.device.type != "cpu" or not self.tiled and device.type != "meta":
+            self._settle_layout()
+        self._kernel_weight = None  # the buffers are new tensors now
         return self
 
+    def _settle_layout(self) -> None:
+        """Tile or untile the buffers where their device or values call for the other layout."""
+        weight = self.weight_format
+        if self.tiled != tiles.Int4Tiles.suits(weight):
+            self._store(weight)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """Tiles are saved as the format's own tensors, so a checkpoint does not depend on the CPU that wrote it."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.tiled:
+            for name, tensor in self.weight_format.tensors().items():
+                destination[prefix + name] = tensor
+
     def _load_from_state_dict(self, *args, **kwargs):
-        self._kernel_weight = None  # loading may assign new tensors
+        if self.tiled:  # the checkpoint holds the format's tensors: load into them, then tile again
+            self._store(self.weight_format, allow_tiles=False)
         super()._load_from_state_dict(*args, **kwargs)
+        self._settle_layout()
+        self._kernel_weight = None  # loading may assign new tensors
 
     @property
     def weight_format(self) -> QuantizedWeight:
-        """The quantized weight, over the module's current buffers."""
+        """The quantized weight, over the module's current buffers (converted from tiles, a copy, when tiled)."""
+        if self.tiled:
+            return self._tiles().to_weight()
         tensors = {name: getattr(self, name) for name in self._tensor_names}
         return FORMATS[self.method](**tensors, **self._settings)
+
+    def nbytes(self) -> int:
+        """The bytes the weight takes in memory (its buffers, the bias excepted)."""
+        return sum(buffer.numel() * buffer.element_size() for buffer in self._buffers.values())
 
     @classmethod
     def concatenate(cls, layers: list[QuantizedLinear]) -> QuantizedLinear | None:
         """One layer computing `layers` side by side (q/k/v, gate/up), or None when they cannot share one.
 
         Rows are independent in the row-major formats (int8, int4), so stacking each packed tensor along
-        the rows is exact; the children's buffers become views into the stacked ones (no second copy)."""
+        the rows is exact; the children's buffers become views into the stacked ones (no second copy) — for
+        tiles, whole tiles of the stacked layer's."""
         first = layers[0]
         if not FORMATS[first.method].row_wise or any(
                 layer.method != first.method or layer._settings != first._settings
@@ -77,14 +143,21 @@ class QuantizedLinear(nn.Module):
             return None
         if sum(layer.bias is not None for layer in layers) not in (0, len(layers)):
             return None
-        tensors = {name: torch.cat([getattr(layer, name) for layer in layers]) for name in first._tensor_names}
+        weights = [layer.weight_format for layer in layers]
+        tensors = {name: torch.cat([weight.tensors()[name] for weight in weights]) for name in first._tensor_names}
         bias = torch.cat([layer.bias for layer in layers]) if first.bias is not None else None
         fused = cls(FORMATS[first.method](**tensors, **first._settings), bias)
+        if any(layer.tiled != fused.tiled for layer in layers):
+            return None  # some layer's rows are not whole tiles: it could not share the fused layer's tiles
         start = 0
         for layer in layers:
             rows = slice(start, start + layer.out_features)
-            for name in layer._tensor_names:
-                layer._buffers[name] = getattr(fused, name)[rows]
+            if fused.tiled:
+                layer._buffers["tiles"] = fused.tiles[rows.start // tiles.TILE_ROWS:rows.stop // tiles.TILE_ROWS]
+                layer._half_tiles = fused._half_tiles
+            else:
+                for name in layer._tensor_names:
+                    layer._buffers[name] = getattr(fused, name)[rows]
             if bias is not None:
                 layer.bias = nn.Parameter(fused.bias[rows], requires_grad=False)
             layer._kernel_weight = None
@@ -137,15 +210,18 @@ class QuantizedLinear(nn.Module):
 
     def cpu_kernel(self) -> kernels.KernelWeight | None:
         """The compiled CPU kernel over this layer's buffers (built on first use, and again after a move, a load or
-        a change of `exact_activations`), or None where no kernel reads the format."""
+        a change of `exact_activations`), or None where no kernel reads the format. Tiles multiply int8-rounded
+        activations only: with `exact_activations` the kernel reads a row-layout copy it keeps."""
         stale = self._kernel_weight is None or self._kernel_weight.exact_activations != self.exact_activations
-        if stale and kernels.supports(self.weight_format):
-            self._kernel_weight = kernels.KernelWeight(self.weight_format, self.exact_activations)
+        if stale:
+            weight = self._tiles() if self.tiled and not self.exact_activations else self.weight_format
+            self._kernel_weight = kernels.KernelWeight(weight, self.exact_activations) if kernels.supports(weight) \
+                else None
         return self._kernel_weight
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"format={self.weight_format.name}, bytes={self.weight_format.nbytes()}")
+                f"format={self.method}{', tiled' if self.tiled else ''}, bytes={self.nbytes()}")
 
 
 def parameter_count(model: nn.Module) -> int:

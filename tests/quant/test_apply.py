@@ -36,4 +36,6 @@ def test_quantized_layers_move_with_the_model():
     model.config = type("Config", (), {})()
     quantize_model(model, "int4", group_size=32)
     moved = model.to(torch.float64)  # buffers follow .to(); the int codes keep their dtype
-    assert moved[0].packed.dtype == torch.uint8 and moved[0](torch.randn(2, 64, dtype=torch.float64)).shape == (2, 64)
+    weight = moved[0].weight_format
+    assert weight.packed.dtype == torch.uint8 and weight.scale.dtype == torch.float32
+    assert moved[0](torch.randn(2, 64, dtype=torch.float64)).shape == (2, 64)

@@ -18,6 +18,7 @@ holding columns 4g..4g+3 (see `quant.tiles` for the byte layout in memory):
 - `unpack_int4_tile(tiles, at)`: the 4-bit codes (0..15) of the block stored at byte `at`;
 - `tile_dot(codes, x, x_at)`: the 16 rows' integer dot products with int8 x[x_at : x_at+32];
 - `Floats16`, `zero_floats16()`, `load_floats16(tiles, at)`, `store_floats16(out, i, acc)`: 16 float32 lanes;
+- `load_halves16(tiles, at)`: 16 float16 values widened to float32 lanes (exact);
 - `scale_add(acc, sums, scales, x_scale)`: acc + float(sums) * scales * x_scale;
 - `multiply_add(acc, values, factor)`: acc + values * factor.
 
@@ -45,7 +46,7 @@ if numba is not None:
     from numba import types
     from numba.extending import intrinsic
 
-__all__ = ["available", "load_floats16", "multiply_add", "nf4_dot", "nf4_weights", "scale_add", "store_floats16", "sum_floats16",
+__all__ = ["available", "load_floats16", "load_halves16", "multiply_add", "nf4_dot", "nf4_weights", "scale_add", "store_floats16", "sum_floats16",
            "tile_dot", "unpack_int4_tile", "vnni_available", "zero_floats16"]
 
 TILE_ROWS = 16
@@ -114,6 +115,17 @@ if numba is not None:
 
         def codegen(context, builder, signature, args):
             return _load_bytes_as(context, builder, signature.args[0], args[0], args[1], FLOATS)
+
+        return floats16(tiles, types.intp), codegen
+
+    @intrinsic
+    def load_halves16(typingctx, tiles, at):
+        """The 16 float16 values stored at byte `at` of `tiles`, widened to float32 (exact)."""
+
+        def codegen(context, builder, signature, args):
+            halves = _load_bytes_as(context, builder, signature.args[0], args[0], args[1],
+                                    ir.VectorType(ir.HalfType(), TILE_ROWS))
+            return builder.fpext(halves, FLOATS)
 
         return floats16(tiles, types.intp), codegen
 
