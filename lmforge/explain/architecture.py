@@ -33,7 +33,7 @@ def weight_memory(model: nn.Module) -> tuple[int, dict[str, int]]:
     formats: Counter = Counter()
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
-            total += module.weight_format.nbytes()
+            total += module.nbytes()
             formats[module.method] += 1
     formats[str(model.dtype).removeprefix("torch.")] += 1  # everything not quantized
     return total, dict(formats)

@@ -41,17 +41,17 @@ smaller ones finish before a hand-over to a pool thread (~30 µs each way) pays.
 do about twice the work per weight, so they split from half this size."""
 
 
-MAX_ROWS = {"int8": 24, "int4": 40, "float": 8, "nf4": 2, "nf4 table": 64, "int4 tiles": 192}
+MAX_ROWS = {"int8": 24, "int4": 40, "float": 8, "nf4": 2, "nf4 table": 64, "int4 tiles": 512}
 """Rows (tokens) up to which each kind of kernel beats dequantizing the weight once and one matmul: a kernel
 redoes each weight's arithmetic for every row. Measured on SmolLM2 (2 cores, whole forward): int8, 16 rows
 99-105 ms by kernel vs 193-209 dequantizing, 24 rows 140-151 vs 167-208; GGUF 4-bit blocks (int4 kernels
 unpack each block once for four rows), 24 rows 196-205 vs 297-340, 39 rows 244-255 vs 321-337, 48 a tie. The
 float kernels take about twice as long per row, NF4's scalar loop ~125 ms per row for the whole model; with
 AVX-512's 16-entry lookups, shared by four rows, 6 ms (whole model, 8 rows 58 ms vs 286 dequantizing, 39 rows
-238 vs 337, 64 rows 380 vs 401, 96 rows 645 vs 408). With VNNI, int4 layers hold 16-row tiles (`tiles`), whose
-product rearranged per call was measured (whole SmolLM2 GGUF prompt, 2 threads, tiles vs row by row or
-dequantizing) at 16 tokens 71 vs 112 ms, 39 tokens 110 vs 266, 128 tokens 236 vs 281, 192 tokens 346 vs 495,
-256 tokens 498 vs 455."""
+238 vs 337, 64 rows 380 vs 401, 96 rows 645 vs 408). With VNNI, int4 layers hold 16-row tiles (`tiles`), which
+each block unpacked once per four rows keeps ahead of dequantizing + bf16 matmul (AMX) far longer: whole SmolLM2
+GGUF prompt, 2 threads, interleaved, 128 tokens 224 vs 383 ms, 256 tokens 376 vs 498, 512 tokens 746 vs 791,
+768 tokens 1091 vs 1073."""
 
 
 def supports(weight) -> bool:

@@ -75,6 +75,7 @@ def test_int4_layers_hold_tiles_where_whole_tiles_fit(monkeypatch):
     weight = Int4Weight.quantize(torch.randn(48, 64) * 0.05, 32)
     layer = QuantizedLinear(weight)
     assert layer.tiled and list(layer._buffers) == ["tiles"]  # one copy: the tiles
+    assert layer.nbytes() == layer.tiles.numel() == 48 * 64 * 3 // 4  # float32 scales: 0.75 bytes per weight
     assert all(torch.equal(layer.weight_format.tensors()[name], tensor) for name, tensor in weight.tensors().items())
     assert not QuantizedLinear(Int4Weight.quantize(torch.randn(40, 64), 32)).tiled  # 40 rows: not whole tiles
     assert not QuantizedLinear(Int8Weight.quantize(torch.randn(48, 64))).tiled
