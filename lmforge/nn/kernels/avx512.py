@@ -16,6 +16,7 @@ holding columns 4g..4g+3 (see `quant.tiles` for the byte layout in memory):
 - `TileCodes`: a tile block's codes unpacked into the 8 groups (a numba type, eight vector registers),
   reused for every activation row a kernel multiplies;
 - `unpack_int4_tile(tiles, at)`: the 4-bit codes (0..15) of the block stored at byte `at`;
+- `load_int8_tile(tiles, at)`: the 8-bit codes (stored plus 128, unsigned) of the block stored at byte `at`;
 - `tile_dot(codes, x, x_at)`: the 16 rows' integer dot products with int8 x[x_at : x_at+32];
 - `Floats16`, `zero_floats16()`, `load_floats16(tiles, at)`, `store_floats16(out, i, acc)`: 16 float32 lanes;
 - `load_halves16(tiles, at)`: 16 float16 values widened to float32 lanes (exact);
@@ -47,7 +48,7 @@ if numba is not None:
     from numba.extending import intrinsic
 
 __all__ = ["available", "load_floats16", "load_halves16", "multiply_add", "nf4_dot", "nf4_weights", "scale_add", "store_floats16", "sum_floats16",
-           "tile_dot", "unpack_int4_tile", "vnni_available", "zero_floats16"]
+           "load_int8_tile", "tile_dot", "unpack_int4_tile", "vnni_available", "zero_floats16"]
 
 TILE_ROWS = 16
 GROUPS = 8  # 4-column groups per 32-column block
@@ -152,6 +153,16 @@ if numba is not None:
             low = [builder.and_(bytes_, mask) for bytes_ in packed]
             high = [builder.and_(builder.lshr(bytes_, ir.Constant(INTS, [4] * TILE_ROWS)), mask) for bytes_ in packed]
             return _groups(builder, low + high)
+
+        return tile_codes(tiles, types.intp), codegen
+
+    @intrinsic
+    def load_int8_tile(typingctx, tiles, at):
+        """An 8-bit tile block: 8 x 64 bytes at `at`, group g holding columns 4g..4g+3 of the 16 rows (codes plus 128:
+        `vpdpbusd` multiplies unsigned weight bytes by signed activation bytes)."""
+
+        def codegen(context, builder, signature, args):
+            return _load_bytes_as(context, builder, signature.args[0], args[0], args[1], GROUP_INTS)
 
         return tile_codes(tiles, types.intp), codegen
 
