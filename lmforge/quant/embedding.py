@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import InputError
+from lmforge.nn.kernels.threads import torch_on_one_thread
 from lmforge.quant.linear import QuantizedLinear
 
 
@@ -31,7 +32,8 @@ class QuantizedEmbedding(nn.Module):
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.num_embeddings):
             raise InputError(f"token id out of range: ids must lie in [0, {self.num_embeddings}) but got "
                              f"min={int(input_ids.min())}, max={int(input_ids.max())}; use the model's own tokenizer.")
-        rows = self._head[0].select_rows(input_ids.flatten()).dequantize()
+        with torch_on_one_thread():  # a few small ops: woken, torch's thread pool would spin on the decode step's cores
+            rows = self._head[0].select_rows(input_ids.flatten()).dequantize()
         out = rows.view(*input_ids.shape, self.embedding_dim).to(self.output_dtype)
         return out * self.scale if self.scale != 1.0 else out
 

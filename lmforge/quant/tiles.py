@@ -175,9 +175,19 @@ def _tile_block(acc, codes, scales, x, x_at, x_scale):
 @jit
 def product(codes, x_scales, x_sums, tiles, bits, group_size, half, out, start, stop):
     """out[:, start:stop] = the int8-rounded activations (codes, x_scales, x_sums of `kernels._round_activations`)
-    times the tiled weight's rows start..stop (multiples of 16) transposed. One to three activation rows go one at
-    a time; from four on, each block's codes are loaded once for four rows (a last partial four repeats its
-    final row)."""
+    times the tiled weight's rows start..stop (multiples of 16) transposed."""
+    # one copy of the loop per width, `bits` a constant in each: a run-time choice of how to load a block's codes
+    # inside the loop made LLVM pass the 512-byte codes value through memory (the step ran at half speed)
+    if bits == 4:
+        _product(codes, x_scales, x_sums, tiles, 4, group_size, half, out, start, stop)
+    else:
+        _product(codes, x_scales, x_sums, tiles, 8, group_size, half, out, start, stop)
+
+
+@jit(inline=True)
+def _product(codes, x_scales, x_sums, tiles, bits, group_size, half, out, start, stop):
+    """`product` for one code width. One to three activation rows go one at a time; from four on, each block's
+    codes are loaded once for four rows (a last partial four repeats its final row)."""
     rows, groups = codes.shape[0], codes.shape[1] // group_size
     blocks, block_bytes = group_size // 32, bits * 64
     record = tiles.shape[1] // groups
