@@ -2,8 +2,10 @@
 
 - int8: w ≈ q * scale, q in [-127, 127] (symmetric), one scale per output channel or per group of
   `group_size` input columns (group 32 is llama.cpp's Q8_0).
-- int4: w ≈ q * scale + offset per group of `group_size` input columns, q in [0, 15] (asymmetric;
-  the offset is -zero_point * scale, so 0 is exact; group 32 is llama.cpp's Q4_1), two weights per byte.
+- int4: w ≈ q * scale + offset per group of `group_size` input columns, q in [0, 15], two weights per
+  byte; asymmetric, by llama.cpp's Q4_1 rule: offset = the group's minimum, scale = (max - min) / 15,
+  both rounded to float16 values as Q4_1 stores them (so group 32 is Q4_1 exactly, and re-quantizing
+  Q4_1 weights gives them back).
 - nf4 (QLoRA): w ≈ code[q] * absmax per block of 64 consecutive weights, where the 16 code values
   are quantiles of a normal distribution (weights are roughly normal, so each code is used about
   equally often), two weights per byte.
@@ -116,6 +118,12 @@ class Int8Weight(QuantizedWeight):
         return (q * self.scale[..., None]).view(rows, cols)
 
 
+def _in_half_precision(values: torch.Tensor) -> torch.Tensor:
+    """values rounded to float16 values (what Q4_1 stores), those beyond float16's range kept as they are."""
+    rounded = values.half().float()
+    return torch.where(rounded.isfinite(), rounded, values)
+
+
 @dataclass
 class Int4Weight(QuantizedWeight):
     packed: torch.Tensor  # uint8 [out, in / 2]
@@ -129,11 +137,11 @@ class Int4Weight(QuantizedWeight):
     def quantize(cls, weight: torch.Tensor, group_size: int = 32) -> Int4Weight:
         w = _check_matrix(weight)
         groups = _groups(w, group_size, "int4", (32, 64, 128))
-        low, high = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)  # the range always holds 0
-        scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
-        zero = torch.round(-low / scale).clamp(0, 15)  # the code of 0.0: an integer, so 0 stays exact
-        q = torch.round(groups / scale[..., None] + zero[..., None]).clamp(0, 15).to(torch.uint8)
-        return cls(pack_nibbles(q.view_as(w)), scale, -zero * scale, group_size)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale, offset = _in_half_precision((high - low) / 15), _in_half_precision(low)
+        inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+        q = torch.round((groups - offset[..., None]) * inverse[..., None]).clamp(0, 15).to(torch.uint8)
+        return cls(pack_nibbles(q.view_as(w)), scale, offset, group_size)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -59,17 +59,31 @@ def test_int4_error_is_at_most_half_a_step_per_group(group_size):
     w = random_weight()
     q = Int4Weight.quantize(w, group_size)
     groups = w.view(w.shape[0], -1, group_size)
-    step = (groups.amax(-1).clamp(min=0) - groups.amin(-1).clamp(max=0)) / 15
+    low, step = groups.amin(-1), (groups.amax(-1) - groups.amin(-1)) / 15
     error = (q.dequantize() - w).view_as(groups).abs()
-    assert bool((error <= step[..., None] / 2 + 1e-6).all())
+    # half a step, plus what rounding the scale and the offset to float16 (Q4_1's precision) moves the grid
+    assert bool((error <= (step / 2 + 16 * step * 2**-11 + low.abs() * 2**-11)[..., None] + 1e-6).all())
+    assert torch.equal(q.scale.half().float(), q.scale) and torch.equal(q.offset.half().float(), q.offset)
     assert q.packed.shape == (w.shape[0], w.shape[1] // 2)
 
 
 def test_int4_hand_computed_group():
-    w = torch.tensor([[-1.5, 0.0, 1.5, 3.0] * 8])  # one group of 32: range [-1.5, 3.0]
+    w = torch.tensor([[-2.0, 0.0, 2.0, 5.5] * 8])  # one group of 32: range [-2, 5.5]
     q = Int4Weight.quantize(w, 32)
-    assert float(q.scale) == pytest.approx(0.3) and float(q.offset) == pytest.approx(-1.5)  # zero point 5
-    assert torch.allclose(q.dequantize(), w, atol=1e-6)  # every value sits exactly on the grid
+    assert float(q.scale) == 0.5 and float(q.offset) == -2.0  # (max - min) / 15 and min, as Q4_1
+    assert unpack_nibbles(q.packed)[0, :4].tolist() == [0, 4, 8, 15]
+    assert torch.equal(q.dequantize(), w)  # every value sits exactly on the grid
+
+
+def test_int4_of_q4_1_weights_gives_them_back():
+    codes = torch.randint(0, 16, (8, 64), generator=torch.Generator().manual_seed(0))
+    codes[:, ::32] = 0  # each group uses its lowest and highest code, as Q4_1's own quantization does
+    codes[:, 1::32] = 15
+    scale = (torch.rand(8, 2) * 0.01).half().float()
+    offset = (-torch.rand(8, 2) * 0.05).half().float()
+    original = Int4Weight(pack_nibbles(codes), scale, offset, 32)
+    again = Int4Weight.quantize(original.dequantize(), 32)
+    assert torch.equal(again.packed, original.packed) and torch.equal(again.dequantize(), original.dequantize())
 
 
 def test_nf4_hand_computed_block_and_error():
