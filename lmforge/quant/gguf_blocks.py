@@ -21,6 +21,7 @@ from torch import nn
 from lmforge.checkpoint.gguf import GGUFFile
 from lmforge.checkpoint.gguf_convert import ARCHITECTURES, hf_tensor_name
 from lmforge.errors import CheckpointError, ConfigError, UnsupportedError
+from lmforge.quant.apply import _return_freed_memory
 from lmforge.quant.embedding import QuantizedEmbedding, tied_modules, use_quantized_head
 from lmforge.quant.formats import Int4Weight, Int8Weight, QuantizedWeight
 from lmforge.quant.linear import QuantizedLinear
@@ -151,6 +152,7 @@ def load_with_gguf_blocks(ref, dtype: torch.dtype = torch.float32) -> nn.Module:
     if missing:
         raise CheckpointError(f"{path}: no tensor for {', '.join(missing[:5])}; the file does not hold every "
                               "weight this model needs.")
+    _return_freed_memory()  # the blocks' row-layout copies, freed as each layer took its tiles
     return model.eval()
 
 
@@ -167,7 +169,7 @@ def quantize_while_loading_gguf(ref, method: str, dtype: torch.dtype = torch.flo
     of the whole float model. None for an architecture whose tensors need rewriting across names (the caller
     then loads in float and quantizes after)."""
     from lmforge.models.base import PreTrainedModel
-    from lmforge.quant.apply import _return_freed_memory, quantize_model
+    from lmforge.quant.apply import quantize_model
     from lmforge.sources import resolve
 
     path = resolve(ref)
