@@ -47,8 +47,9 @@ if numba is not None:
     from numba import types
     from numba.extending import intrinsic
 
-__all__ = ["available", "load_floats16", "load_halves16", "multiply_add", "nf4_dot", "nf4_weights", "scale_add", "store_floats16", "sum_floats16",
-           "load_int8_tile", "tile_dot", "unpack_int4_tile", "vnni_available", "zero_floats16"]
+__all__ = ["available", "load_floats16", "load_halves16", "load_int8_tile", "multiply_add", "nf4_dot", "nf4_weights",
+           "scale_add", "store_floats16", "sum_floats16", "tile_dot", "unpack_int4_tile", "vnni_available",
+           "zero_floats16"]
 
 TILE_ROWS = 16
 GROUPS = 8  # 4-column groups per 32-column block
