@@ -9,7 +9,8 @@ kernels, while every projection still goes through its own module, so quantized 
 and fused q/k/v or gate/up projections all work unchanged.
 
 It applies only where the result is the modules' result: inference (no gradients, eval mode), float32
-on the CPU, one new token per row over the contiguous `KVCache`, silu-gated MLPs, the default
+on the CPU, one new token per row over the contiguous `KVCache` (or, for a quantized model, the serving
+engine's `PagedKVCache` in a step of decodes only), silu-gated MLPs, the default
 attention kernels, and no forward hooks on the blocks (they would be skipped). Anything else takes
 the ordinary module path. `LlamaModel.fast_decode = False` turns it off.
 """
@@ -23,6 +24,7 @@ from lmforge.models import llama_quant_decode
 from lmforge.nn.kernels import cpu_decode
 from lmforge.nn.kernels.jit import as_array
 from lmforge.nn.kv_cache import KVCache
+from lmforge.nn.paged_kv_cache import PagedKVCache
 
 FUSED_ATTENTION_KERNELS = ("sdpa", "flash")  # "eager" is the explicit-maths kernel users pick to inspect attention
 
@@ -30,16 +32,21 @@ FUSED_ATTENTION_KERNELS = ("sdpa", "flash")  # "eager" is the explicit-maths ker
 def applies(model, hidden: torch.Tensor, kv_cache) -> bool:
     """Whether `decode_step` computes exactly what the modules would for this call. The model's structure
     (hooks, attention kernels, activations) is checked on a cache's first decode step and remembered with it:
-    the model is not expected to change while one cache is in use."""
-    if (type(kv_cache) is not KVCache or hidden.shape[1] != 1 or hidden.dtype != torch.float32
+    the model is not expected to change while one cache is in use. A paged cache (the serving engine) qualifies
+    when the step holds decodes only and every projection is quantized (the one-call step; the engine's own
+    batched attention serves the rest)."""
+    paged = type(kv_cache) is PagedKVCache
+    if (not (paged or type(kv_cache) is KVCache) or hidden.dtype != torch.float32
             or hidden.device.type != "cpu" or torch.is_grad_enabled() or model.training
             or not cpu_decode.available() or not getattr(model, "fast_decode", False)
             or torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks):
         return False
+    if (hidden.shape[0] != 1 or kv_cache.decode_context() is None) if paged else hidden.shape[1] != 1:
+        return False
     structure = getattr(kv_cache, "fused_decode_structure", None)
     if structure is None:
         structure = kv_cache.fused_decode_structure = _structure_allows(model)
-    return structure
+    return structure and (not paged or llama_quant_decode.plan_for(model, kv_cache) is not None)
 
 
 def _structure_allows(model) -> bool:
@@ -61,8 +68,16 @@ def decode_step(model, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.T
                 mask: torch.Tensor | None, kv_cache: KVCache) -> torch.Tensor:
     """The blocks and final norm for one new token per row: hidden [B, 1, D] → normalised [B, 1, D].
 
-    Stores each layer's new key/value at `kv_cache.length`; the caller advances the cache.
+    Stores each layer's new key/value at `kv_cache.length`; the caller advances the cache. A paged cache takes
+    the engine's packed row instead, hidden [1, N, D]: one new token of each of N sequences.
     """
+    if type(kv_cache) is PagedKVCache:
+        rows, dim = hidden.shape[1], hidden.shape[2]
+        cos, signed_sin = (as_array(table.reshape(rows, -1)) for table in rotary)
+        context, lengths = kv_cache.decode_context()
+        plan = llama_quant_decode.plan_for(model, kv_cache)
+        return plan.paged_step(hidden.reshape(rows, dim).contiguous(), cos, signed_sin, as_array(context),
+                               as_array(lengths)).view(1, rows, dim)
     kv_cache.check_room(1)
     batch, _, dim = hidden.shape
     cos, signed_sin = (as_array(table.reshape(batch, -1)) for table in rotary)

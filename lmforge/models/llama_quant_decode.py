@@ -35,6 +35,7 @@ from lmforge.quant.linear import QuantizedLinear
 PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
                ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 Q, K, V, O, GATE, UP, DOWN = range(7)
+NO_CONTEXT, NO_LENGTHS = np.zeros((0, 0), np.int64), np.zeros(0, np.int64)  # a contiguous cache: no paged context
 INT8, INT4, NF4, TILES = 0, 1, 2, 3  # formats[matrix] = (kind, group size, tile bits, tile scales in fp16)
 
 
@@ -69,11 +70,14 @@ def _product(x, rounded, weights, scales, offsets, formats, code, matrix, out, r
 
 @jit
 def _layers_step(rank, count, sync, hidden, weights, scales, offsets, formats, code, norms, eps, cos, signed_sin,
-                 keys, values, position, mask, attention_scale, num_heads, qkv, heads, delta, gate_up, gated, out):
-    """Thread `rank` of `count`: every layer for one new token per row, then the final norm into out [B, D]."""
+                 keys, values, position, mask, context, lengths, attention_scale, num_heads, qkv, heads, delta, gate_up,
+                 gated, out):
+    """Thread `rank` of `count`: every layer for one new token per row, then the final norm into out [B, D]. The cache
+    is contiguous (keys/values [B, H_kv, T, d], the new token at `position`, `mask` rows) or, when `context` has rows,
+    paged (pools [blocks, block_size, H_kv, d], row b's context the slots context[b, :lengths[b]])."""
     stream = hidden.copy()  # this thread's residual stream
     normed = np.empty_like(stream)
-    kv_heads, head_dim = keys[0].shape[1], keys[0].shape[3]
+    kv_heads, head_dim = keys[0].shape[2 if context.shape[0] else 1], keys[0].shape[3]  # pools: [.., .., H_kv, d]
     q_end, k_end = num_heads * head_dim, (num_heads + kv_heads) * head_dim
     kv_start, kv_stop = kv_heads * rank // count, kv_heads * (rank + 1) // count
     width = gated.shape[1]
@@ -88,8 +92,12 @@ def _layers_step(rank, count, sync, hidden, weights, scales, offsets, formats, c
                  count)
         _product(normed, rounded, weights, scales, offsets, formats, code, first + V, qkv[:, k_end:], rank, count)
         passed = threads.barrier(sync, count, passed)
-        cpu_decode.rotary_attention_heads(qkv, cos, signed_sin, keys[layer], values[layer], position, mask,
-                                          attention_scale, num_heads, kv_start, kv_stop, heads)
+        if context.shape[0]:
+            cpu_decode.paged_rotary_attention_heads(qkv, cos, signed_sin, keys[layer], values[layer], context, lengths,
+                                                    attention_scale, num_heads, kv_start, kv_stop, heads)
+        else:
+            cpu_decode.rotary_attention_heads(qkv, cos, signed_sin, keys[layer], values[layer], position, mask,
+                                              attention_scale, num_heads, kv_start, kv_stop, heads)
         passed = threads.barrier(sync, count, passed)
         rounded = kernels._round_activations(heads)
         _product(heads, rounded, weights, scales, offsets, formats, code, first + O, delta, rank, count)
@@ -171,22 +179,35 @@ class QuantizedStackPlan:
         self.values = _typed_list([values.numpy() for values in kv_cache.values])
         attention = layers[0].self_attn
         self.num_heads, self.scale = attention.num_heads, np.float32(attention.scale)
-        batch = kv_cache.keys[0].shape[0]
-        width = layers[0].mlp.down_proj.in_features
-        qkv_width = sum(getattr(attention, name).out_features for name in ("q_proj", "k_proj", "v_proj"))
-        self.qkv = np.empty((batch, qkv_width), np.float32)
-        self.heads = np.empty((batch, attention.num_heads * attention.head_dim), np.float32)
-        self.delta = np.empty((batch, model.norm.weight.shape[0]), np.float32)
-        self.gate_up = np.empty((batch, 2 * width), np.float32)
-        self.gated = np.empty((batch, width), np.float32)
+        self._widths = (sum(getattr(attention, name).out_features for name in ("q_proj", "k_proj", "v_proj")),
+                        attention.num_heads * attention.head_dim, model.norm.weight.shape[0],
+                        layers[0].mlp.down_proj.in_features)
+        self._scratch: tuple[np.ndarray, ...] = ()
+
+    def _buffers(self, batch: int) -> tuple[np.ndarray, ...]:
+        """The step's intermediate arrays for `batch` rows (qkv, heads, delta, gate_up, gated), kept between steps."""
+        if not self._scratch or self._scratch[0].shape[0] != batch:
+            qkv, heads, dim, width = self._widths
+            self._scratch = tuple(np.empty((batch, columns), np.float32)
+                                  for columns in (qkv, heads, dim, 2 * width, width))
+        return self._scratch
 
     def step(self, hidden, cos, signed_sin, mask_rows, position: int) -> torch.Tensor:
-        """hidden [B, D] float32 → the final-normed hidden [B, D], every layer's key/value stored at `position`."""
+        """hidden [B, D] float32 → the final-normed hidden [B, D], every layer's key/value stored at `position` of the
+        contiguous cache."""
+        return self._run(hidden, cos, signed_sin, position, mask_rows, NO_CONTEXT, NO_LENGTHS)
+
+    def paged_step(self, hidden, cos, signed_sin, context, lengths) -> torch.Tensor:
+        """hidden [N, D] float32, one new token of each of N sequences in a paged cache (context: each row's token
+        slots [N, L], lengths [N], the new token's slot the last) → the final-normed hidden [N, D]."""
+        return self._run(hidden, cos, signed_sin, 0, cpu_decode.NO_ROWS, context, lengths)
+
+    def _run(self, hidden, cos, signed_sin, position, mask_rows, context, lengths) -> torch.Tensor:
         out = torch.empty_like(hidden)
         threads.run_on_threads(_layers_step, torch.get_num_threads(), hidden.numpy(), self.weights, self.scales,
                                self.offsets, self.formats, self.code, self.norms, self.eps, cos, signed_sin, self.keys,
-                               self.values, position, mask_rows, self.scale, self.num_heads, self.qkv, self.heads,
-                               self.delta, self.gate_up, self.gated, out.numpy())
+                               self.values, position, mask_rows, context, lengths, self.scale, self.num_heads,
+                               *self._buffers(hidden.shape[0]), out.numpy())
         return out
 
 

@@ -62,6 +62,7 @@ class _StepPlan:
     positions: torch.Tensor  # [N]
     decode_groups: list[_DecodeGroup]
     chunks: list[_Chunk]
+    decode_context: tuple[torch.Tensor, torch.Tensor] | None  # every span a decode: slots [N, L], lengths [N]
 
 
 class PagedKVCache:
@@ -141,9 +142,19 @@ class PagedKVCache:
                 chunks.append(_Chunk(first, span.length, context, mask))
             first += span.length
         device = self.device
+        decode_context = None
+        if spans and num_decodes == len(spans):
+            lengths = torch.tensor([span.start + 1 for span in spans], device=device)
+            decode_context = context_slots(self._tables(spans), bs, int(lengths.max())), lengths
         self._plan = _StepPlan(torch.tensor(slot_mapping, device=device), torch.tensor(positions, device=device),
-                               decode_groups, chunks)
+                               decode_groups, chunks, decode_context)
         return self._plan.positions
+
+    def decode_context(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """When every span of the prepared step is a decode (one new token): each row's context as token slots
+        [N, longest context] (entries past a row's length are arbitrary) and its length [N], new token included;
+        else None. What a fused decode kernel reads instead of the grouped plan."""
+        return None if self._plan is None else self._plan.decode_context
 
     def _tables(self, spans: list[Span]) -> torch.Tensor:
         width = max(len(s.block_table) for s in spans)

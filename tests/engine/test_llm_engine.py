@@ -10,6 +10,7 @@ from lmforge import LLM, EngineConfig, LLMEngine, SamplingParams, generate
 from lmforge.errors import ConfigError, InputError, UnsupportedError, ValidationError
 from tests.generation.test_generate import first_near_tie
 from tests.models.test_gpt2 import hf_gpt2
+from tests.models.test_llama import hf_llama
 from tests.parity import id_tokenizer, ours_from_hf
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -116,6 +117,31 @@ def test_a_quantized_model_through_the_engine():
     llm = LLM(model, tokenizer, quantization="int4", kv_cache_tokens=512, block_size=4, max_num_batched_tokens=32)
     prompts = random_prompts(6, seed=10)
     assert engine_tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == alone(model, tokenizer, prompts)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_decode_steps_run_in_one_compiled_call(method, monkeypatch):
+    from lmforge.models import llama_quant_decode
+    from lmforge.nn.kernels import simd
+
+    if not simd.available():
+        pytest.skip("the compiled step needs x86-64 with AVX2 and numba")
+    model = ours_from_hf(hf_llama(num_key_value_heads=2, intermediate_size=128), "causal-lm")  # kernel-sized widths
+    llm = LLM(model, id_tokenizer(128), quantization=method, kv_cache_tokens=1024, block_size=4, max_num_seqs=8,
+              max_num_batched_tokens=32)
+    batches, paged_step = [], llama_quant_decode.QuantizedStackPlan.paged_step
+
+    def counting(self, hidden, *args):
+        batches.append(hidden.shape[0])
+        return paged_step(self, hidden, *args)
+
+    monkeypatch.setattr(llama_quant_decode.QuantizedStackPlan, "paged_step", counting)
+    prompts, params = random_prompts(16, seed=11), SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    compiled = engine_tokens(llm.generate(prompts, params, use_tqdm=False))
+    assert max(batches) == 8 and min(batches) < 8  # steps of decodes only, several sequences, of varying sizes
+    monkeypatch.setattr(llama_quant_decode, "plan_for", lambda model, cache: None)  # per module, batched attention
+    assert compiled == engine_tokens(llm.generate(prompts, params, use_tqdm=False))
+    assert_no_leaks(llm.engine)
 
 
 def test_gpt2_through_the_engine(tiny):

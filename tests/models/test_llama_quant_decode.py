@@ -116,3 +116,41 @@ def test_the_plan_is_built_once_per_cache(monkeypatch):
     monkeypatch.setattr(llama_quant_decode.QuantizedStackPlan, "__init__", counting)
     decode_logits(model, fast=True, steps=4)
     assert built == [1]
+
+
+def paged_decode_logits(model, prompts: list[list[int]], steps: int = 5) -> list[torch.Tensor]:
+    """The serving engine's way: prompts prefilled in one packed step of a paged cache (blocks of 4 slots, handed
+    out in a scrambled order), then `steps` steps that decode one token of every sequence; each step's logits."""
+    from lmforge.nn.paged_kv_cache import PagedKVCache, Span
+
+    cache = PagedKVCache.for_model(model, num_blocks=48, block_size=4)
+    blocks = iter(torch.randperm(48, generator=torch.Generator().manual_seed(0)).tolist())
+    tables = [[next(blocks) for _ in range(4)] for _ in prompts]  # 16 slots per sequence
+    spans, ids = [Span(table, 0, len(prompt)) for table, prompt in zip(tables, prompts)], sum(prompts, [])
+    lengths, logits = [len(prompt) for prompt in prompts], []
+    with torch.inference_mode():
+        for _ in range(steps + 1):
+            positions = cache.prepare(spans)
+            out = model(torch.tensor([ids]), position_ids=positions[None], kv_cache=cache).logits[0]
+            last = torch.tensor(lengths).cumsum(0) - 1 if not logits else torch.arange(len(prompts))
+            logits.append(out[last])
+            ids = logits[-1].argmax(-1).tolist()
+            spans = [Span(table, start, 1) for table, start in zip(tables, lengths)]
+            lengths = [length + 1 for length in lengths]
+    return logits
+
+
+@pytest.mark.parametrize("method, options", [("int8", {}), ("int4", {"group_size": 32})], ids=["int8", "int4-g32"])
+def test_paged_compiled_step_equals_the_per_module_step(method, options, monkeypatch):
+    model = quantized_llama(method, kv_heads=2, **options)
+    prompts = [[5, 17, 3, 9, 60], [7, 2], [11, 42, 8, 1, 30, 22, 13, 4, 9]]  # contexts of different lengths
+    with monkeypatch.context() as patch:
+        patch.setattr(llama_quant_decode, "plan_for", lambda model, cache: None)
+        reference = paged_decode_logits(model, prompts)
+    rows, paged_step = [], llama_quant_decode.QuantizedStackPlan.paged_step
+    monkeypatch.setattr(llama_quant_decode.QuantizedStackPlan, "paged_step",
+                        lambda self, hidden, *args: rows.append(hidden.shape[0]) or paged_step(self, hidden, *args))
+    compiled = paged_decode_logits(model, prompts)
+    assert rows == [3] * 5  # every step after the prefill, all three sequences in one call
+    for expected, got in zip(reference, compiled):
+        assert max_abs_diff(got, expected) <= 1e-4

@@ -11,7 +11,8 @@ numba, do each run of small operations in one call:
   the start of the next;
 - `rotary_attention_step`: rotate the new query and key (rotate-half RoPE), store the key and value
   in a preallocated KV cache, and attend each query head over every cached position (grouped-query:
-  each key/value head serves `num_heads / kv_heads` query heads);
+  each key/value head serves `num_heads / kv_heads` query heads); `paged_rotary_attention_heads` does the
+  same over the serving engine's paged cache, each row reading its own context's slots;
 - `silu_and_mul`: SwiGLU's silu(gate) * up.
 
 Each mirrors a torch reference the tests compare it with (`F.rms_norm`, `apply_rotary` + SDPA,
@@ -25,7 +26,8 @@ import numpy as np
 
 from lmforge.nn.kernels.jit import available, jit
 
-__all__ = ["NO_ROWS", "add_rms_norm", "available", "rotary_attention_heads", "rotary_attention_step", "silu_and_mul"]
+__all__ = ["NO_ROWS", "add_rms_norm", "available", "paged_rotary_attention_heads", "rotary_attention_heads",
+           "rotary_attention_step", "silu_and_mul"]
 
 NO_ROWS = np.zeros((0, 0), dtype=np.float32)
 """Stands for an absent 2-D argument (no residual delta yet, no attention mask)."""
@@ -62,6 +64,41 @@ def rotary_attention_step(qkv, cos, signed_sin, keys, values, position, mask, sc
     rotary_attention_heads(qkv, cos, signed_sin, keys, values, position, mask, scale, num_heads, 0, keys.shape[1], out)
 
 
+@jit(inline=True)
+def _rotate(row, at, c, s, scale, out):
+    """out[:d] = row[at : at+d] rotated (rotate-half RoPE with cos c and signed sine s), times scale."""
+    half = out.shape[0] // 2
+    for i in range(half):
+        x1, x2 = row[at + i], row[at + half + i]
+        out[i] = (x1 * c[i] + x2 * s[i]) * scale
+        out[half + i] = (x2 * c[half + i] + x1 * s[half + i]) * scale
+
+
+@jit(inline=True)
+def _softmax_rows(scores, group, length):
+    """Each of the first `group` rows of scores, over its first `length` columns, turned into probabilities."""
+    for g in range(group):
+        top = scores[g, 0]
+        for t in range(1, length):
+            top = max(top, scores[g, t])
+        total = np.float32(0)
+        for t in range(length):
+            scores[g, t] = np.exp(scores[g, t] - top)
+            total += scores[g, t]
+        for t in range(length):
+            scores[g, t] /= total
+
+
+@jit(inline=True)
+def _group_output(sums, group, kv, out_row):
+    """The group's weighted sums into the output row, query head by query head."""
+    dim = sums.shape[1]
+    for g in range(group):
+        out_at = (kv * group + g) * dim
+        for i in range(dim):
+            out_row[out_at + i] = sums[g, i]
+
+
 @jit
 def rotary_attention_heads(qkv, cos, signed_sin, keys, values, position, mask, scale, num_heads, kv_start, kv_stop,
                            out):
@@ -75,50 +112,67 @@ def rotary_attention_heads(qkv, cos, signed_sin, keys, values, position, mask, s
     no rows). out [B, H d] receives the heads' outputs side by side.
     """
     batch, kv_heads, _, dim = keys.shape
-    half, group, length = dim // 2, num_heads // kv_heads, position + 1
+    group, length = num_heads // kv_heads, position + 1
     queries = np.empty((group, dim), np.float32)
     scores = np.empty((group, length), np.float32)
     sums = np.empty((group, dim), np.float32)
     for b in range(batch):
         row, c, s = qkv[b], cos[b], signed_sin[b]
         for kv in range(kv_start, kv_stop):
-            key_at, value_at = (num_heads + kv) * dim, (num_heads + kv_heads + kv) * dim
-            for i in range(half):
-                x1, x2 = row[key_at + i], row[key_at + half + i]
-                keys[b, kv, position, i] = x1 * c[i] + x2 * s[i]
-                keys[b, kv, position, half + i] = x2 * c[half + i] + x1 * s[half + i]
-            for i in range(dim):
-                values[b, kv, position, i] = row[value_at + i]
+            _rotate(row, (num_heads + kv) * dim, c, s, np.float32(1), keys[b, kv, position])
+            values[b, kv, position, :] = row[(num_heads + kv_heads + kv) * dim:(num_heads + kv_heads + kv + 1) * dim]
             cached_keys, cached_values = keys[b, kv], values[b, kv]
             for g in range(group):  # the query heads this key/value head serves, rotated and scaled
-                query_at = (kv * group + g) * dim
-                for i in range(half):
-                    x1, x2 = row[query_at + i], row[query_at + half + i]
-                    queries[g, i] = (x1 * c[i] + x2 * s[i]) * scale
-                    queries[g, half + i] = (x2 * c[half + i] + x1 * s[half + i]) * scale
+                _rotate(row, (kv * group + g) * dim, c, s, scale, queries[g])
             for t in range(length):  # each cached key is read once for the whole group
                 for g in range(group):
                     score = np.float32(0)
                     for i in range(dim):
                         score += queries[g, i] * cached_keys[t, i]
                     scores[g, t] = score + (mask[b, t] if mask.shape[0] else np.float32(0))
-            for g in range(group):  # softmax
-                top = scores[g, 0]
-                for t in range(1, length):
-                    top = max(top, scores[g, t])
-                total = np.float32(0)
-                for t in range(length):
-                    scores[g, t] = np.exp(scores[g, t] - top)
-                    total += scores[g, t]
-                for t in range(length):
-                    scores[g, t] /= total
-                sums[g, :] = 0
+            _softmax_rows(scores, group, length)
+            sums[:, :] = 0
             for t in range(length):  # probability-weighted sum of the values
                 for g in range(group):
                     weight = scores[g, t]
                     for i in range(dim):
                         sums[g, i] += weight * cached_values[t, i]
+            _group_output(sums, group, kv, out[b])
+
+
+@jit
+def paged_rotary_attention_heads(qkv, cos, signed_sin, key_pool, value_pool, context, lengths, scale, num_heads,
+                                 kv_start, kv_stop, out):
+    """`rotary_attention_heads` over a paged cache (`nn.kernels.paged`): row b's context is the token slots
+    context[b, :lengths[b]] of the pools [num_blocks, block_size, H_kv, d], its new key/value going to the last of
+    them. Rows may have different context lengths; no mask."""
+    kv_heads, dim = key_pool.shape[2], key_pool.shape[3]
+    keys, values = key_pool.reshape(-1, kv_heads, dim), value_pool.reshape(-1, kv_heads, dim)  # [slots, H_kv, d]
+    group = num_heads // kv_heads
+    queries = np.empty((group, dim), np.float32)
+    scores = np.empty((group, context.shape[1]), np.float32)
+    sums = np.empty((group, dim), np.float32)
+    for b in range(qkv.shape[0]):
+        row, c, s, length = qkv[b], cos[b], signed_sin[b], lengths[b]
+        new = context[b, length - 1]
+        for kv in range(kv_start, kv_stop):
+            _rotate(row, (num_heads + kv) * dim, c, s, np.float32(1), keys[new, kv])
+            values[new, kv, :] = row[(num_heads + kv_heads + kv) * dim:(num_heads + kv_heads + kv + 1) * dim]
             for g in range(group):
-                out_at = (kv * group + g) * dim
-                for i in range(dim):
-                    out[b, out_at + i] = sums[g, i]
+                _rotate(row, (kv * group + g) * dim, c, s, scale, queries[g])
+            for t in range(length):
+                cached_key = keys[context[b, t], kv]
+                for g in range(group):
+                    score = np.float32(0)
+                    for i in range(dim):
+                        score += queries[g, i] * cached_key[i]
+                    scores[g, t] = score
+            _softmax_rows(scores, group, length)
+            sums[:, :] = 0
+            for t in range(length):
+                cached_value = values[context[b, t], kv]
+                for g in range(group):
+                    weight = scores[g, t]
+                    for i in range(dim):
+                        sums[g, i] += weight * cached_value[i]
+            _group_output(sums, group, kv, out[b])
