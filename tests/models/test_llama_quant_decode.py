@@ -126,7 +126,8 @@ def paged_decode_logits(model, prompts: list[list[int]], steps: int = 5) -> list
     cache = PagedKVCache.for_model(model, num_blocks=48, block_size=4)
     blocks = iter(torch.randperm(48, generator=torch.Generator().manual_seed(0)).tolist())
     tables = [[next(blocks) for _ in range(4)] for _ in prompts]  # 16 slots per sequence
-    spans, ids = [Span(table, 0, len(prompt)) for table, prompt in zip(tables, prompts)], sum(prompts, [])
+    spans = [Span(table, 0, len(prompt)) for table, prompt in zip(tables, prompts)]
+    ids = [token for prompt in prompts for token in prompt]
     lengths, logits = [len(prompt) for prompt in prompts], []
     with torch.inference_mode():
         for _ in range(steps + 1):
