@@ -30,6 +30,12 @@ def weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
 
 
+def trained_steps(run: Path) -> str:
+    """", N training steps" from the run's last checkpoint (a run may stop early at its time budget), or nothing."""
+    steps = [int(folder.name.rpartition("-")[2]) for folder in (run / "checkpoints").glob("checkpoint-*")]
+    return f", {max(steps)} training steps" if steps else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a folder written by `lmforge pretrain --objective clm`")
@@ -64,11 +70,12 @@ def main() -> None:
             for method, r in results.items()]
     table = markdown_table(["weights", "validation loss", "perplexity", "Δ perplexity", "Δ %", "weights MiB"], rows)
     model = config.model
+    steps = trained_steps(run)
     write_section("pretrain-quant", f"""
 ## Quantizing a model trained in float32 (`benchmarks/pretrain_quant.py`)
 
 {machine_line()}. The decoder `lmforge pretrain` trained from scratch on the standard library ({model.layers}
-layers, width {model.hidden_size}, {base.num_parameters() / 1e6:.2f}M parameters, float32 throughout), scored on its
+layers, width {model.hidden_size}, {base.num_parameters() / 1e6:.2f}M parameters, float32 throughout{steps}), scored on its
 own {len(data.validation)} validation blocks of {config.data.block_size} tokens; every linear layer but the tied
 embedding/head quantized (int8 per channel, int4 groups, NF4 blocks).
 
