@@ -190,7 +190,7 @@ class LLMEngine:
             rows.append((seq, row))
             if not seq.forked and seq.params.n > 1:
                 rows += [(self._fork(seq, out, index), row) for index in range(1, seq.params.n)]
-        tokens = sample_next_tokens(logits[[row for _, row in rows]], [seq for seq, _ in rows])
+        tokens = sample_next_tokens(logits, [seq for seq, _ in rows], logit_rows=[row for _, row in rows])
         self._output_tokens += len(tokens)
         self.scheduler.update(out, {seq.seq_id: token for (seq, _), token in zip(rows, tokens)})
         now = time.perf_counter()

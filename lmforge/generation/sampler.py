@@ -105,8 +105,10 @@ ONE_THREAD_ROWS = 4
 threads would then keep spinning on the cores the next decode step needs (see nn.kernels.threads)."""
 
 
-def sample_next_tokens(logits: Tensor, rows: Sequence[SamplingRow], observer: Observer | None = None) -> list[int]:
-    """The next token of every row from its raw [vocab] logits `logits[i]`.
+def sample_next_tokens(logits: Tensor, rows: Sequence[SamplingRow], observer: Observer | None = None,
+                       logit_rows: Sequence[int] | None = None) -> list[int]:
+    """The next token of every row from its raw [vocab] logits `logits[i]` (or `logits[logit_rows[i]]`: rows may
+    share a row of logits, e.g. parallel samples of one prompt).
 
     Row i's logits pipeline processes its logits, its own sampler draws, its processor state
     accepts the token, and the token's logprobs are recorded when requested.
@@ -114,7 +116,8 @@ def sample_next_tokens(logits: Tensor, rows: Sequence[SamplingRow], observer: Ob
     if not rows:  # e.g. an engine step that only prefilled prompt chunks
         return []
     threads = torch_on_one_thread() if len(rows) <= ONE_THREAD_ROWS else nullcontext()
-    with threads:
+    with threads:  # the gather too: copying a vocabulary-sized row is large enough for torch to go parallel
+        logits = logits if logit_rows is None else logits[list(logit_rows)]
         processed = torch.stack([row.pipeline(logits[i], row.sampling_state, observer)
                                  for i, row in enumerate(rows)])
         tokens = sample_batch(processed, [row.sampler for row in rows])
