@@ -86,23 +86,27 @@ def quantize_model(model: nn.Module, method: str, progress: bool = False, keep_f
 def load_quantized(ref, dtype=None, quantization: str | None = None) -> nn.Module:
     """A causal LM loaded by name for inference (LLM, the engine, `lmforge serve`/`eval`), quantized as asked:
     None, a method ("int8", "int4", "nf4"), or "gguf" — built straight from a GGUF file's own Q8_0/Q4_1/Q4_0
-    blocks, never holding the float weights (loading peaks near the memory the model keeps). A method on a GGUF
-    file quantizes each layer as it is read (`quantize_while_loading_gguf`); other sources load in float first."""
+    blocks, never holding the float weights (loading peaks near the memory the model keeps). A method quantizes
+    each layer as it is read from a GGUF file or an HF folder (`lmforge.quant.streaming`); where that cannot apply,
+    the model loads in float first."""
     from lmforge.quant.gguf_blocks import (
         load_with_gguf_blocks,
         quantize_while_loading_gguf,
     )
+    from lmforge.quant.streaming import quantize_while_loading_hf
     from lmforge.registry import AutoModelForCausalLM
     from lmforge.sources import is_gguf, resolve
 
     dtype = dtype or torch.float32
+    path = resolve(ref)
     if quantization == "gguf":
-        return load_with_gguf_blocks(ref, dtype)
-    if quantization in FORMATS and is_gguf(resolve(ref)):
-        model = quantize_while_loading_gguf(ref, quantization, dtype)
+        return load_with_gguf_blocks(path, dtype)
+    if quantization in FORMATS:
+        streamed = quantize_while_loading_gguf if is_gguf(path) else quantize_while_loading_hf
+        model = streamed(path, quantization, dtype)
         if model is not None:
             return model
-    model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     quantize_loaded(model, quantization)
     return model
 

@@ -156,12 +156,6 @@ def load_with_gguf_blocks(ref, dtype: torch.dtype = torch.float32) -> nn.Module:
     return model.eval()
 
 
-TRIM_EVERY = 8
-"""Layers quantized between two returns of freed memory to the OS while loading (each return costs milliseconds).
-SmolLM2 int8, peak RSS and load time: every layer 727 MB, 2.3 s; every 8 layers 679-701 MB, 1.2-1.9 s; every 32
-layers 715-763 MB, 1.5 s."""
-
-
 def quantize_while_loading_gguf(ref, method: str, dtype: torch.dtype = torch.float32) -> nn.Module | None:
     """A causal LM from a GGUF file, its Linear layers quantized with `method` as the file is read: each layer's
     weight is decoded to float, quantized and dropped before the next, so loading peaks near the memory of the
@@ -169,7 +163,7 @@ def quantize_while_loading_gguf(ref, method: str, dtype: torch.dtype = torch.flo
     of the whole float model. None for an architecture whose tensors need rewriting across names (the caller
     then loads in float and quantizes after)."""
     from lmforge.models.base import PreTrainedModel
-    from lmforge.quant.apply import quantize_model
+    from lmforge.quant.streaming import quantize_while_reading
     from lmforge.sources import resolve
 
     path = resolve(ref)
@@ -186,34 +180,7 @@ def quantize_while_loading_gguf(ref, method: str, dtype: torch.dtype = torch.flo
             return None  # a tensor the plain conversion rejects with its own clear error
         sources[keymap.from_hf(hf_name)] = name
 
-    tied = set(model.tied_weights) if getattr(model.config, "tie_word_embeddings", False) else set()
-    missing = [name for name, _ in model.named_parameters() if name not in sources and name not in tied]
-    if missing:
-        raise CheckpointError(f"{path}: no tensor for {', '.join(missing[:5])}; the file does not hold every "
-                              "weight this model needs.")
-
     def read(ours: str) -> torch.Tensor:
         return arch.fix_weight(sources[ours], gguf_file.load_tensor(sources[ours]), config)
 
-    linear_weights = {f"{name}.weight" for name, module in model.named_modules() if type(module) is nn.Linear}
-    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    with torch.no_grad():
-        for ours, name in sources.items():
-            if ours not in linear_weights:  # norms, the token embedding: read as floats
-                if ours not in tensors:
-                    raise CheckpointError(f"{path}: tensor {name!r} has no place in {cls.__name__}; the file does not "
-                                          "match the model built from its metadata.")
-                tensors[ours].copy_(read(ours).view_as(tensors[ours]))
-    decoded = []
-
-    def float_weight(layer: str) -> torch.Tensor:
-        # the float weights quantized so far are free: every few layers, return them to the OS, or the heap keeps
-        # growing (a freed matrix's space is not always reusable once smaller packed tensors sit in it)
-        decoded.append(layer)
-        if len(decoded) % TRIM_EVERY == 0:
-            _return_freed_memory(collect=False)
-        return read(f"{layer}.weight")
-
-    quantize_model(model, method, tied_head=True, float_weight=float_weight)
-    _return_freed_memory()
-    return model.eval()
+    return quantize_while_reading(model, sources, read, method, str(path))

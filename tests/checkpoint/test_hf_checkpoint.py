@@ -113,3 +113,28 @@ def test_pickle_weights_are_refused(tmp_path):
     torch.save({"w": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="safetensors only"):
         load_hf_weights(tmp_path)
+
+
+def test_the_tensor_reader_reads_each_tensor_as_the_whole_file_load_does(tmp_path):
+    from safetensors.torch import save_file
+
+    from lmforge.checkpoint.hf import hf_tensor_reader
+
+    state = {"f32": torch.randn(3, 5), "bf16": torch.randn(4).bfloat16(), "f16": torch.randn(2, 2).half(),
+             "i8": torch.randint(-128, 127, (7,), dtype=torch.int8), "u8": torch.arange(6, dtype=torch.uint8),
+             "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    names, read = hf_tensor_reader(tmp_path)
+    assert sorted(names) == sorted(state)
+    for name, tensor in state.items():
+        got = read(name)
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape and torch.equal(got, tensor), name
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-8])  # the last tensor's bytes cut short
+    names, read = hf_tensor_reader(tmp_path)
+    with pytest.raises(CheckpointError, match="truncated"):
+        for name in names:
+            read(name)
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CheckpointError, match="safetensors header"):
+        hf_tensor_reader(tmp_path)

@@ -268,6 +268,33 @@ def test_quantizing_while_reading_a_gguf_file_equals_quantizing_the_loaded_model
     assert read_quantizing.config.extra["quantization"] == loaded.config.extra["quantization"]
 
 
+@pytest.mark.parametrize("shard_bytes", [2**30, 40_000], ids=["one-file", "sharded"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied-head", "own-head"])
+def test_quantizing_while_reading_an_hf_folder_equals_quantizing_the_loaded_model(tied, shard_bytes, tmp_path,
+                                                                                  monkeypatch):
+    from lmforge.quant import streaming
+    from lmforge.quant.apply import load_quantized, quantize_loaded
+
+    model = ours_from_hf(hf_llama(num_key_value_heads=2, tie_word_embeddings=tied, intermediate_size=128), "causal-lm")
+    model.save_pretrained(tmp_path / "float", max_shard_bytes=shard_bytes)
+    calls = []
+    reading = streaming.quantize_while_reading
+    monkeypatch.setattr(streaming, "quantize_while_reading", lambda *args: calls.append(1) or reading(*args))
+    read_quantizing = load_quantized(tmp_path / "float", quantization="int4")
+    assert calls  # the folder was read tensor by tensor
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "float")
+    quantize_loaded(loaded, "int4")
+    expected, got = loaded.state_dict(), read_quantizing.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+    assert read_quantizing.config.extra["quantization"] == loaded.config.extra["quantization"]
+    save_quantized(read_quantizing, tmp_path / "quantized")  # an already quantized folder: not streamed again,
+    calls.clear()  # and the plain loader's clear error
+    with pytest.raises(ConfigError, match="already quantized"):
+        load_quantized(tmp_path / "quantized", quantization="int4")
+    assert not calls
+
+
 @pytest.mark.parametrize("dropped", [None, "blk.0.ffn_norm.weight", "blk.1.ffn_up.weight"])
 def test_quantizing_while_reading_a_gguf_file_needs_every_weight(dropped, tmp_path, monkeypatch):
     from lmforge.quant.apply import load_quantized
@@ -281,5 +308,5 @@ def test_quantizing_while_reading_a_gguf_file_needs_every_weight(dropped, tmp_pa
         model = load_quantized(path, quantization="int8")
         assert isinstance(model.model.layers[1].mlp.up_proj, QuantizedLinear)
         return
-    with pytest.raises(CheckpointError, match="no tensor for .*the file does not hold every weight"):
+    with pytest.raises(CheckpointError, match="no tensor for .*the checkpoint does not hold every weight"):
         load_quantized(path, quantization="int8")
