@@ -72,13 +72,16 @@ class QuantizedWeight(ABC):
         """The packed tensors to store (safetensors) besides the settings."""
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
 
+    def settings(self) -> dict:
+        """Everything else that defines the weight (group size, ...), as its constructor takes it."""
+        return {k: v for k, v in vars(self).items() if not isinstance(v, torch.Tensor)}
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def select_rows(self, index: torch.Tensor) -> QuantizedWeight:
         """The weight of rows `index` only (an embedding lookup); for formats whose tensors are all per row."""
-        settings = {k: v for k, v in vars(self).items() if not isinstance(v, torch.Tensor)}
-        return type(self)(**{k: v.index_select(0, index) for k, v in self.tensors().items()}, **settings)
+        return type(self)(**{k: v.index_select(0, index) for k, v in self.tensors().items()}, **self.settings())
 
 
 def _groups(weight: torch.Tensor, group_size: int, method: str, allowed: tuple[int, ...]) -> torch.Tensor:

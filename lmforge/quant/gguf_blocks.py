@@ -57,7 +57,7 @@ def gguf_weight(gguf_file: GGUFFile, name: str) -> QuantizedWeight | None:
 def _reorder_rows(weight: QuantizedWeight, reorder) -> QuantizedWeight:
     """Apply a row permutation (a function of a [rows, ...] tensor) to every per-row tensor of the weight."""
     fields = {name: reorder(tensor) for name, tensor in weight.tensors().items()}
-    return type(weight)(**fields, group_size=weight.group_size)
+    return type(weight)(**fields, **weight.settings())
 
 
 def use_gguf_blocks(model: nn.Module, gguf_file: GGUFFile) -> list[str]:

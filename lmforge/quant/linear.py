@@ -41,7 +41,7 @@ class QuantizedLinear(nn.Module):
         self.method = weight.name
         self.out_features, self.in_features = weight.shape
         self._tensor_names = list(weight.tensors())
-        self._settings = {k: v for k, v in vars(weight).items() if k not in self._tensor_names}
+        self._settings = weight.settings()
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self._kernel_weight: kernels.KernelWeight | None = None  # built on the first CPU decode step
         self._half_tiles = False  # whether the tiles (if any) hold float16 scales
@@ -78,7 +78,7 @@ class QuantizedLinear(nn.Module):
 
     def replace_weight(self, weight: QuantizedWeight) -> None:
         """Hold `weight` (same format, settings and shape, e.g. re-quantized after merging an adapter) from now on."""
-        settings = {k: v for k, v in vars(weight).items() if k not in self._tensor_names}
+        settings = weight.settings()
         if weight.name != self.method or settings != self._settings or tuple(weight.shape) != (
                 self.out_features, self.in_features):
             raise ConfigError(f"a {weight.name} weight of shape {tuple(weight.shape)} with {settings} cannot replace "
@@ -186,8 +186,7 @@ class QuantizedLinear(nn.Module):
             part = first if start == 0 else fmt.quantize(weight[start:start + ROW_CHUNK], **options)
             for name, tensor in part.tensors().items():
                 tensors[name][start:start + tensor.shape[0]] = tensor
-        settings = {k: v for k, v in vars(first).items() if k not in tensors}
-        return cls(fmt(**tensors, **settings), linear.bias)
+        return cls(fmt(**tensors, **first.settings()), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
